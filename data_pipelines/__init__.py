@@ -1,0 +1,1 @@
+"""Files on disk -> cleaned records -> batches. Pure numpy; never imports jax."""

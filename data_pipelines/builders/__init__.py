@@ -1,0 +1,1 @@
+"""TFDS builders that write ArrayRecord files."""

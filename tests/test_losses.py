@@ -1,0 +1,177 @@
+"""CLIP, DINO and iBOT losses and the teacher schedules against naive numpy references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from unimedi_jax import losses
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _naive_clip(image, text, scale, valid):
+    idx = [i for i in range(len(image)) if valid[i]]
+    i2t, t2i = [], []
+    for i in idx:
+        row = [scale * float(image[i] @ text[j]) for j in idx]
+        col = [scale * float(image[j] @ text[i]) for j in idx]
+        pos = scale * float(image[i] @ text[i])
+        i2t.append(logsumexp(row) - pos)
+        t2i.append(logsumexp(col) - pos)
+    return 0.5 * (np.mean(i2t) + np.mean(t2i))
+
+
+def _naive_distill(student, teacher, center, t_temp, s_temp):
+    """-sum p_t log p_s for one position, with explicit softmaxes."""
+    t = (teacher - center) / t_temp
+    p_t = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
+    s = student / s_temp
+    log_p_s = s - logsumexp(s)
+    return -float(np.sum(p_t * log_p_s))
+
+
+def _rand(seed, *shape):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_clip_loss_matches_naive_reference():
+    image, text = _unit(_rand(0, 5, 8)), _unit(_rand(1, 5, 8))
+    param = math.log(1 / 0.07)
+    loss, metrics = jax.jit(losses.clip_loss)(image, text, param)
+    np.testing.assert_allclose(loss, _naive_clip(image, text, 1 / 0.07, [True] * 5), rtol=1e-5)
+    logits = image @ text.T
+    np.testing.assert_allclose(metrics["i2t_acc"], np.mean(logits.argmax(1) == np.arange(5)))
+    np.testing.assert_allclose(metrics["t2i_acc"], np.mean(logits.argmax(0) == np.arange(5)))
+    np.testing.assert_allclose(metrics["logit_scale"], 1 / 0.07, rtol=1e-6)
+
+
+def test_clip_loss_valid_mask_drops_padding():
+    image, text = _unit(_rand(2, 6, 4)), _unit(_rand(3, 6, 4))
+    valid = np.array([True, False, True, True, False, True])
+    loss, metrics = losses.clip_loss(image, text, 2.0, valid=valid)
+    np.testing.assert_allclose(loss, _naive_clip(image, text, math.exp(2.0), valid), rtol=1e-5)
+    sub_loss, sub_metrics = losses.clip_loss(image[valid], text[valid], 2.0)
+    np.testing.assert_allclose(loss, sub_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["i2t_acc"], sub_metrics["i2t_acc"])
+
+
+def test_clip_perfect_alignment_accuracy():
+    emb = np.eye(4, dtype=np.float32)
+    _, metrics = losses.clip_loss(emb, emb, math.log(1 / 0.07))
+    assert metrics["i2t_acc"] == 1.0 and metrics["t2i_acc"] == 1.0
+
+
+def test_clip_logit_scale_cap_and_gradient():
+    image, text = _unit(_rand(4, 4, 8)), _unit(_rand(5, 4, 8))
+    _, metrics = losses.clip_loss(image, text, 10.0)
+    assert float(metrics["logit_scale"]) == pytest.approx(100.0)
+    capped = losses.clip_loss(image, text, 10.0)[0]
+    np.testing.assert_allclose(capped, _naive_clip(image, text, 100.0, [True] * 4), rtol=1e-5)
+    for param in (math.log(1 / 0.07), 10.0):
+        grad = jax.jit(jax.grad(lambda p: losses.clip_loss(image, text, p)[0]))(jnp.float32(param))
+        assert np.isfinite(grad)
+    assert jax.grad(lambda p: losses.clip_loss(image, text, p)[0])(jnp.float32(1.0)) != 0.0
+
+
+def test_dino_cls_loss_matches_naive_reference():
+    student, teacher, center = _rand(6, 3, 7), _rand(7, 3, 7), _rand(8, 7)
+    got = jax.jit(losses.dino_cls_loss)(student, teacher, center, 0.05, 0.2)
+    expected = np.mean(
+        [_naive_distill(student[b], teacher[b], center, 0.05, 0.2) for b in range(3)]
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    default = losses.dino_cls_loss(student, teacher, center, 0.04)
+    expected = np.mean(
+        [_naive_distill(student[b], teacher[b], center, 0.04, 0.1) for b in range(3)]
+    )
+    np.testing.assert_allclose(default, expected, rtol=1e-5)
+
+
+def test_dino_gradient_flows_to_student_only():
+    student, teacher, center = _rand(9, 2, 5), _rand(10, 2, 5), np.zeros(5, np.float32)
+    g_student, g_teacher = jax.grad(losses.dino_cls_loss, argnums=(0, 1))(
+        student, teacher, center, 0.04
+    )
+    assert np.abs(g_student).sum() > 0
+    np.testing.assert_array_equal(g_teacher, 0.0)
+
+
+def _naive_ibot(student, teacher, mask, center, t_temp, s_temp):
+    per_sample = []
+    for b in range(student.shape[0]):
+        total = sum(
+            _naive_distill(student[b, p], teacher[b, p], center, t_temp, s_temp)
+            for p in range(student.shape[1])
+            if mask[b, p]
+        )
+        per_sample.append(total / max(int(mask[b].sum()), 1))
+    return np.mean(per_sample)
+
+
+def test_ibot_patch_loss_matches_naive_reference():
+    student, teacher, center = _rand(11, 3, 6, 5), _rand(12, 3, 6, 5), _rand(13, 5)
+    mask = np.random.default_rng(14).random((3, 6)) < 0.5
+    mask[2] = False  # a sample with nothing masked contributes 0
+    got = jax.jit(losses.ibot_patch_loss)(student, teacher, mask, center, 0.06, 0.1)
+    expected = _naive_ibot(student, teacher, mask, center, 0.06, 0.1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_ibot_ignores_unmasked_positions():
+    student, teacher, center = _rand(15, 2, 6, 5), _rand(16, 2, 6, 5), _rand(17, 5)
+    mask = np.array([[1, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]], bool)
+    base = losses.ibot_patch_loss(student, teacher, mask, center, 0.04)
+    changed_t, changed_s = teacher.copy(), student.copy()
+    changed_t[~mask] += 100.0 * _rand(18, int((~mask).sum()), 5)
+    changed_s[~mask] -= 50.0
+    np.testing.assert_allclose(
+        losses.ibot_patch_loss(changed_s, changed_t, mask, center, 0.04), base, rtol=1e-6
+    )
+
+
+def test_update_center_hand_computed():
+    center = np.array([1.0, 0.0], np.float32)
+    logits = np.array([[[2.0, 4.0], [0.0, 2.0]], [[4.0, 0.0], [2.0, 2.0]]], np.float32)
+    # mean over (2, 2) leading positions = [2, 2]
+    got = jax.jit(losses.update_center)(center, logits, 0.9)
+    np.testing.assert_allclose(got, [0.9 * 1 + 0.1 * 2, 0.1 * 2], rtol=1e-6)
+    weights = np.array([[True, False], [True, False]])  # mean of [2, 4], [4, 0] = [3, 2]
+    got = losses.update_center(center, logits, 0.5, weights=weights)
+    np.testing.assert_allclose(got, [0.5 * 1 + 0.5 * 3, 0.5 * 2], rtol=1e-6)
+    unchanged = losses.update_center(center, logits, 0.5, weights=np.zeros((2, 2), bool))
+    np.testing.assert_allclose(unchanged, center)
+
+
+def test_teacher_temperature_schedule():
+    fn = jax.jit(losses.teacher_temperature, static_argnums=1)
+    assert float(fn(0, 10)) == pytest.approx(0.04)
+    assert float(fn(5, 10)) == pytest.approx(0.055)
+    assert float(fn(10, 10)) == pytest.approx(0.07)
+    assert float(fn(1000, 10)) == pytest.approx(0.07)
+    assert float(losses.teacher_temperature(0, 0)) == pytest.approx(0.07)
+    assert float(losses.teacher_temperature(jnp.int32(3), 4, 0.1, 0.2)) == pytest.approx(0.175)
+
+
+def test_teacher_momentum_schedule():
+    fn = jax.jit(losses.teacher_momentum, static_argnums=1)
+    values = np.array([fn(s, 100) for s in range(0, 101, 5)])
+    assert values[0] == pytest.approx(0.996)
+    assert values[-1] == pytest.approx(1.0)
+    assert float(fn(50, 100)) == pytest.approx(0.998)
+    assert (np.diff(values) >= 0).all()
+    assert float(fn(150, 100)) == pytest.approx(1.0)
+
+
+def test_ema_update_hand_computed():
+    teacher = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(4.0)}}
+    student = {"a": jnp.array([3.0, 0.0]), "b": {"c": jnp.array(0.0)}}
+    got = jax.jit(losses.ema_update)(teacher, student, 0.75)
+    np.testing.assert_allclose(got["a"], [1.5, 1.5])
+    np.testing.assert_allclose(got["b"]["c"], 3.0)
+    assert jax.tree.structure(got) == jax.tree.structure(teacher)

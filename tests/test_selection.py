@@ -1,0 +1,137 @@
+"""Slice selection and token masks against naive numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimedi_jax import selection
+
+GRID = (4, 2, 3)  # gd, gh, gw
+DEPTH = 8  # pd = 2
+TOKENS = 4 * 2 * 3
+
+
+def _attention(seed: int, batch: int = 3, tokens: int = TOKENS) -> np.ndarray:
+    x = np.random.default_rng(seed).random((batch, tokens)).astype(np.float32)
+    return x / x.sum(axis=1, keepdims=True)
+
+
+def _naive_slice_scores(attention, grid, depth):
+    gd, gh, gw = grid
+    pd = depth // gd
+    out = np.zeros((attention.shape[0], depth))
+    for b in range(attention.shape[0]):
+        for i in range(depth):
+            values = []
+            for j in range(gd * gh * gw):
+                zi = j // (gh * gw)
+                if zi * pd <= i < (zi + 1) * pd:
+                    values.append(attention[b, j])
+            out[b, i] = np.mean(values)
+    return out
+
+
+def test_slice_scores_matches_naive_loop():
+    attention = _attention(0)
+    got = jax.jit(selection.slice_scores, static_argnums=(1, 2))(attention, GRID, DEPTH)
+    assert got.shape == (3, DEPTH) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _naive_slice_scores(attention, GRID, DEPTH), rtol=1e-6)
+
+
+def test_slice_scores_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple"):
+        selection.slice_scores(_attention(0), GRID, 10)
+    with pytest.raises(ValueError, match="grid"):
+        selection.slice_scores(_attention(0, tokens=TOKENS - 1), GRID, DEPTH)
+
+
+def test_attention_on_one_block_selects_its_slices():
+    _, gh, gw = GRID
+    attention = np.full((2, TOKENS), 1e-4, np.float32)
+    attention[:, 3 * gh * gw : 4 * gh * gw] = 1.0  # only depth block 3 (slices 6, 7)
+    scores = selection.slice_scores(attention, GRID, DEPTH)
+    np.testing.assert_array_equal(selection.top_k_slices(scores, 2), [[6, 7], [6, 7]])
+
+
+def test_top_k_slices_sorted_and_highest():
+    scores = np.array([[0.1, 0.9, 0.3, 0.8, 0.0, 0.7], [5.0, 1.0, 4.0, 0.0, 3.0, 2.0]], np.float32)
+    got = jax.jit(selection.top_k_slices, static_argnums=1)(scores, 3)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, [[1, 3, 5], [0, 2, 4]])
+
+
+def test_gather_slices_equals_fancy_indexing():
+    volumes = np.random.default_rng(1).random((2, DEPTH, 4, 5)).astype(np.float32)
+    indices = np.array([[0, 3, 7], [2, 2, 5]], np.int32)
+    got = jax.jit(selection.gather_slices)(volumes, indices)
+    np.testing.assert_array_equal(got, volumes[np.arange(2)[:, None], indices])
+
+
+def test_random_slices_distinct_sorted_in_range_deterministic():
+    rng = jax.random.key(0)
+    got = np.asarray(jax.jit(selection.random_slices, static_argnums=(1, 2, 3))(rng, 16, 10, 4))
+    assert got.shape == (16, 4) and got.dtype == np.int32
+    assert (got >= 0).all() and (got < 10).all()
+    assert (np.diff(got, axis=1) > 0).all()  # sorted and distinct
+    np.testing.assert_array_equal(got, selection.random_slices(rng, 16, 10, 4))
+    assert not np.array_equal(got, selection.random_slices(jax.random.key(1), 16, 10, 4))
+
+
+def test_select_slices_modes():
+    attention = _attention(2)
+    volumes = np.random.default_rng(3).random((3, DEPTH, 4, 4)).astype(np.float32)
+    fn = jax.jit(selection.select_slices, static_argnames=("grid", "k", "mode"))
+    indices, slices = fn(attention, volumes, grid=GRID, k=4, mode="attentive")
+    expected = np.sort(
+        np.argsort(-_naive_slice_scores(attention, GRID, DEPTH), kind="stable")[:, :4]
+    )
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(slices, volumes[np.arange(3)[:, None], expected])
+
+    indices, slices = fn(attention, volumes, grid=GRID, k=4, mode="random", rng=jax.random.key(0))
+    assert slices.shape == (3, 4, 4, 4)
+    np.testing.assert_array_equal(slices, volumes[np.arange(3)[:, None], np.asarray(indices)])
+
+
+def test_mode_errors_name_valid_modes():
+    with pytest.raises(ValueError, match=r"attentive.*random"):
+        selection.select_slices(_attention(0), np.zeros((3, DEPTH, 2, 2)), GRID, 2, mode="top")
+    with pytest.raises(ValueError, match=r"attentive.*random"):
+        selection.token_mask(_attention(0), 0.5, mode="block")
+    with pytest.raises(ValueError, match="rng"):
+        selection.token_mask(_attention(0), 0.5, mode="random")
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5, 0.75, 1.0])
+def test_attentive_mask_keeps_top_attention_tokens(mask_ratio):
+    attention = _attention(4, batch=4)  # distinct values
+    mask = np.asarray(
+        jax.jit(selection.attentive_token_mask, static_argnums=1)(attention, mask_ratio)
+    )
+    keep = round((1 - mask_ratio) * TOKENS)
+    expected = np.ones_like(mask)
+    for b, order in enumerate(np.argsort(-attention, axis=1)):
+        expected[b, order[:keep]] = False
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(mask.sum(axis=1), TOKENS - keep)
+
+
+def test_attentive_mask_ties_are_deterministic():
+    mask = selection.attentive_token_mask(jnp.ones((2, 6)), 0.5)
+    np.testing.assert_array_equal(mask, [[False] * 3 + [True] * 3] * 2)
+
+
+def test_random_mask_exact_count_and_rng():
+    fn = jax.jit(selection.token_mask, static_argnames=("mask_ratio", "mode"))
+    attention = jnp.zeros((8, 10))
+    mask = np.asarray(fn(attention, mask_ratio=0.7, mode="random", rng=jax.random.key(5)))
+    np.testing.assert_array_equal(mask.sum(axis=1), 7)
+    assert len({row.tobytes() for row in mask}) > 1  # samples differ
+    again = selection.random_token_mask(jax.random.key(5), 8, 10, 0.7)
+    np.testing.assert_array_equal(mask, again)
+
+
+def test_mask_ratio_out_of_range():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        selection.attentive_token_mask(jnp.ones((1, 4)), 1.5)

@@ -1,0 +1,1 @@
+"""UniMedI in JAX/Flax: unified 2D + 3D medical vision-language pre-training."""

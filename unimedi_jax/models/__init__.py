@@ -1,0 +1,1 @@
+"""Flax linen modules only: no file I/O, no training logic."""

@@ -1,0 +1,321 @@
+"""One ViT for X-rays and CT volumes: two tokenizers, one shared pre-LN backbone.
+
+A 2D image becomes ``[CLS] + 2D tokens``; a volume becomes ``[CLS] + 3D tokens + the 2D tokens of
+k selected slices`` (paper section 3.3), all in one pass through the same blocks. Besides the
+final tokens the encoder returns Eq. 1 of the paper: the [CLS] query's softmax attention over the
+patch keys, averaged over layers and heads, computed from q_cls and K only (no N x N map).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype | type
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+    """Maps a config name to a jax.checkpoint policy (None means save nothing: full remat)."""
+    if name == "full":
+        return None
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"model remat policy must be one of {REMAT_POLICIES}, got {name!r}")
+
+
+def scanned(block_cls: type[nn.Module], depth: int, remat: str) -> type[nn.Module]:
+    """Wraps a block (carry, *broadcast) -> (carry, per_layer_out) in nn.scan over ``depth``.
+
+    Scanning keeps compile time flat in depth; the layer axis of every parameter is named
+    'layers' so sharding rules can leave it unsharded.
+    """
+    if remat != "none":
+        block_cls = nn.remat(block_cls, prevent_cse=False, policy=remat_policy(remat))
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def dense_init(names: tuple[str | None, ...]):
+    """Xavier-uniform kernel init carrying logical axis names (ViT/BERT style)."""
+    return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names)
+
+
+def zeros_init(names: tuple[str | None, ...]):
+    """Zeros init carrying logical axis names (biases)."""
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones_init(names: tuple[str | None, ...]):
+    """Ones init carrying logical axis names (norm scales)."""
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def layer_norm(name: str, eps: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm computed in float32 whatever the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=jnp.float32,
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
+        name=name,
+    )
+
+
+def resample_grid(table: jax.Array, grid: Sequence[int]) -> jax.Array:
+    """Resamples a position table [*native_grid, D] to ``grid`` (bilinear/trilinear).
+
+    At the native grid the table is returned untouched, so the common case is exact.
+    """
+    grid = tuple(grid)
+    if table.shape[:-1] == grid:
+        return table
+    return jax.image.resize(table, (*grid, table.shape[-1]), method="linear", antialias=False)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear embedding, plus a learned position table.
+
+    Works for 2D (patch of rank 2) and 3D (rank 3). The position table is learned at
+    ``native_grid`` and resampled to whatever grid the input produces, so one 2D tokenizer serves
+    224x224 X-rays (14x14) and 128x128 CT slices (8x8).
+    """
+
+    width: int
+    patch: tuple[int, ...]
+    native_grid: tuple[int, ...]
+    in_chans: int = 1
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        spatial = (None,) * len(self.patch)
+        self.proj = nn.Conv(
+            self.width,
+            kernel_size=self.patch,
+            strides=self.patch,
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (*spatial, None, "embed")
+            ),
+            bias_init=zeros_init(("embed",)),
+        )
+        self.pos_embed = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), (*((None,) * len(self.native_grid)), "embed")
+            ),
+            (*self.native_grid, self.width),
+        )
+
+    def grid_of(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """Token grid of an input; fails clearly when a side is not a multiple of the patch."""
+        for side, p in zip(spatial_shape, self.patch, strict=True):
+            if side % p:
+                raise ValueError(
+                    f"input of spatial shape {tuple(spatial_shape)} is not divisible by the patch "
+                    f"size {self.patch}; set the image/volume size to a multiple of the patch"
+                )
+        return tuple(s // p for s, p in zip(spatial_shape, self.patch, strict=True))
+
+    def tokens(self, x: jax.Array) -> jax.Array:
+        """[B, *spatial] or [B, *spatial, C] -> patch embeddings [B, N, D] (no position)."""
+        if x.ndim == len(self.patch) + 1:
+            x = x[..., None]
+        y = self.proj(x.astype(self.dtype))
+        return y.reshape(y.shape[0], -1, self.width)
+
+    def position(self, grid: Sequence[int]) -> jax.Array:
+        """Position embeddings [N, D] for a token grid."""
+        return resample_grid(self.pos_embed, grid).reshape(-1, self.width)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.tokens(x) + self.position(self.grid_of(x.shape[1 : 1 + len(self.patch)]))
+
+
+class EncoderOutput(NamedTuple):
+    tokens: jax.Array  # [B, 1 + N, D] after the final LayerNorm; [:, 0] is [CLS]
+    cls_attention: jax.Array  # [B, N]: Eq. 1, rows sum to 1
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block that also returns its [CLS]->patch attention (heads averaged)."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        head_dim = self.width // self.num_heads
+
+        def project(name: str) -> jax.Array:
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                dtype=self.dtype,
+                kernel_init=dense_init(("embed", "heads", "kv")),
+                bias_init=zeros_init(("heads", "kv")),
+                name=name,
+            )(h)
+
+        h = layer_norm("norm1")(x)
+        q, k, v = project("query"), project("key"), project("value")
+        attended = jax.nn.dot_product_attention(q, k, v)
+        x = x + nn.DenseGeneral(
+            self.width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=dense_init(("heads", "kv", "embed")),
+            bias_init=zeros_init(("embed",)),
+            name="out",
+        )(attended)
+        cls_logits = jnp.einsum(
+            "bhc,bnhc->bhn", q[:, 0].astype(jnp.float32), k[:, 1:].astype(jnp.float32)
+        ) / math.sqrt(head_dim)
+        cls_attention = jax.nn.softmax(cls_logits, axis=-1).mean(axis=1)
+
+        h = layer_norm("norm2")(x)
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=dense_init(("embed", "mlp")),
+            bias_init=zeros_init(("mlp",)),
+            name="fc1",
+        )(h)
+        h = nn.gelu(h, approximate=False)
+        h = nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            kernel_init=dense_init(("mlp", "embed")),
+            bias_init=zeros_init(("embed",)),
+            name="fc2",
+        )(h)
+        return (x + h).astype(x.dtype), cls_attention
+
+
+class Encoder(nn.Module):
+    """The shared backbone: ``depth`` scanned blocks and a final LayerNorm."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> EncoderOutput:
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"model width {self.width} is not divisible by num_heads {self.num_heads}"
+            )
+        blocks = scanned(Block, self.depth, self.remat)(
+            self.width, self.num_heads, self.mlp_dim, self.dtype, name="blocks"
+        )
+        x, cls_attention = blocks(x)
+        return EncoderOutput(layer_norm("norm")(x), cls_attention.mean(axis=0))
+
+
+class VisionTransformer(nn.Module):
+    """Dual-tokenizer ViT (ViT-B/16 by default).
+
+    ``__call__(x)`` with x [B, H, W] encodes X-rays; with x [B, D, H, W] it encodes volumes,
+    optionally followed by the tokens of ``slices`` [B, k, h, w] (the 2D tokenizer). ``mask``
+    [B, N] (True = masked) replaces those patch embeddings by the learned [MASK] embedding before
+    position embeddings are added, as in iBOT.
+    """
+
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    patch_2d: tuple[int, int] = (16, 16)
+    patch_3d: tuple[int, int, int] = (4, 16, 16)
+    image_size: tuple[int, int] = (224, 224)
+    volume_size: tuple[int, int, int] = (32, 128, 128)
+    in_chans: int = 1
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+
+    def setup(self):
+        self.embed_2d = PatchEmbed(
+            self.width,
+            self.patch_2d,
+            tuple(s // p for s, p in zip(self.image_size, self.patch_2d, strict=True)),
+            self.in_chans,
+            self.dtype,
+        )
+        self.embed_3d = PatchEmbed(
+            self.width,
+            self.patch_3d,
+            tuple(s // p for s, p in zip(self.volume_size, self.patch_3d, strict=True)),
+            1,
+            self.dtype,
+        )
+        self.cls_token = self.param(
+            "cls_token",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (self.width,),
+        )
+        self.mask_token = self.param(
+            "mask_token",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (self.width,),
+        )
+        self.encoder = Encoder(
+            self.width, self.depth, self.num_heads, self.mlp_dim, self.dtype, self.remat
+        )
+
+    def patch_tokens(
+        self, x: jax.Array, slices: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Patch embeddings [B, N, D] and their position embeddings [N, D] for a sequence."""
+        if x.ndim == 3:
+            if slices is not None:
+                raise ValueError("slices go with volumes [B, D, H, W], not with 2D images")
+            embed = self.embed_2d
+            return embed.tokens(x), embed.position(embed.grid_of(x.shape[1:]))
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, H, W] or volumes [B, D, H, W], got {x.shape}")
+        tokens = [self.embed_3d.tokens(x)]
+        positions = [self.embed_3d.position(self.embed_3d.grid_of(x.shape[1:]))]
+        if slices is not None:
+            batch, k = slices.shape[:2]
+            slice_tokens = self.embed_2d.tokens(slices.reshape(batch * k, *slices.shape[2:]))
+            tokens.append(slice_tokens.reshape(batch, -1, self.width))
+            slice_pos = self.embed_2d.position(self.embed_2d.grid_of(slices.shape[2:]))
+            positions.append(jnp.tile(slice_pos, (k, 1)))
+        return jnp.concatenate(tokens, axis=1), jnp.concatenate(positions, axis=0)
+
+    def embed(
+        self, x: jax.Array, slices: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """The encoder's input sequence [B, 1 + N, D]: [CLS], then masked patches + positions."""
+        tokens, positions = self.patch_tokens(x, slices)
+        if mask is not None:
+            if mask.shape != tokens.shape[:2]:
+                raise ValueError(f"mask shape {mask.shape} != token shape {tokens.shape[:2]}")
+            tokens = jnp.where(mask[..., None], self.mask_token.astype(tokens.dtype), tokens)
+        tokens = tokens + positions.astype(tokens.dtype)
+        cls = jnp.broadcast_to(
+            self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width)
+        )
+        return jnp.concatenate([cls, tokens], axis=1)
+
+    def __call__(
+        self, x: jax.Array, slices: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> EncoderOutput:
+        return self.encoder(self.embed(x, slices, mask))
