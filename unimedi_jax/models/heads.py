@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -70,3 +72,23 @@ class DINOHead(nn.Module):
         )
         weight = l2_normalize(direction, axis=0)
         return jnp.dot(x.astype(self.dtype), weight.astype(self.dtype)).astype(jnp.float32)
+
+
+class LogitScale(nn.Module):
+    """CLIP's learnable log logit scale, initialised at log(1 / temperature).
+
+    A module of its own (not a bare ``self.param`` on UniMedI) so that the teacher, which holds
+    only the vision tower and DINO head, can run UniMedI's methods without this parameter.
+    """
+
+    init_temperature: float = 0.07
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param(
+            "value",
+            nn.with_logical_partitioning(
+                nn.initializers.constant(math.log(1 / self.init_temperature)), ()
+            ),
+            (),
+        )

@@ -1,0 +1,113 @@
+"""UniMedI: the vision and text towers and their heads wired together (no training logic).
+
+The train step composes the methods below: it runs the teacher (an EMA copy of ``vision`` and
+``dino_head``) and the student through the same module with different parameters.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from unimedi_jax.models.heads import DINOHead, LogitScale, Projection
+from unimedi_jax.models.text import BertConfig, BertEncoder
+from unimedi_jax.models.vit import EncoderOutput, VisionTransformer
+
+# The sub-trees of the parameters that the EMA teacher holds.
+TEACHER_KEYS = ("vision", "dino_head")
+
+
+class UniMedI(nn.Module):
+    """Vision tower, text tower, projections to the shared space, DINO head, logit scale."""
+
+    vision: VisionTransformer
+    text: BertEncoder
+    embed_dim: int = 512
+    dino_hidden_dim: int = 2048
+    dino_bottleneck_dim: int = 256
+    dino_out_dim: int = 8192
+    init_temperature: float = 0.07
+    dtype: jnp.dtype | type = jnp.float32
+
+    def setup(self):
+        self.image_proj = Projection(self.embed_dim, self.dtype)
+        self.text_proj = Projection(self.embed_dim, self.dtype)
+        self.dino_head = DINOHead(
+            self.dino_hidden_dim, self.dino_bottleneck_dim, self.dino_out_dim, dtype=self.dtype
+        )
+        self.logit_scale = LogitScale(self.init_temperature)
+
+    def encode_vision(
+        self, x: jax.Array, slices: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> EncoderOutput:
+        """Images [B, H, W] or volumes [B, D, H, W] (+ slices [B, k, h, w]) -> tokens, Eq. 1."""
+        return self.vision(x, slices, mask)
+
+    def embed_image(self, cls_features: jax.Array) -> jax.Array:
+        """Vision [CLS] features -> L2-normalised shared-space embeddings."""
+        return self.image_proj(cls_features)
+
+    def encode_text(
+        self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
+        """Token ids -> last hidden states [B, L, D] of the text tower."""
+        return self.text(input_ids, attention_mask, deterministic=deterministic)
+
+    def embed_text(
+        self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
+        """Token ids -> L2-normalised shared-space embeddings of the report's [CLS]."""
+        hidden = self.encode_text(input_ids, attention_mask, deterministic)
+        return self.text_proj(hidden[:, 0])
+
+    def dino(self, tokens: jax.Array) -> jax.Array:
+        """DINO head logits for [CLS] ([B, D]) or patch tokens ([B, N, D]), float32."""
+        return self.dino_head(tokens)
+
+    def __call__(
+        self,
+        images: jax.Array,
+        volumes: jax.Array,
+        slices: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+    ) -> dict[str, jax.Array]:
+        """Touches every parameter once (used by ``init``); returns each path's outputs."""
+        out_2d = self.encode_vision(images)
+        out_3d = self.encode_vision(volumes, slices)
+        return {
+            "image_embedding": self.embed_image(out_2d.tokens[:, 0]),
+            "volume_embedding": self.embed_image(out_3d.tokens[:, 0]),
+            "text_embedding": self.embed_text(input_ids, attention_mask),
+            "dino_2d": self.dino(out_2d.tokens),
+            "dino_3d": self.dino(out_3d.tokens),
+            "logit_scale": self.logit_scale(),
+        }
+
+
+def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> UniMedI:
+    """UniMedI from a pre-training config and the text tower's BertConfig."""
+    model_cfg = config.model
+    vision = VisionTransformer(
+        width=model_cfg.width,
+        depth=model_cfg.depth,
+        num_heads=model_cfg.num_heads,
+        mlp_dim=model_cfg.mlp_dim,
+        patch_2d=tuple(model_cfg.patch_2d),
+        patch_3d=tuple(model_cfg.patch_3d),
+        image_size=tuple(model_cfg.image_size),
+        volume_size=tuple(model_cfg.volume_size),
+        dtype=dtype,
+        remat=model_cfg.remat,
+    )
+    return UniMedI(
+        vision=vision,
+        text=BertEncoder(text_config, dtype=dtype, remat=model_cfg.remat),
+        embed_dim=model_cfg.embed_dim,
+        dino_hidden_dim=model_cfg.dino_hidden_dim,
+        dino_bottleneck_dim=model_cfg.dino_bottleneck_dim,
+        dino_out_dim=model_cfg.dino_out_dim,
+        init_temperature=config.loss.init_temperature,
+        dtype=dtype,
+    )
