@@ -57,9 +57,10 @@ class DINOHead(nn.Module):
                 dim,
                 dtype=self.dtype,
                 kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.truncated_normal(0.02), ("embed" if i == 0 else "mlp", "mlp")
+                    nn.initializers.truncated_normal(0.02),
+                    ("embed", "mlp") if i == 0 else ("mlp", None),
                 ),
-                bias_init=zeros_init(("mlp",)),
+                bias_init=zeros_init(("mlp",) if i == 0 else (None,)),
                 name=f"mlp_{i}",
             )(x)
             if i < len(dims) - 1:

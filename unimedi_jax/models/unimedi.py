@@ -111,3 +111,16 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         init_temperature=config.loss.init_temperature,
         dtype=dtype,
     )
+
+
+def init_inputs(config) -> tuple[jax.Array, ...]:
+    """One-sample inputs for ``UniMedI.__call__`` that touch every parameter (for init)."""
+    model_cfg = config.model
+    ids = jnp.zeros((1, config.text.max_length), jnp.int32)
+    return (
+        jnp.zeros((1, *model_cfg.image_size)),
+        jnp.zeros((1, *model_cfg.volume_size)),
+        jnp.zeros((1, config.selection.k, *model_cfg.volume_size[1:])),
+        ids,
+        jnp.ones_like(ids),
+    )

@@ -159,7 +159,7 @@ def make_train_step(
             "loss": loss,
             **terms,
             "learning_rate": schedules.learning_rate(state.step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "teacher_momentum": momentum,
             "teacher_temperature": teacher_temp,
         }

@@ -1,0 +1,428 @@
+"""Reading and transforming medical images: 2D X-rays (JPEG, PNG, DICOM) and 3D CT (NIfTI, DICOM).
+
+Two cost regimes. Reading, reorienting and resizing are done once, by the TFDS builders, and
+produce compact arrays: a 256x256 uint8 letterboxed X-ray and a 32x128x128 int16 HU volume.
+The per-sample transforms the Grain pipeline runs on those arrays (crops, HU window, flip) are
+a few vectorised numpy passes, so they stay far below a millisecond per sample.
+
+Inputs a builder should skip raise `SkipImage` (2D) or `SkipVolume` (3D); `reason` is a short
+category ("unreadable file", "not axial", ...) to count skips by, and the message names the file.
+
+Pure numpy, PIL, pydicom and nibabel; never imports jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from nibabel import orientations
+from PIL import Image
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+PathLike = str | os.PathLike[str]
+
+# Skip reasons: builders count skipped inputs by these.
+UNREADABLE = "unreadable file"
+UNSUPPORTED = "unsupported image"
+NOT_3D = "not 3D"
+INCONSISTENT_SERIES = "inconsistent series"
+BAD_AFFINE = "bad affine"
+NAN_VOXELS = "NaN voxels"
+NOT_AXIAL = "not axial"
+TOO_SMALL = "too small"
+
+# Canonical voxel order of every prepared volume, as nibabel axis codes of array axes 0, 1, 2:
+# z towards Superior, y towards Posterior, x towards patient Left.
+CANONICAL_AXCODES = ("S", "P", "L")
+# Voxels whose spacings agree within this ratio are isotropic: any plane is then as good as axial.
+_ISOTROPIC_RATIO = 1.01
+
+
+class SkipImage(Exception):  # noqa: N818 - a skip to count, named as the builders use it
+    """An input a builder should skip and count; `reason` is one of the module's skip reasons."""
+
+    def __init__(self, reason: str, path: PathLike | str, detail: str = ""):
+        self.reason = reason
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{reason}: {self.path}" + (f" ({detail})" if detail else ""))
+
+
+class SkipVolume(SkipImage):
+    """A 3D input a builder should skip: unreadable, not axial, too small, NaN voxels, ..."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D
+
+
+def is_dicom_file(path: PathLike) -> bool:
+    """True for a `.dcm`/`.dicom` name or a file with the 'DICM' magic at byte 128."""
+    if Path(path).suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def read_image_2d(path: PathLike) -> np.ndarray:
+    """Read an X-ray as uint8 [H, W], bone bright; DICOM is windowed as its header asks.
+
+    Raises SkipImage (reason "unreadable file" or "unsupported image") naming the file.
+    """
+    try:
+        dicom = is_dicom_file(path)
+    except OSError as e:
+        raise SkipImage(UNREADABLE, path, str(e)) from e
+    unit = _read_dicom_2d(path) if dicom else _read_pil_2d(path)
+    return np.rint(unit * 255.0).astype(np.uint8)
+
+
+def _read_pil_2d(path: PathLike) -> np.ndarray:
+    """JPEG/PNG -> float [0, 1]; 16-bit and float images are scaled over their own range."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "L":
+                return np.asarray(img, dtype=np.float32) / 255.0
+            if img.mode.startswith(("I", "F")):
+                return _minmax_unit(np.asarray(img, dtype=np.float64))
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SkipImage(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+
+
+def _read_dicom_2d(path: PathLike) -> np.ndarray:
+    """DICOM -> float [0, 1]: modality LUT/rescale, VOI LUT or window, MONOCHROME1 inverted."""
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for bad or undecodable files
+        raise SkipImage(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    photometric = ds.get("PhotometricInterpretation", "")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or pixels.ndim != 2:
+        raise SkipImage(UNSUPPORTED, path, f"{photometric} with pixel shape {pixels.shape}")
+    try:
+        unit = _voi_unit(apply_modality_lut(pixels, ds), ds)
+    except (ValueError, NotImplementedError, AttributeError) as e:  # e.g. a zero window width
+        raise SkipImage(UNSUPPORTED, path, f"{type(e).__name__}: {e}") from e
+    return 1.0 - unit if photometric == "MONOCHROME1" else unit
+
+
+def _voi_unit(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Apply the VOI LUT or window and map its full output range to [0, 1].
+
+    Scaling over the transform's output range (not the image's) keeps the window's meaning:
+    values below the window are 0, above it 1. Without a VOI the image's own range is used.
+    """
+    if ds.get("VOILUTSequence"):
+        first_map = int(ds.VOILUTSequence[0].LUTDescriptor[1])
+        n_entries = int(ds.VOILUTSequence[0].LUTDescriptor[0]) or 2**16
+        lut = apply_voi(np.arange(first_map, first_map + n_entries), ds)
+        lo, hi = float(lut.min()), float(lut.max())
+        out = apply_voi(np.rint(values).astype(np.int64), ds)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # The window sends -inf/+inf to the bottom/top of its output range.
+        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)
+        out = apply_windowing(values, ds)
+    else:
+        return _minmax_unit(values)
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32)
+    return np.clip((out.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _minmax_unit(values: np.ndarray) -> np.ndarray:
+    """Scale an array over its own [min, max] to float32 [0, 1] (constant -> zeros)."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+def letterbox(image: np.ndarray, size: int = 256) -> np.ndarray:
+    """Resize the longer side to `size` and zero-pad the shorter one, centred: uint8 [size, size].
+
+    Shrinking averages areas (PIL BOX) so fine detail does not alias; enlarging is bilinear.
+    """
+    h, w = image.shape
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+        pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+        image = np.asarray(pil.resize((new_w, new_h), resample=resample))
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = image
+    return out
+
+
+def train_transform_2d(
+    image: np.ndarray, rng: np.random.Generator, crop_size: int = 224
+) -> np.ndarray:
+    """Random `crop_size` square crop of a stored uint8 image -> float32 [0, 1]."""
+    return _crop_unit(image, crop_size, rng)
+
+
+def eval_transform_2d(image: np.ndarray, crop_size: int = 224) -> np.ndarray:
+    """Centre `crop_size` square crop of a stored uint8 image -> float32 [0, 1]."""
+    return _crop_unit(image, crop_size, None)
+
+
+def _crop_unit(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Square crop at a random (rng) or the central offset, scaled by 1/255 in one pass."""
+    h, w = image.shape
+    if size > min(h, w):
+        raise ValueError(f"crop size {size} exceeds image shape {image.shape}")
+    if rng is None:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    crop = image[top : top + size, left : left + size]
+    return np.multiply(crop, np.float32(1.0 / 255.0), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3D
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+    """A CT volume in HU with the affine that maps its array indices to RAS+ millimetres."""
+
+    hu: np.ndarray  # float32, 3 axes
+    affine: np.ndarray  # [4, 4], voxel index (array axis order) -> RAS+ mm
+    path: str
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+def read_volume(path: PathLike) -> Volume:
+    """Read a directory as a DICOM series, anything else as NIfTI."""
+    return read_dicom_series(path) if Path(path).is_dir() else read_nifti(path)
+
+
+def read_nifti(path: PathLike) -> Volume:
+    """Read a NIfTI volume (scl_slope/inter applied) as float32 with its RAS+ affine."""
+    try:
+        img = nib.load(path)
+        hu = np.asarray(img.get_fdata(dtype=np.float32))
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        raise SkipVolume(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    if hu.ndim > 3 and all(n == 1 for n in hu.shape[3:]):
+        hu = hu.reshape(hu.shape[:3])
+    if hu.ndim != 3:
+        raise SkipVolume(NOT_3D, path, f"shape {hu.shape}")
+    return Volume(hu, affine, str(path))
+
+
+def read_dicom_series(source: PathLike | Sequence[PathLike]) -> Volume:
+    """Read one DICOM series (a directory or its files) as float32 HU with a RAS+ affine.
+
+    Slices are sorted by ImagePositionPatient along the slice normal (row x column cosines of
+    ImageOrientationPatient) and each is rescaled by its own slope/intercept. Array axes are
+    (slice, row, column) in that order; `canonicalize` puts them into the canonical order.
+    """
+    files = _series_files(source)
+    name = str(Path(files[0]).parent)
+    slices = [_read_dicom_slice(f) for f in files]
+    first = slices[0][0]
+    orient = np.asarray(first.ImageOrientationPatient, np.float64)
+    row_cos, col_cos = orient[:3], orient[3:]
+    normal = np.cross(row_cos, col_cos)
+    for ds, pixels in slices:
+        same_orient = np.allclose(np.asarray(ds.ImageOrientationPatient, float), orient, atol=1e-3)
+        if not same_orient or pixels.shape != slices[0][1].shape:
+            raise SkipVolume(INCONSISTENT_SERIES, name, "slices differ in orientation or size")
+    positions = np.array([np.asarray(ds.ImagePositionPatient, np.float64) for ds, _ in slices])
+    order = np.argsort(positions @ normal, kind="stable")
+    positions = positions[order]
+    if len(files) > 1 and np.min(np.diff(positions @ normal)) < 1e-3:
+        raise SkipVolume(INCONSISTENT_SERIES, name, "two slices share a position")
+    hu = np.stack([apply_modality_lut(slices[i][1], slices[i][0]) for i in order]).astype(
+        np.float32
+    )
+    if len(files) > 1:
+        step = (positions[-1] - positions[0]) / (len(files) - 1)
+    else:
+        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    lps = np.eye(4)
+    lps[:3, 0] = step
+    lps[:3, 1] = col_cos * row_spacing  # moving down one row
+    lps[:3, 2] = row_cos * col_spacing  # moving right one column
+    lps[:3, 3] = positions[0]
+    return Volume(hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, name)
+
+
+def _series_files(source: PathLike | Sequence[PathLike]) -> list[str]:
+    if isinstance(source, str | os.PathLike):
+        if not Path(source).is_dir():
+            raise SkipVolume(UNREADABLE, source, "not a directory of DICOM files")
+        files = sorted(str(p) for p in Path(source).iterdir() if p.is_file())
+    else:
+        files = [str(f) for f in source]
+    if not files:
+        raise SkipVolume(UNREADABLE, str(source), "no files in the series")
+    return files
+
+
+def _read_dicom_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+        for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+            if key not in ds:
+                raise KeyError(f"missing {key}")
+    except Exception as e:  # pydicom raises many types for bad or undecodable files
+        raise SkipVolume(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    if pixels.ndim != 2:
+        raise SkipVolume(UNSUPPORTED, path, f"pixel shape {pixels.shape}, expected one 2D frame")
+    return ds, pixels
+
+
+def canonicalize(volume: Volume, min_slices: int = 16, min_in_plane: int = 64) -> Volume:
+    """Reorient to the canonical [z, y, x] order and check the volume is usable.
+
+    Canonical orientation (radiological display convention): array index [z, y, x] with
+    z = axial slice, increasing inferior -> superior; y = row, increasing anterior -> posterior;
+    x = column, increasing patient right -> patient left. So `volume.hu[z]` is an axial slice
+    shown as a radiologist views it (anterior at the top, patient right on the viewer's left).
+    Each array axis is matched to its closest anatomical axis (small obliquity is ignored).
+
+    Raises SkipVolume with reason
+      "NaN voxels"  any voxel NaN or infinite;
+      "bad affine"  the affine does not span three axes;
+      "not axial"   the acquisition plane is not axial (rule in `_slice_axis`);
+      "too small"   fewer than `min_slices` slices, or rows/columns fewer than `min_in_plane`.
+    """
+    if not np.isfinite(volume.hu).all():
+        raise SkipVolume(NAN_VOXELS, volume.path)
+    ornt = orientations.io_orientation(volume.affine)
+    if np.isnan(ornt).any():
+        raise SkipVolume(BAD_AFFINE, volume.path, f"affine {volume.affine.tolist()}")
+    transform = orientations.ornt_transform(ornt, orientations.axcodes2ornt(CANONICAL_AXCODES))
+    hu = orientations.apply_orientation(volume.hu, transform)
+    affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.hu.shape)
+    canonical = Volume(hu, affine, volume.path)
+    slice_axis = _slice_axis(canonical.spacing)
+    if slice_axis not in (None, 0):
+        spacing = ", ".join(f"{s:.3g}" for s in canonical.spacing)
+        raise SkipVolume(NOT_AXIAL, volume.path, f"S-P-L spacing {spacing} mm")
+    if hu.shape[0] < min_slices or min(hu.shape[1:]) < min_in_plane:
+        raise SkipVolume(TOO_SMALL, volume.path, f"canonical shape {hu.shape}")
+    return canonical
+
+
+def _slice_axis(spacing: np.ndarray) -> int | None:
+    """The acquisition's through-plane axis, inferred from voxel spacing alone.
+
+    CT pixels are square, so the two in-plane axes are the pair with the closest spacings and
+    the slice axis is the odd one out: the largest spacing when its ratio to the middle one
+    exceeds the middle-to-smallest ratio (thick slices), else the smallest (thin slices under
+    coarser pixels, e.g. 0.6 mm slices of 0.9 mm pixels). This is how a sagittal or coronal
+    acquisition is told apart after reorientation. Returns None for isotropic voxels (all
+    within 1%): every plane then samples the anatomy equally well.
+    """
+    small, mid, large = np.sort(spacing)
+    if large <= small * _ISOTROPIC_RATIO:
+        return None
+    thick_slices = large / mid > mid / small
+    return int(np.argmax(spacing) if thick_slices else np.argmin(spacing))
+
+
+def resize_volume(
+    hu: np.ndarray, shape: Sequence[int] = (32, 128, 128), antialias: bool = True
+) -> np.ndarray:
+    """Resample a volume to `shape` (float32), separably per axis, ignoring physical spacing.
+
+    Uses voxel-centre alignment (as PIL and torch with align_corners=False). Shrinking an axis
+    averages the covered input voxels (area weights; a 4x in-plane or ~10x through-plane
+    reduction would otherwise alias badly); enlarging, or `antialias=False`, is linear, which
+    together is trilinear interpolation. Each axis is one matrix product (BLAS).
+    """
+    out = np.asarray(hu, dtype=np.float32)
+    factors = [out.shape[a] / n for a, n in enumerate(shape)]
+    for axis in (int(a) for a in np.argsort(factors)[::-1]):  # most-reduced axis first
+        n_in, n_out = out.shape[axis], int(shape[axis])
+        if n_out != n_in:
+            weights = _resize_weights(n_in, n_out, area=antialias and n_out < n_in)
+            out = np.moveaxis(np.tensordot(weights, out, axes=([1], [axis])), 0, axis)
+    return np.ascontiguousarray(out)
+
+
+def _resize_weights(n_in: int, n_out: int, area: bool) -> np.ndarray:
+    """[n_out, n_in] weights of a 1D resize: box overlaps (area) or linear at voxel centres."""
+    scale = n_in / n_out
+    if area:
+        start = np.arange(n_out)[:, None] * scale
+        j = np.arange(n_in)[None, :]
+        overlap = np.minimum(start + scale, j + 1) - np.maximum(start, j)
+        return (np.clip(overlap, 0.0, None) / scale).astype(np.float32)
+    pos = np.clip((np.arange(n_out) + 0.5) * scale - 0.5, 0.0, n_in - 1.0)
+    lo = np.floor(pos).astype(np.int64)
+    frac = pos - lo
+    rows = np.arange(n_out)
+    weights = np.zeros((n_out, n_in), np.float32)
+    weights[rows, lo] = 1.0 - frac
+    weights[rows, np.minimum(lo + 1, n_in - 1)] += frac  # at the last voxel frac is 0
+    return weights
+
+
+def to_stored_hu(hu: np.ndarray) -> np.ndarray:
+    """Round HU to int16, the storage form of prepared volumes (half the bytes of float32)."""
+    info = np.iinfo(np.int16)
+    return np.clip(np.rint(hu), info.min, info.max).astype(np.int16)
+
+
+def prepare_volume(
+    volume: Volume,
+    shape: Sequence[int] = (32, 128, 128),
+    min_slices: int = 16,
+    min_in_plane: int = 64,
+    antialias: bool = True,
+) -> np.ndarray:
+    """Builder step: canonicalize, check and resize a read volume -> int16 HU of `shape`."""
+    canonical = canonicalize(volume, min_slices=min_slices, min_in_plane=min_in_plane)
+    return to_stored_hu(resize_volume(canonical.hu, shape, antialias=antialias))
+
+
+def window_hu(hu: np.ndarray, window: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
+    """Clip HU to `window` = (low, high) and scale it to float32 [0, 1]."""
+    low, high = window
+    if high <= low:
+        raise ValueError(f"HU window {window} must have low < high")
+    out = np.asarray(hu, dtype=np.float32) - np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def transform_3d(
+    stored: np.ndarray,
+    rng: np.random.Generator | None = None,
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    flip_lr_prob: float = 0.0,
+) -> np.ndarray:
+    """Pipeline step: stored int16 HU [z, y, x] -> float32 [0, 1], optionally flipped.
+
+    The flip mirrors patient left/right (the x axis) with probability `flip_lr_prob`; it needs
+    `rng` when the probability is positive. Off by default: reports name sides.
+    """
+    if flip_lr_prob > 0.0:
+        if rng is None:
+            raise ValueError("transform_3d needs rng when flip_lr_prob > 0")
+        if rng.random() < flip_lr_prob:
+            stored = stored[..., ::-1]
+    return window_hu(stored, window)

@@ -1,0 +1,1 @@
+"""Evaluators: retrieval, zero-shot, linear probe, slice-selection hit rate."""

@@ -1,0 +1,60 @@
+"""Entry point: ``python -m unimedi_jax.main --config=configs/pretrain.py[:preset] --workdir=DIR``.
+
+Initialises multi-host JAX when running under a cluster (or when the coordinator flags are
+given), resolves the config and trains. A workdir that already holds checkpoints is resumed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, figures.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs outside SLURM/TPU."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() under SLURM/Open MPI/TPU pods or with explicit flags."""
+    if _COORDINATOR.value is not None:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    else:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as err:
+            # Not under a cluster JAX recognises: a single-process run.
+            logging.debug("single process run (%s)", err)
+    logging.info(
+        "process %d/%d, %d local devices, %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from unimedi_jax.train.loop import train  # after flags: keeps --help fast
+
+    maybe_initialize_distributed()
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

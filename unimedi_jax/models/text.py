@@ -1,0 +1,507 @@
+"""BERT text tower in flax.linen, numerically equal to transformers' ``BertModel``.
+
+The paper's text encoder is BioClinicalBERT, so the module follows BERT exactly (post-LN, learned
+absolute positions, token types) and ``load_hf_bert`` reads a local Hugging Face directory into
+its parameter tree. Layers run under ``nn.scan`` so compile time stays flat in depth, and every
+parameter carries logical axis names for ``sharding.py``. The loaders and tokenizer helpers at
+the bottom do file I/O; the modules above them never do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+Dtype = jnp.dtype | type
+
+REMAT_POLICIES = ("none", "full", "dots")
+WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class TextModelError(ValueError):
+    """A text-tower problem a person can fix (bad path, config or checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """BERT hyper-parameters; field names and defaults (bert-base) follow Hugging Face."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise TextModelError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise TextModelError(
+                f"hidden_act {self.hidden_act!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> BertConfig:
+        """Reads the fields this module uses from a Hugging Face config.json dict."""
+        position_type = d.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise TextModelError(
+                f"position_embedding_type {position_type!r} is not supported; only 'absolute'"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json fields of an equivalent Hugging Face BertModel (for export)."""
+        return {"model_type": "bert", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_scratch(
+        cls,
+        vocab_size: int,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 2,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 128,
+    ) -> BertConfig:
+        """A small randomly initialised BERT for the demo preset and tests (MLP 4x width)."""
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            max_position_embeddings=max_position_embeddings,
+        )
+
+
+def _remat_policy(name: str):
+    """Maps a config name to a jax.checkpoint policy (None saves nothing: full remat)."""
+    if name == "full":
+        return None
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise TextModelError(f"text remat policy must be one of {REMAT_POLICIES}, got {name!r}")
+
+
+def _normal(names: tuple[str | None, ...]):
+    """BERT's N(0, 0.02) init carrying logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
+
+
+def _zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+    """Two-pass float32 LayerNorm, as torch computes it, whatever the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros(("embed",)),
+        name=name,
+    )
+
+
+class _BertLayer(nn.Module):
+    """One post-LN transformer layer; (hidden, key_mask) -> (hidden, None) for nn.scan."""
+
+    config: BertConfig
+    dtype: Dtype
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
+        cfg = self.config
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+
+        def qkv(name: str) -> jax.Array:
+            return nn.DenseGeneral(
+                (heads, head_dim),
+                dtype=self.dtype,
+                kernel_init=_normal(("embed", "heads", "kv")),
+                bias_init=_zeros(("heads", "kv")),
+                name=name,
+            )(hidden)
+
+        q, k, v = qkv("query"), qkv("key"), qkv("value")
+        attention_dropout = not self.deterministic and cfg.attention_probs_dropout_prob > 0
+        if attention_dropout:
+            # jax.nn.dot_product_attention has no dropout on the probabilities, so this
+            # (training-only) path spells attention out; softmax stays in float32.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(key_mask, logits / np.sqrt(head_dim), jnp.finfo(jnp.float32).min)
+            probs = nn.Dropout(cfg.attention_probs_dropout_prob)(
+                jax.nn.softmax(logits, axis=-1), deterministic=False
+            )
+            context = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        else:
+            context = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+        attended = nn.DenseGeneral(
+            cfg.hidden_size,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=_normal(("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="attention_output",
+        )(context)
+        attended = nn.Dropout(cfg.hidden_dropout_prob)(attended, deterministic=self.deterministic)
+        hidden = _layer_norm(cfg, "attention_norm")(hidden + attended)
+
+        mlp = nn.Dense(
+            cfg.intermediate_size,
+            dtype=self.dtype,
+            kernel_init=_normal(("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
+            name="intermediate",
+        )(hidden)
+        mlp = nn.Dense(
+            cfg.hidden_size,
+            dtype=self.dtype,
+            kernel_init=_normal(("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="output",
+        )(_ACTIVATIONS[cfg.hidden_act](mlp))
+        mlp = nn.Dropout(cfg.hidden_dropout_prob)(mlp, deterministic=self.deterministic)
+        return _layer_norm(cfg, "output_norm")(hidden + mlp), None
+
+
+class _BertEmbeddings(nn.Module):
+    """Word + absolute position + token type embeddings, then LayerNorm and dropout (float32)."""
+
+    config: BertConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+
+        def table(rows: int, names: tuple[str | None, str], name: str) -> nn.Embed:
+            return nn.Embed(rows, cfg.hidden_size, embedding_init=_normal(names), name=name)
+
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        summed = (
+            table(cfg.vocab_size, ("vocab", "embed"), "word")(input_ids)
+            + table(cfg.max_position_embeddings, (None, "embed"), "position")(positions)
+            + table(cfg.type_vocab_size, (None, "embed"), "token_type")(token_type_ids)
+        )
+        summed = _layer_norm(cfg, "norm")(summed)
+        return nn.Dropout(cfg.hidden_dropout_prob)(summed, deterministic=self.deterministic)
+
+
+class BertEncoder(nn.Module):
+    """BERT without pooler: token ids -> last hidden states, float32, [B, L, hidden].
+
+    Matmuls run in ``dtype``; parameters, LayerNorm and softmax stay float32 and so does the
+    residual stream (post-LN makes it a LayerNorm output). ``remat`` is one of REMAT_POLICIES.
+    """
+
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """input_ids, attention_mask ({0, 1}) and token_type_ids are int [B, L]."""
+        cfg = self.config
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise TextModelError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{cfg.max_position_embeddings}; tokenize with a smaller max_length"
+            )
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        hidden = _BertEmbeddings(cfg, deterministic, name="embeddings")(input_ids, token_type_ids)
+
+        layer_cls = _BertLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(layer_cls, prevent_cse=False, policy=_remat_policy(self.remat))
+        layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.dtype, deterministic, name="layers")
+        key_mask = attention_mask.astype(bool)[:, None, None, :]  # [B, heads, queries, keys]
+        hidden, _ = layers(hidden, key_mask)
+        return hidden
+
+
+# --------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints (file I/O lives here, outside the modules).
+
+# Our module name -> (Hugging Face module path, kind). Kinds decide the leaf names in the file.
+_EMBEDDING_SOURCES = {
+    "word": ("embeddings.word_embeddings", "embed"),
+    "position": ("embeddings.position_embeddings", "embed"),
+    "token_type": ("embeddings.token_type_embeddings", "embed"),
+    "norm": ("embeddings.LayerNorm", "norm"),
+}
+_LAYER_SOURCES = {
+    "query": ("attention.self.query", "linear"),
+    "key": ("attention.self.key", "linear"),
+    "value": ("attention.self.value", "linear"),
+    "attention_output": ("attention.output.dense", "linear"),
+    "attention_norm": ("attention.output.LayerNorm", "norm"),
+    "intermediate": ("intermediate.dense", "linear"),
+    "output": ("output.dense", "linear"),
+    "output_norm": ("output.LayerNorm", "norm"),
+}
+# (kind, our leaf) -> (leaf name in a torch/safetensors file, leaf name in a Flax file).
+_FILE_LEAVES = {
+    ("embed", "embedding"): ("weight", "embedding"),
+    ("norm", "scale"): ("weight", "scale"),
+    ("norm", "bias"): ("bias", "bias"),
+    ("linear", "kernel"): ("weight", "kernel"),
+    ("linear", "bias"): ("bias", "bias"),
+}
+
+
+def _read_config(directory: Path) -> BertConfig:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise TextModelError(
+            f"no config.json in {directory}: a Hugging Face BERT directory needs config.json "
+            f"next to one of {', '.join(WEIGHT_FILES)}"
+        )
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise TextModelError(f"{config_file} is not valid JSON: {e}") from e
+    # Old conversions (BioClinicalBERT among them) have no model_type; those are BERT.
+    model_type = raw.get("model_type", "bert")
+    if model_type != "bert":
+        raise TextModelError(
+            f"{config_file}: model_type is {model_type!r}, but only 'bert' checkpoints can be "
+            "loaded into the text tower"
+        )
+    try:
+        return BertConfig.from_hf_dict(raw)
+    except (TextModelError, TypeError) as e:
+        raise TextModelError(f"{config_file}: {e}") from e
+
+
+def _read_torch(weights_file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise TextModelError(
+            f"{weights_file} needs torch to read; install torch or convert the checkpoint to "
+            "model.safetensors"
+        ) from e
+    state = torch.load(weights_file, weights_only=True, map_location="cpu")
+    if not isinstance(state, Mapping):
+        raise TextModelError(f"{weights_file} does not hold a state dict of tensors")
+    tensors = {}
+    for key, value in state.items():
+        # Checkpoints converted from TensorFlow by early pytorch-pretrained-bert name the
+        # LayerNorm parameters gamma/beta.
+        for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        tensors[key] = value.float().numpy() if value.is_floating_point() else value.numpy()
+    return tensors
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, np.ndarray], bool]:
+    """Returns (file, flat tensors keyed by dotted names, whether the file uses Flax layout)."""
+    found = [directory / name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not found:
+        raise TextModelError(
+            f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}"
+        )
+    weights_file = found[0]
+    if weights_file.name == "model.safetensors":
+        from safetensors import safe_open
+
+        # The flax reader handles bfloat16, which numpy cannot; keep the arrays on the host.
+        with (
+            jax.default_device(jax.devices("cpu")[0]),
+            safe_open(weights_file, framework="flax") as f,
+        ):
+            tensors = {key: np.asarray(f.get_tensor(key)) for key in f.keys()}  # noqa: SIM118
+        return weights_file, tensors, False
+    if weights_file.name == "flax_model.msgpack":
+        from flax import serialization
+
+        tree = serialization.msgpack_restore(weights_file.read_bytes())
+        return weights_file, traverse_util.flatten_dict(tree, sep="."), True
+    return weights_file, _read_torch(weights_file), False
+
+
+def _key_prefix(tensors: Mapping[str, np.ndarray], suffix: str, weights_file: Path) -> str:
+    """The wrapper prefix ('' for BertModel, 'bert.' for BertForPreTraining/MaskedLM)."""
+    prefixes = sorted({key[: -len(suffix)] for key in tensors if key.endswith(suffix)})
+    if len(prefixes) > 1:
+        raise TextModelError(
+            f"{weights_file} holds several BERT encoders (prefixes {prefixes}); save the one "
+            "you want as a BertModel"
+        )
+    return prefixes[0] if prefixes else ""
+
+
+def _params_from_tensors(
+    config: BertConfig, tensors: Mapping[str, np.ndarray], flax_layout: bool, weights_file: Path
+) -> dict[str, Any]:
+    """Builds exactly the tree of ``nn.unbox(BertEncoder(config).init(...)['params'])``."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(BertEncoder(config).init, jax.random.key(0), dummy, dummy)
+    target = traverse_util.flatten_dict(nn.unbox(shapes["params"]))
+    word_leaf = _FILE_LEAVES[("embed", "embedding")][flax_layout]
+    prefix = _key_prefix(tensors, f"embeddings.word_embeddings.{word_leaf}", weights_file)
+
+    def fetch(key: str, shape: tuple[int, ...], leaf: str, out_size: int) -> np.ndarray:
+        size = int(np.prod(shape))
+        if leaf == "kernel":  # torch Linear stores [out, in], Flax Dense [in, out]
+            rows_cols = (size // out_size, out_size)
+            expected = rows_cols if flax_layout else rows_cols[::-1]
+        else:
+            expected = shape if leaf == "embedding" else (size,)
+        if key not in tensors:
+            raise TextModelError(
+                f"{weights_file}: tensor {key!r} (shape {expected}) is missing; the checkpoint "
+                "does not match a BERT encoder"
+            )
+        value = np.asarray(tensors[key], dtype=np.float32)
+        if value.shape != expected:
+            raise TextModelError(
+                f"{weights_file}: tensor {key!r} has shape {value.shape} but config.json implies "
+                f"{expected}; the config and the weights do not belong together"
+            )
+        if leaf == "kernel" and not flax_layout:
+            value = value.T
+        return value.reshape(shape)
+
+    params = {}
+    for path, spec in target.items():
+        group, module, leaf = path
+        if group == "embeddings":
+            hf_module, kind = _EMBEDDING_SOURCES[module]
+            key = f"{prefix}{hf_module}.{_FILE_LEAVES[(kind, leaf)][flax_layout]}"
+            params[path] = fetch(key, spec.shape, leaf, out_size=0)
+            continue
+        hf_module, kind = _LAYER_SOURCES[module]
+        file_leaf = _FILE_LEAVES[(kind, leaf)][flax_layout]
+        out_size = int(np.prod(target[(group, module, "bias")].shape[1:]))
+        params[path] = np.stack(
+            [
+                fetch(
+                    f"{prefix}encoder.layer.{i}.{hf_module}.{file_leaf}",
+                    spec.shape[1:],
+                    leaf,
+                    out_size,
+                )
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+    return traverse_util.unflatten_dict(params)
+
+
+def load_hf_bert(
+    path: str | Path, *, dtype: Dtype = jnp.float32, remat: str = "none"
+) -> tuple[BertEncoder, dict[str, Any]]:
+    """Reads a local Hugging Face BERT directory into (module, float32 numpy param tree).
+
+    Accepts config.json with model.safetensors, flax_model.msgpack or pytorch_model.bin (in that
+    order of preference), saved from BertModel or from a pre-training/MLM wrapper ('bert.'
+    prefix; heads such as 'cls.*' and the pooler are ignored).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise TextModelError(
+            f"text model directory {directory} does not exist; point the text checkpoint config "
+            "at a local Hugging Face BERT directory"
+        )
+    config = _read_config(directory)
+    weights_file, tensors, flax_layout = _read_weights(directory)
+    params = _params_from_tensors(config, tensors, flax_layout, weights_file)
+    return BertEncoder(config, dtype=dtype, remat=remat), params
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers.
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_tokenizer(path: str | Path):
+    """transformers' fast BERT tokenizer from a local directory (tokenizer.json or vocab.txt)."""
+    from transformers import BertTokenizerFast
+
+    directory = Path(path)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise TextModelError(
+            f"no tokenizer in {directory}: expected tokenizer.json or vocab.txt (a Hugging Face "
+            "BERT directory, or one written by train_wordpiece_tokenizer)"
+        )
+    return BertTokenizerFast.from_pretrained(directory, local_files_only=True)
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, directory: str | Path):
+    """Trains a lower-cased WordPiece vocabulary on report texts for the from-scratch demo.
+
+    Writes vocab.txt, tokenizer.json and tokenizer_config.json into ``directory`` and returns
+    ``load_tokenizer(directory)``. Special tokens take ids 0-4 ([PAD] = 0). The vocabulary may
+    come out smaller than ``vocab_size`` on a small corpus: size the model with ``len(tokenizer)``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast
+
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    wordpiece.train_from_iterator(texts, trainer=trainer)
+    vocab = wordpiece.get_vocab()
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512).save_pretrained(
+        directory
+    )
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    (directory / "vocab.txt").write_text("".join(f"{token}\n" for token in tokens))
+    return load_tokenizer(directory)

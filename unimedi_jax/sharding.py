@@ -1,0 +1,239 @@
+"""Device mesh, logical-axis rules and sharded state/batch construction.
+
+Parameters name their axes logically ('embed', 'mlp', 'heads', 'kv', 'vocab', 'layers') through
+``nn.with_logical_partitioning``; the rules here map those names to the mesh axes
+('data', 'fsdp', 'tensor'). Because a mesh axis of size 1 shards nothing, one set of rules serves
+pure data parallelism, FSDP and FSDP + tensor parallelism: only the mesh shape changes.
+
+Optimizer state: ``optax`` builds its state with ``tree_map`` over the params, so calling
+``tx.init`` on the *boxed* params (inside the function given to :func:`create_sharded`) keeps the
+``LogicallyPartitioned`` boxes on mu/nu, and they get exactly the params' shardings. Leaves without
+a box (step counters, scalars) are replicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+log = logging.getLogger(__name__)
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all devices; one size may be -1 (fill the rest).
+
+    Uses ``jax.make_mesh`` so the device order follows the hardware topology (and keeps each
+    process's devices together on multi-host CPU/GPU). Axes are ``Auto``: shardings propagate
+    GSPMD-style from the in/out shardings of ``jax.jit``, as the logical-partitioning flow expects.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    given = ", ".join(f"mesh.{name}={size}" for name, size in sizes.items())
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1 or any(size != -1 and size < 1 for size in sizes.values()):
+        raise ValueError(
+            f"{given}: each must be a positive integer, and at most one may be -1 "
+            f"(fill the rest of the {count} devices)"
+        )
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill and count % known == 0:
+        sizes[fill[0]] = count // known
+    if math.prod(sizes.values()) != count:
+        raise ValueError(
+            f"{given}: the mesh needs data * fsdp * tensor == the device count ({count}); "
+            f"change them so the product is {count}, or set one of them to -1"
+        )
+    return jax.make_mesh(
+        tuple(sizes.values()),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def logical_axis_rules(fsdp: bool = True, tensor: bool = True) -> Rules:
+    """The default logical -> mesh mapping; ``fsdp``/``tensor`` False keep those dims replicated.
+
+    The batch always splits over ('data', 'fsdp'): FSDP is data parallelism whose parameters are
+    also split, so both axes see different examples.
+    """
+    return (
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp" if fsdp else None),
+        ("mlp", "tensor" if tensor else None),
+        ("heads", "tensor" if tensor else None),
+        ("vocab", "tensor" if tensor else None),
+        ("kv", None),
+        ("layers", None),
+    )
+
+
+def _checked_rules(rules: Sequence[Sequence[Any]], mesh: Mesh) -> Rules:
+    """Rules as tuples (config overrides may arrive as lists), naming only axes of ``mesh``."""
+    out = []
+    for rule in rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"a sharding rule must be (logical_name, mesh_axes), got {rule!r}")
+        name, axes = rule
+        if isinstance(axes, list | tuple):
+            axes = tuple(axes)
+        named = axes if isinstance(axes, tuple) else (axes,)
+        unknown = [a for a in named if a is not None and a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(
+                f"sharding rule {rule!r} names mesh axes {unknown}; "
+                f"the mesh axes are {tuple(mesh.axis_names)}"
+            )
+        out.append((name, axes))
+    return tuple(out)
+
+
+def _axes_size(mesh: Mesh, axes: MeshAxes) -> int:
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def _param_spec(
+    path: str, names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> P:
+    """PartitionSpec of one parameter; an indivisible dimension is replicated (with a warning)."""
+    if len(names) != len(shape):
+        raise ValueError(f"parameter {path}: axis names {tuple(names)} do not match shape {shape}")
+    try:
+        spec = nn.logical_to_mesh_axes(names, rules)
+    except ValueError as e:
+        raise ValueError(f"parameter {path} (axis names {tuple(names)}): {e}") from e
+    dims = []
+    for size, axes in zip(shape, spec, strict=True):
+        split = _axes_size(mesh, axes)
+        if size % split:
+            log.warning(
+                "parameter %s: dimension of size %d does not divide over mesh axes %s "
+                "(%d devices); replicating it",
+                path,
+                size,
+                axes,
+                split,
+            )
+            axes = None
+        dims.append(axes)
+    return P(*dims)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[Sequence[Any]]) -> Any:
+    """NamedShardings for a (possibly abstract) tree holding ``LogicallyPartitioned`` boxes.
+
+    Works for any state tree: boxed leaves (params and optax moments made from boxed params) map
+    through ``rules``; other leaves (counters, scalars, unboxed arrays) are replicated. The result
+    has the structure of the *unboxed* tree, ready for ``jax.jit`` in/out shardings.
+    """
+    rules = _checked_rules(rules, mesh)
+
+    def leaf_sharding(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        if _is_box(leaf):
+            shape = tuple(leaf.value.shape)
+            return NamedSharding(
+                mesh, _param_spec(jax.tree_util.keystr(path), leaf.names, shape, mesh, rules)
+            )
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_variables, is_leaf=_is_box)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device (scalars, metrics, step counters)."""
+    return NamedSharding(mesh, P())
+
+
+def _unbox(tree: Any) -> Any:
+    """Strips the boxes without the sharding constraint ``LogicallyPartitioned.unbox`` may add."""
+    return jax.tree_util.tree_map(
+        lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box
+    )
+
+
+def create_sharded(
+    init_fn: Callable[..., Any], *args: Any, mesh: Mesh, rules: Sequence[Sequence[Any]]
+) -> tuple[Any, Any]:
+    """Runs ``init_fn(*args)`` under ``jax.jit`` with ``out_shardings``: (unboxed state, shardings).
+
+    Each device computes only its shards, so the full state never sits on one device. ``init_fn``
+    returns a tree with ``LogicallyPartitioned`` leaves; build the optimizer state inside it with
+    ``tx.init(boxed_params)`` so mu/nu inherit the params' shardings.
+    """
+    shardings = param_shardings(jax.eval_shape(init_fn, *args), mesh, rules)
+    state = jax.jit(lambda *a: _unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return state, shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _batch_shards(mesh: Mesh) -> tuple[list[int], int]:
+    """(sorted batch-shard indices this process holds, total number of batch shards)."""
+    total = _axes_size(mesh, BATCH_AXES)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((total,))
+    return sorted({index[0].start or 0 for index in index_map.values()}), total
+
+
+def process_batch_slice(mesh: Mesh, global_size: int) -> slice:
+    """Rows of a global batch of ``global_size`` that this process loads and passes to
+    :func:`global_batch` (the whole range on one process).
+
+    Loaders use it so the global batch is the same whatever the process count.
+    """
+    local, total = _batch_shards(mesh)
+    if global_size % total:
+        raise ValueError(
+            f"a global batch of {global_size} does not divide over the data * fsdp = {total} "
+            "batch shards of the mesh; make the batch size a multiple of it"
+        )
+    if local != list(range(local[0], local[0] + len(local))):
+        raise ValueError(f"this process holds non-contiguous batch shards {local} of {total}")
+    rows = global_size // total
+    return slice(local[0] * rows, (local[-1] + 1) * rows)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays (leading axis sharded over ('data', 'fsdp')) from this process's rows.
+
+    Each process passes its :func:`process_batch_slice` of every array; the global leading size
+    is the local one times the number of processes sharing the batch.
+    """
+    sharding = batch_sharding(mesh)
+    local, total = _batch_shards(mesh)
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] % len(local):
+            rows = value.shape[0] if value.ndim else "no"
+            raise ValueError(
+                f"batch[{key!r}] has {rows} rows on this process, which do not split over the "
+                f"{len(local)} of {total} data * fsdp batch shards (mesh {dict(mesh.shape)}) it "
+                f"holds; the global batch size must be a multiple of {total}"
+            )
+        global_shape = (value.shape[0] * total // len(local), *value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out

@@ -1,0 +1,1 @@
+"""Training: TrainState, the compiled step, the loop."""

@@ -1,0 +1,201 @@
+"""The training loop: data -> compiled step -> metrics, checkpoints, resume.
+
+Runs the same on one CPU and on a multi-host mesh: every process builds the same mesh, reads its
+slice of each global batch and takes part in the compiled step and in checkpoint writes; only
+process 0 writes metrics and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+from data_pipelines.pipeline import TrainStream
+
+from unimedi_jax import sharding
+from unimedi_jax.checkpoint import Checkpointer, abstract_like
+from unimedi_jax.models.unimedi import build_unimedi, init_inputs
+from unimedi_jax.precision import compute_dtype
+from unimedi_jax.text_setup import prepare_text_tower
+from unimedi_jax.train.metrics import MetricWriter, format_duration
+from unimedi_jax.train.state import (
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from unimedi_jax.train.step import make_schedules, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or Inf loss: the run stops and the last good checkpoint is kept."""
+
+
+def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps): explicit step counts win, else epochs x steps_per_epoch."""
+    total = config.total_steps
+    if total < 0:
+        total = config.train.epochs * steps_per_epoch
+    warmup = config.train.warmup_steps
+    if warmup < 0:
+        warmup = config.train.warmup_epochs * steps_per_epoch
+    return total, min(warmup, total)
+
+
+def count_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def train(config, workdir: str | Path) -> dict:
+    """Trains (or resumes) UniMedI in ``workdir``; returns the last logged metrics."""
+    workdir = Path(workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    dtype = compute_dtype(config.precision.compute_dtype)
+    text = prepare_text_tower(config, workdir)
+    data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
+    total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = sharding.logical_axis_rules()
+    model = build_unimedi(config, text.config, dtype)
+    lr = learning_rate_schedule(
+        config.train.learning_rate,
+        config.train.init_learning_rate,
+        config.train.end_learning_rate,
+        warmup_steps,
+        total_steps,
+    )
+    tx = make_optimizer(config.train, lr)
+
+    def init_state(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model.init(init_rng, *init_inputs(config))
+        return init_train_state(variables["params"], tx, config.model.dino_out_dim, state_rng)
+
+    state, state_shardings = sharding.create_sharded(
+        init_state, jax.random.key(config.seed), mesh=mesh, rules=rules
+    )
+    if text.params is not None:
+        state = state.replace(
+            params={
+                **state.params,
+                "text": jax.device_put(text.params, state_shardings.params["text"]),
+            }
+        )
+    step_fn = make_train_step(
+        model, tx, make_schedules(config, lr, total_steps, warmup_steps), config
+    )
+    compiled_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state, data_state = checkpointer.restore(start, abstract_like(state))
+        data.set_state(data_state)
+        logging.info("Resumed from %s at step %d", checkpointer.directory, start)
+    start = start or 0
+
+    log_run_layout(state.params, mesh)
+    writer = MetricWriter(workdir, enabled=is_chief)
+    progress = Progress(total_steps, config.batch.size_2d + config.batch.size_3d)
+    pending = None  # (step, metrics) of the previous step: checked once the next is dispatched
+    try:
+        for step in range(start + 1, total_steps + 1):
+            batch = sharding.global_batch(next(data), mesh)
+            state, metrics = compiled_step(state, batch)
+            if pending is not None:
+                check_finite(*pending, checkpointer)
+            pending = (step, metrics)
+            progress.tick()
+            is_log_step = step % config.log_every_steps == 0 or step == total_steps
+            is_ckpt_step = step % config.checkpoint_every_steps == 0 or step == total_steps
+            if is_log_step or is_ckpt_step:
+                check_finite(step, metrics, checkpointer)
+            if is_log_step:
+                writer.write(step, progress.report(step, jax.device_get(metrics)))
+            if is_ckpt_step:
+                checkpointer.save(step, state, data.get_state())
+    finally:
+        checkpointer.close()
+        writer.close()
+    logging.info("Finished %d steps in %s", total_steps, format_duration(progress.elapsed()))
+    return progress.last
+
+
+def check_finite(step: int, metrics: dict, checkpointer: Checkpointer) -> None:
+    """Stops the run at a NaN/Inf loss, naming the step, the loss terms and the last checkpoint."""
+    loss = float(metrics["loss"])
+    if math.isfinite(loss):
+        return
+    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k.startswith("loss"))
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} ({terms}). The last good checkpoint is step "
+        f"{checkpointer.latest_step()} in {checkpointer.directory}; lower train.learning_rate "
+        "or set precision.compute_dtype=float32 and resume."
+    )
+
+
+def log_run_layout(params: dict, mesh: jax.sharding.Mesh) -> None:
+    """Parameter count per tower, mesh and devices: the first thing to check in a run's log."""
+    vision, text = count_params(params["vision"]), count_params(params["text"])
+    heads = count_params(params) - vision - text
+    logging.info(
+        "Parameters: vision %s, text %s, heads %s | mesh %s | %d devices (%s), %d processes",
+        f"{vision:,}",
+        f"{text:,}",
+        f"{heads:,}",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        jax.process_count(),
+    )
+
+
+class Progress:
+    """Throughput and ETA over the steps since the last report; formats the console line."""
+
+    def __init__(self, total_steps: int, samples_per_step: int):
+        self.total_steps = total_steps
+        self.samples_per_step = samples_per_step
+        self.start = self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.last: dict[str, float] = {}
+
+    def tick(self) -> None:
+        self.window_steps += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def report(self, step: int, metrics: dict) -> dict[str, float]:
+        """Logs one line and returns the metrics to record (with samples_per_sec)."""
+        seconds = time.perf_counter() - self.window_start
+        per_step = seconds / max(self.window_steps, 1)
+        self.last = {k: float(v) for k, v in metrics.items()}
+        self.last["samples_per_sec"] = self.samples_per_step / max(per_step, 1e-9)
+        logging.info(
+            "step %d/%d  loss %.4f (vl %.4f icl %.4f pcl %.4f)  lr %.2e  %.1f samples/s  ETA %s",
+            step,
+            self.total_steps,
+            self.last["loss"],
+            self.last["loss_vl"],
+            self.last.get("loss_icl", 0.0),
+            self.last.get("loss_pcl", 0.0),
+            self.last["learning_rate"],
+            self.last["samples_per_sec"],
+            format_duration((self.total_steps - step) * per_step),
+        )
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return self.last
