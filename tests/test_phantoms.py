@@ -22,9 +22,11 @@ MENTION = {
 }
 SIDE = {"pleural_effusion_left": "left", "pleural_effusion_right": "right"}
 NEGATION = re.compile(
-    r"\b(no|not|without|normal|clear|sharp|unremarkable|intact|patent)\b", re.IGNORECASE)
+    r"\b(no|not|without|normal|clear|sharp|unremarkable|intact|patent)\b", re.IGNORECASE
+)
 NORMAL_IMPRESSION = re.compile(
-    r"no acute (cardiopulmonary|intrathoracic)|normal chest|normal ct", re.IGNORECASE)
+    r"no acute (cardiopulmonary|intrathoracic)|normal chest|normal ct", re.IGNORECASE
+)
 
 
 def _sentences(report: str) -> list[str]:
@@ -202,15 +204,17 @@ def test_effusion_laterality_in_ct_xray_and_report(side):
     case = P.sample_case(i, DEMO, "ct")
     _, mask = P.render_ct(case, DEMO.volume_shape)
     w = DEMO.volume_shape[2]
-    patient_left = mask[:, :, w // 2:].sum()  # radiological convention: left at high x
+    patient_left = mask[:, :, w // 2 :].sum()  # radiological convention: left at high x
     assert (patient_left > 0 and mask[:, :, : w // 2].sum() == 0) == (side == "left")
     depth = DEMO.volume_shape[0]
     z_mass = mask.sum(axis=(1, 2)) @ np.arange(depth) / mask.sum()
-    assert z_mass < depth / 3 and not mask[depth // 2 + 2:].any()  # at the lung base
-    posterior = mask[:, DEMO.volume_shape[1] // 2:].sum()
+    assert z_mass < depth / 3 and not mask[depth // 2 + 2 :].any()  # at the lung base
+    posterior = mask[:, DEMO.volume_shape[1] // 2 :].sum()
     assert posterior > 0.7 * mask.sum()  # dependent
-    assert any(re.search(rf"\b{side}\b", s) and "effusion" in s and not NEGATION.search(s)
-               for s in _sentences(P.make_ct(i, DEMO)["report"]))
+    assert any(
+        re.search(rf"\b{side}\b", s) and "effusion" in s and not NEGATION.search(s)
+        for s in _sentences(P.make_ct(i, DEMO)["report"])
+    )
 
     j = _find("xray", _only(name))
     xcase = P.sample_case(j, DEMO, "xray")
@@ -243,11 +247,17 @@ def test_reports_are_consistent_with_labels(modality):
         assert len(sentences) >= 3, report
         assert all(s.endswith(".") and not s[0].islower() for s in sentences), report
         for f in case.findings:
-            positive = [s for s in sentences
-                        if _mentions(s, f.name, unsided_counts=False) and not NEGATION.search(s)]
+            positive = [
+                s
+                for s in sentences
+                if _mentions(s, f.name, unsided_counts=False) and not NEGATION.search(s)
+            ]
             assert positive, (f.name, report)
-            negated = [s for s in sentences
-                       if _mentions(s, f.name, unsided_counts=True) and NEGATION.search(s)]
+            negated = [
+                s
+                for s in sentences
+                if _mentions(s, f.name, unsided_counts=True) and NEGATION.search(s)
+            ]
             assert not negated, (f.name, report)
             if f.lobe is not None:
                 assert any(f.lobe in s.lower() for s in positive), (f.lobe, report)

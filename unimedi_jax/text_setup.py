@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-from data_pipelines.pipeline import report_texts
 
+from data_pipelines.pipeline import report_texts
 from unimedi_jax.models.text import (
     BertConfig,
     load_hf_bert,

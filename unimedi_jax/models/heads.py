@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unimedi_jax.models.vit import dense_init, zeros_init
+from unimedi_jax.models.layers import dense_init, zeros_init
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:

@@ -13,17 +13,22 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import traverse_util
+from flax import serialization, traverse_util
+from safetensors import safe_open
+
+from unimedi_jax.models.layers import ones_init, scanned, zeros_init
+
+if TYPE_CHECKING:
+    from transformers import BertTokenizerFast
 
 Dtype = jnp.dtype | type
 
-REMAT_POLICIES = ("none", "full", "dots")
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -108,22 +113,9 @@ class BertConfig:
         )
 
 
-def _remat_policy(name: str):
-    """Maps a config name to a jax.checkpoint policy (None saves nothing: full remat)."""
-    if name == "full":
-        return None
-    if name == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise TextModelError(f"text remat policy must be one of {REMAT_POLICIES}, got {name!r}")
-
-
 def _normal(names: tuple[str | None, ...]):
     """BERT's N(0, 0.02) init carrying logical axis names."""
     return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
-
-
-def _zeros(names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
@@ -132,8 +124,8 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
         epsilon=config.layer_norm_eps,
         dtype=jnp.float32,
         use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=_zeros(("embed",)),
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
         name=name,
     )
 
@@ -155,7 +147,7 @@ class _BertLayer(nn.Module):
                 (heads, head_dim),
                 dtype=self.dtype,
                 kernel_init=_normal(("embed", "heads", "kv")),
-                bias_init=_zeros(("heads", "kv")),
+                bias_init=zeros_init(("heads", "kv")),
                 name=name,
             )(hidden)
 
@@ -177,7 +169,7 @@ class _BertLayer(nn.Module):
             axis=(-2, -1),
             dtype=self.dtype,
             kernel_init=_normal(("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)),
+            bias_init=zeros_init(("embed",)),
             name="attention_output",
         )(context)
         attended = nn.Dropout(cfg.hidden_dropout_prob)(attended, deterministic=self.deterministic)
@@ -187,14 +179,14 @@ class _BertLayer(nn.Module):
             cfg.intermediate_size,
             dtype=self.dtype,
             kernel_init=_normal(("embed", "mlp")),
-            bias_init=_zeros(("mlp",)),
+            bias_init=zeros_init(("mlp",)),
             name="intermediate",
         )(hidden)
         mlp = nn.Dense(
             cfg.hidden_size,
             dtype=self.dtype,
             kernel_init=_normal(("mlp", "embed")),
-            bias_init=_zeros(("embed",)),
+            bias_init=zeros_init(("embed",)),
             name="output",
         )(_ACTIVATIONS[cfg.hidden_act](mlp))
         mlp = nn.Dropout(cfg.hidden_dropout_prob)(mlp, deterministic=self.deterministic)
@@ -228,7 +220,8 @@ class BertEncoder(nn.Module):
     """BERT without pooler: token ids -> last hidden states, float32, [B, L, hidden].
 
     Matmuls run in ``dtype``; parameters, LayerNorm and softmax stay float32 and so does the
-    residual stream (post-LN makes it a LayerNorm output). ``remat`` is one of REMAT_POLICIES.
+    residual stream (post-LN makes it a LayerNorm output).
+    ``remat`` is one of layers.REMAT_POLICIES.
     """
 
     config: BertConfig
@@ -254,17 +247,9 @@ class BertEncoder(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         hidden = _BertEmbeddings(cfg, deterministic, name="embeddings")(input_ids, token_type_ids)
 
-        layer_cls = _BertLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(layer_cls, prevent_cse=False, policy=_remat_policy(self.remat))
-        layers = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=nn.broadcast,
-            length=cfg.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, deterministic, name="layers")
+        layers = scanned(_BertLayer, cfg.num_hidden_layers, self.remat)(
+            cfg, self.dtype, deterministic, name="layers"
+        )
         key_mask = attention_mask.astype(bool)[:, None, None, :]  # [B, heads, queries, keys]
         hidden, _ = layers(hidden, key_mask)
         return hidden
@@ -337,6 +322,8 @@ def _read_torch(weights_file: Path) -> dict[str, np.ndarray]:
         raise TextModelError(f"{weights_file} does not hold a state dict of tensors")
     tensors = {}
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
         # Checkpoints converted from TensorFlow by early pytorch-pretrained-bert name the
         # LayerNorm parameters gamma/beta.
         for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
@@ -355,8 +342,6 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, np.ndarray], bool]:
         )
     weights_file = found[0]
     if weights_file.name == "model.safetensors":
-        from safetensors import safe_open
-
         # The flax reader handles bfloat16, which numpy cannot; keep the arrays on the host.
         with (
             jax.default_device(jax.devices("cpu")[0]),
@@ -365,8 +350,6 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, np.ndarray], bool]:
             tensors = {key: np.asarray(f.get_tensor(key)) for key in f.keys()}  # noqa: SIM118
         return weights_file, tensors, False
     if weights_file.name == "flax_model.msgpack":
-        from flax import serialization
-
         tree = serialization.msgpack_restore(weights_file.read_bytes())
         return weights_file, traverse_util.flatten_dict(tree, sep="."), True
     return weights_file, _read_torch(weights_file), False
@@ -467,11 +450,15 @@ def load_hf_bert(
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> BertTokenizerFast:
     """transformers' fast BERT tokenizer from a local directory (tokenizer.json or vocab.txt)."""
+    # transformers and tokenizers are imported here, not at the top, so that importing the
+    # model (as the train step does on every host) does not pay for them.
     from transformers import BertTokenizerFast
 
     directory = Path(path)
+    if not directory.is_dir():
+        raise TextModelError(f"tokenizer directory {directory} does not exist")
     if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
         raise TextModelError(
             f"no tokenizer in {directory}: expected tokenizer.json or vocab.txt (a Hugging Face "
@@ -480,7 +467,9 @@ def load_tokenizer(path: str | Path):
     return BertTokenizerFast.from_pretrained(directory, local_files_only=True)
 
 
-def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, directory: str | Path):
+def train_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int, directory: str | Path
+) -> BertTokenizerFast:
     """Trains a lower-cased WordPiece vocabulary on report texts for the from-scratch demo.
 
     Writes vocab.txt, tokenizer.json and tokenizer_config.json into ``directory`` and returns

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -20,9 +22,10 @@ from unimedi_jax import sharding
 from unimedi_jax.checkpoint import Checkpointer, abstract_like
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
 from unimedi_jax.precision import compute_dtype
-from unimedi_jax.text_setup import prepare_text_tower
+from unimedi_jax.text_setup import TextTower, prepare_text_tower
 from unimedi_jax.train.metrics import MetricWriter, format_duration
 from unimedi_jax.train.state import (
+    TrainState,
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -49,22 +52,16 @@ def count_params(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def train(config, workdir: str | Path) -> dict:
-    """Trains (or resumes) UniMedI in ``workdir``; returns the last logged metrics."""
-    workdir = Path(workdir)
-    is_chief = jax.process_index() == 0
-    if is_chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+class Trainer(NamedTuple):
+    state: TrainState  # created already sharded over the mesh
+    step: Callable  # the jitted step: (state, global batch) -> (state, metrics); donates state
 
-    dtype = compute_dtype(config.precision.compute_dtype)
-    text = prepare_text_tower(config, workdir)
-    data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
-    total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
 
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sharding.logical_axis_rules()
-    model = build_unimedi(config, text.config, dtype)
+def build_trainer(
+    config, text: TextTower, mesh: jax.sharding.Mesh, total_steps: int, warmup_steps: int
+) -> Trainer:
+    """Model, optimizer, sharded initial state and the compiled step for one mesh."""
+    model = build_unimedi(config, text.config, compute_dtype(config.precision.compute_dtype))
     lr = learning_rate_schedule(
         config.train.learning_rate,
         config.train.init_learning_rate,
@@ -77,27 +74,42 @@ def train(config, workdir: str | Path) -> dict:
     def init_state(rng):
         init_rng, state_rng = jax.random.split(rng)
         variables = model.init(init_rng, *init_inputs(config))
+        # Boxed params: the optimizer state inherits their logical axes, hence their sharding.
         return init_train_state(variables["params"], tx, config.model.dino_out_dim, state_rng)
 
-    state, state_shardings = sharding.create_sharded(
-        init_state, jax.random.key(config.seed), mesh=mesh, rules=rules
+    state, shardings = sharding.create_sharded(
+        init_state, jax.random.key(config.seed), mesh=mesh, rules=sharding.logical_axis_rules()
     )
     if text.params is not None:
-        state = state.replace(
-            params={
-                **state.params,
-                "text": jax.device_put(text.params, state_shardings.params["text"]),
-            }
-        )
+        pretrained = jax.device_put(text.params, shardings.params["text"])
+        state = state.replace(params={**state.params, "text": pretrained})
     step_fn = make_train_step(
         model, tx, make_schedules(config, lr, total_steps, warmup_steps), config
     )
-    compiled_step = jax.jit(
+    compiled = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+    return Trainer(state, compiled)
+
+
+def train(config, workdir: str | Path) -> dict:
+    """Trains (or resumes) UniMedI in ``workdir``; returns the last logged metrics."""
+    workdir = Path(workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    text = prepare_text_tower(config, workdir)
+    data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
+    total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    trainer = build_trainer(config, text, mesh, total_steps, warmup_steps)
+    state = trainer.state
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
@@ -114,7 +126,7 @@ def train(config, workdir: str | Path) -> dict:
     try:
         for step in range(start + 1, total_steps + 1):
             batch = sharding.global_batch(next(data), mesh)
-            state, metrics = compiled_step(state, batch)
+            state, metrics = trainer.step(state, batch)
             if pending is not None:
                 check_finite(*pending, checkpointer)
             pending = (step, metrics)

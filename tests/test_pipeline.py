@@ -1,0 +1,260 @@
+"""data_pipelines.pipeline on tiny phantoms: batches, determinism, sharding, state, skips."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from array_record.python import array_record_module
+
+from configs.pretrain import get_config
+from data_pipelines import imaging, pipeline, prepare
+from unimedi_jax.models.text import train_wordpiece_tokenizer
+
+N_TRAIN, N_TEST = 40, 6
+STORED, CROP, VOLUME = 24, 16, (8, 16, 16)
+MAX_LENGTH = 96  # long enough that no report is truncated: tokens identify the report
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    prepare.ensure_prepared(
+        "phantoms",
+        path,
+        image_size=STORED,
+        volume_shape=VOLUME,
+        num_train=N_TRAIN,
+        num_validation=0,
+        num_test=N_TEST,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir, tmp_path_factory):
+    texts = pipeline.report_texts(_config(data_dir))
+    return train_wordpiece_tokenizer(texts, 300, tmp_path_factory.mktemp("tokenizer"))
+
+
+def _config(root, **data):
+    c = get_config("tiny")
+    c.model.image_size = (CROP, CROP)
+    c.model.volume_size = VOLUME
+    c.text.max_length = MAX_LENGTH
+    c.batch.size_2d, c.batch.size_3d = 8, 4
+    c.data.update({"data_dir": str(root), "worker_count": 0, **data})
+    return c
+
+
+def _take(stream, n):
+    batches = [next(stream) for _ in range(n)]
+    stream.close()
+    return batches
+
+
+def _records(data_dir, config, split="train"):
+    return pipeline.load_split(f"phantoms/{config}", data_dir, split)
+
+
+def _assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batch_keys_shapes_dtypes_ranges(data_dir, tokenizer):
+    stream = pipeline.TrainStream(_config(data_dir), tokenizer)
+    assert stream.steps_per_epoch == N_TRAIN // 8
+    (batch,) = _take(stream, 1)
+    expected = {
+        "image": ((8, CROP, CROP), np.float32),
+        "image_text_ids": ((8, MAX_LENGTH), np.int32),
+        "image_text_mask": ((8, MAX_LENGTH), np.int32),
+        "volume": ((4, *VOLUME), np.float32),
+        "volume_text_ids": ((4, MAX_LENGTH), np.int32),
+        "volume_text_mask": ((4, MAX_LENGTH), np.int32),
+    }
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    for key in ("image", "volume"):
+        assert batch[key].min() >= 0.0 and batch[key].max() <= 1.0 and batch[key].std() > 0
+    assert set(np.unique(batch["image_text_mask"])) == {0, 1}
+    assert stream.skipped == {}
+
+
+def test_single_modality_stream(data_dir, tokenizer):
+    stream = pipeline.TrainStream(_config(data_dir, sources_2d=""), tokenizer)
+    assert stream.steps_per_epoch == N_TRAIN // 4
+    (batch,) = _take(stream, 1)
+    assert set(batch) == {"volume", "volume_text_ids", "volume_text_mask"}
+
+
+def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
+    """Each 3D row is a windowed stored volume; each 2D row a crop of the stored image whose
+    report tokenises to the row's ids. One epoch uses every record once."""
+    config = _config(data_dir)
+    volumes, images = _records(data_dir, "ct"), _records(data_dir, "xray")
+    stored_volumes = [imaging.transform_3d(volumes[i]["volume"]) for i in range(N_TRAIN)]
+    encode = lambda r: pipeline.tokenize([r["report"].decode()], tokenizer, MAX_LENGTH, "x")
+    image_ids = [encode(images[i])["x_text_ids"][0] for i in range(N_TRAIN)]
+    seen_volumes, seen_images = [], []
+    for batch in _take(pipeline.TrainStream(config, tokenizer), N_TRAIN // 8):
+        for row, ids in enumerate(batch["volume_text_ids"]):
+            (match,) = [
+                i for i, v in enumerate(stored_volumes) if np.array_equal(v, batch["volume"][row])
+            ]
+            np.testing.assert_array_equal(ids, encode(volumes[match])["x_text_ids"][0])
+            seen_volumes.append(match)
+        for row, ids in enumerate(batch["image_text_ids"]):
+            (match,) = [i for i, want in enumerate(image_ids) if np.array_equal(want, ids)]
+            stored = images[match]["image"].astype(np.float32) / 255.0
+            windows = np.lib.stride_tricks.sliding_window_view(stored, (CROP, CROP))
+            assert (np.abs(windows - batch["image"][row]).max(axis=(2, 3)) < 1e-6).any()
+            seen_images.append(match)
+    assert sorted(seen_images) == list(range(N_TRAIN))
+    assert len(set(seen_volumes)) == len(seen_volumes) == N_TRAIN // 2
+
+
+def test_new_order_each_epoch(data_dir, tokenizer):
+    config = _config(data_dir, sources_3d="")
+    spe = N_TRAIN // 8
+    batches = _take(pipeline.TrainStream(config, tokenizer), 2 * spe)
+    epochs = [
+        np.concatenate([b["image_text_ids"] for b in batches[e * spe : (e + 1) * spe]])
+        for e in (0, 1)
+    ]
+    key = lambda ids: sorted(map(bytes, ids))
+    assert key(epochs[0]) == key(epochs[1])  # the same records ...
+    assert not np.array_equal(epochs[0], epochs[1])  # ... in another order
+
+
+def test_seed_changes_the_order(data_dir, tokenizer):
+    a = _take(pipeline.TrainStream(_config(data_dir), tokenizer), 1)[0]
+    config = _config(data_dir)
+    config.seed = 1
+    b = _take(pipeline.TrainStream(config, tokenizer), 1)[0]
+    assert not np.array_equal(a["volume"], b["volume"])
+
+
+def test_same_batches_with_worker_processes(data_dir, tokenizer):
+    in_process = _take(pipeline.TrainStream(_config(data_dir), tokenizer), 3)
+    workers = _take(pipeline.TrainStream(_config(data_dir, worker_count=2), tokenizer), 3)
+    for a, b in zip(in_process, workers, strict=True):
+        _assert_batches_equal(a, b)
+        assert type(b["image"]) is np.ndarray
+
+
+def test_global_batch_does_not_depend_on_process_count(data_dir, tokenizer):
+    config = _config(data_dir)
+    whole = _take(pipeline.TrainStream(config, tokenizer), 6)
+    parts = [_take(pipeline.TrainStream(config, tokenizer, p, 2), 6) for p in (0, 1)]
+    for step, batch in enumerate(whole):
+        joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in batch}
+        _assert_batches_equal(batch, joined)
+        assert parts[0][step]["image"].shape[0] == 4 and parts[0][step]["volume"].shape[0] == 2
+
+
+def test_state_round_trip(data_dir, tokenizer):
+    config = _config(data_dir)
+    stream = pipeline.TrainStream(config, tokenizer)
+    _take(stream, 3)
+    state = json.loads(json.dumps(stream.get_state()))
+    expected = [next(stream) for _ in range(3)]
+    stream.close()
+    resumed = pipeline.TrainStream(config, tokenizer)
+    resumed.set_state(state)
+    for a, b in zip(expected, _take(resumed, 3), strict=True):
+        _assert_batches_equal(a, b)
+    assert resumed.get_state()["step"] == 6
+
+
+def test_corrupt_record_is_replaced_and_counted(data_dir, tokenizer, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    shard = copy / "phantoms/xray/1.0.0/phantoms-train.array_record-00000-of-00001"
+    reader = array_record_module.ArrayRecordReader(str(shard))
+    records = reader.read_all()
+    reader.close()
+    writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
+    for i, record in enumerate(records):
+        writer.write(b"\x0a\xff damaged" if i == 5 else record)
+    writer.close()
+    stream = pipeline.TrainStream(_config(copy, sources_3d=""), tokenizer)
+    batches = _take(stream, N_TRAIN // 8)  # one epoch: every record is drawn once
+    assert all(b["image"].shape == (8, CROP, CROP) for b in batches)
+    assert stream.skipped == {f"phantoms/xray: {pipeline.UNDECODABLE}": 1}
+    assert stream.get_state()["skipped"] == dict(stream.skipped)
+
+
+def test_mixed_sources(data_dir, tokenizer):
+    config = _config(data_dir, sources_2d="phantoms:3, phantoms/xray:1", sources_3d="")
+    stream = pipeline.TrainStream(config, tokenizer)
+    assert stream.steps_per_epoch == 2 * N_TRAIN // 8
+    a = _take(stream, 2)
+    b = _take(pipeline.TrainStream(config, tokenizer), 2)
+    for x, y in zip(a, b, strict=True):
+        _assert_batches_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"volume_size": (8, 32, 32)}, r"config.model.volume_size=\(8, 32, 32\)"),
+        ({"image_size": (32, 32)}, r"config.model.image_size=\(32, 32\) is larger"),
+        ({"image_size": (16, 8)}, "square"),
+    ],
+)
+def test_size_mismatch_is_reported(data_dir, tokenizer, change, message):
+    config = _config(data_dir)
+    config.model.update(change)
+    with pytest.raises(pipeline.DataConfigError, match=message):
+        pipeline.TrainStream(config, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("data", "batch", "process_count", "message"),
+    [
+        ({"data_dir": ""}, {}, 1, "config.data.data_dir is empty"),
+        ({"sources_2d": "mimic"}, {}, 1, "valid names"),
+        ({"sources_2d": "phantoms/ct"}, {}, 1, "holds no 2d data"),
+        ({"sources_3d": "phantoms/xray:0"}, {}, 1, "positive weight"),
+        ({}, {"size_2d": 8}, 3, "divisible"),
+        ({}, {"size_3d": 64}, 1, "fewer than one global batch"),
+        ({"sources_2d": "", "sources_3d": ""}, {}, 1, "both empty"),
+    ],
+)
+def test_config_errors(data_dir, tokenizer, data, batch, process_count, message):
+    config = _config(data_dir, **data)
+    config.batch.update(batch)
+    with pytest.raises(ValueError, match=message):
+        pipeline.TrainStream(config, tokenizer, 0, process_count)
+
+
+def test_missing_dataset_says_how_to_prepare(tmp_path, tokenizer):
+    with pytest.raises(
+        pipeline.DataConfigError, match=r"python -m data_pipelines\.prepare phantoms"
+    ):
+        pipeline.TrainStream(_config(tmp_path), tokenizer)
+
+
+def test_report_texts(data_dir):
+    texts = pipeline.report_texts(_config(data_dir))
+    xrays = _records(data_dir, "xray")
+    assert len(texts) == 2 * N_TRAIN and texts[0] == xrays[0]["report"].decode()
+    assert len(pipeline.report_texts(_config(data_dir), limit=5)) == 10
+
+
+def test_eval_batches_in_order_centre_cropped(data_dir):
+    config = _config(data_dir)
+    batches = list(pipeline.eval_batches(config, "phantoms", "2d", "test", batch_size=4))
+    assert [len(b["id"]) for b in batches] == [4, 2]
+    records = _records(data_dir, "xray", "test")
+    margin = (STORED - CROP) // 2
+    for i, image in enumerate(np.concatenate([b["image"] for b in batches])):
+        stored = records[i]["image"][margin : margin + CROP, margin : margin + CROP]
+        np.testing.assert_allclose(image, stored / 255.0, atol=1e-6)
+    (volumes,) = list(pipeline.eval_batches(config, "phantoms", "3d", "test", batch_size=8))
+    assert volumes["volume"].shape == (N_TEST, *VOLUME)
+    assert volumes["lesion_slices"].shape == (N_TEST, VOLUME[0])
+    assert volumes["labels"].shape == (N_TEST, 6) and len(volumes["report"]) == N_TEST
+    assert volumes["id"][0] == "ct-test-000000"

@@ -1,0 +1,50 @@
+"""Building blocks shared by the vision and text towers: scanned layers, remat, inits."""
+
+from __future__ import annotations
+
+import jax
+from flax import linen as nn
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+    """Maps a config name to a jax.checkpoint policy (None means save nothing: full remat)."""
+    if name == "full":
+        return None
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {name!r}")
+
+
+def scanned(block_cls: type[nn.Module], depth: int, remat: str) -> type[nn.Module]:
+    """Wraps a block (carry, *broadcast) -> (carry, per_layer_out) in nn.scan over ``depth``.
+
+    Scanning keeps compile time flat in depth; the layer axis of every parameter is named
+    'layers' so sharding rules can leave it unsharded.
+    """
+    if remat != "none":
+        block_cls = nn.remat(block_cls, prevent_cse=False, policy=remat_policy(remat))
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def dense_init(names: tuple[str | None, ...]):
+    """Xavier-uniform kernel init carrying logical axis names (ViT/BERT style)."""
+    return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names)
+
+
+def zeros_init(names: tuple[str | None, ...]):
+    """Zeros init carrying logical axis names (biases)."""
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones_init(names: tuple[str | None, ...]):
+    """Ones init carrying logical axis names (norm scales)."""
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
