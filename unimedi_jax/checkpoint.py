@@ -51,6 +51,13 @@ class Checkpointer:
         )
         return restored["state"], restored["data"]
 
+    def restore_raw(self, step: int) -> dict:
+        """The saved train state as a plain tree of host arrays (for inference and export)."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        return restored["state"]
+
     def wait(self) -> None:
         """Blocks until pending saves are committed."""
         self._manager.wait_until_finished()

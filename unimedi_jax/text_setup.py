@@ -18,6 +18,7 @@ from unimedi_jax.models.text import (
     BertConfig,
     load_hf_bert,
     load_tokenizer,
+    read_bert_config,
     train_wordpiece_tokenizer,
 )
 
@@ -31,7 +32,8 @@ class TextTower(NamedTuple):
 
 
 def prepare_text_tower(config, workdir: Path) -> TextTower:
-    """Loads ``text.path`` or builds (once per workdir) a from-scratch tokenizer and config."""
+    """The text tower for training: pretrained weights from ``text.path``, or a from-scratch
+    tower whose vocabulary is built from the training reports on first use."""
     text_cfg = config.text
     if text_cfg.path:
         module, params = load_hf_bert(text_cfg.path)
@@ -43,8 +45,17 @@ def prepare_text_tower(config, workdir: Path) -> TextTower:
         train_wordpiece_tokenizer(
             report_texts(config), text_cfg.vocab_size or SCRATCH_VOCAB_SIZE, target
         )
-        tokenizer_dir = target
-    tokenizer = load_tokenizer(tokenizer_dir)
+        return load_text_tower(config, workdir, tokenizer_dir=target)
+    return load_text_tower(config, workdir)
+
+
+def load_text_tower(config, workdir: Path, tokenizer_dir: Path | None = None) -> TextTower:
+    """Config and tokenizer of a run's text tower, without weights (they come from a checkpoint
+    or, in training, from ``prepare_text_tower``)."""
+    text_cfg = config.text
+    if text_cfg.path:
+        return TextTower(read_bert_config(Path(text_cfg.path)), load_tokenizer(text_cfg.path), None)
+    tokenizer = load_tokenizer(tokenizer_dir or Path(workdir) / "tokenizer")
     bert = BertConfig.from_scratch(
         vocab_size=len(tokenizer),
         hidden_size=text_cfg.hidden_size,

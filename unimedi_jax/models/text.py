@@ -285,7 +285,8 @@ _FILE_LEAVES = {
 }
 
 
-def _read_config(directory: Path) -> BertConfig:
+def read_bert_config(directory: Path) -> BertConfig:
+    """The BertConfig of a local Hugging Face directory (its config.json), checked for BERT."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise TextModelError(
@@ -438,7 +439,7 @@ def load_hf_bert(
             f"text model directory {directory} does not exist; point the text checkpoint config "
             "at a local Hugging Face BERT directory"
         )
-    config = _read_config(directory)
+    config = read_bert_config(directory)
     weights_file, tensors, flax_layout = _read_weights(directory)
     params = _params_from_tensors(config, tensors, flax_layout, weights_file)
     return BertEncoder(config, dtype=dtype, remat=remat), params
