@@ -115,7 +115,7 @@ def demo_config() -> ml_collections.ConfigDict:
         num_heads=4,
         mlp_dim=256,
         patch_2d=(8, 8),
-        patch_3d=(2, 8, 8),
+        patch_3d=(2, 16, 16),
         image_size=(64, 64),
         volume_size=(16, 64, 64),
         embed_dim=128,
@@ -124,8 +124,9 @@ def demo_config() -> ml_collections.ConfigDict:
         dino_out_dim=512,
     )
     c.text.update(
-        path="", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, max_length=64
+        path="", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, max_length=80
     )
+    c.selection.k = 2
     c.data.update(data_dir="", sources_2d="phantoms", sources_3d="phantoms", worker_count=0)
     c.batch.update(size_2d=32, size_3d=16)
     c.train.update(learning_rate=3e-4, warmup_steps=30, weight_decay=0.05)

@@ -48,8 +48,17 @@ def maybe_initialize_distributed() -> None:
     )
 
 
+def quiet_library_logs() -> None:
+    """INFO from this project only; libraries (orbax, TFDS, grain) speak at WARNING and up."""
+    own = ("/unimedi_jax/", "/data_pipelines/")
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= logging.WARNING or any(p in record.pathname for p in own)
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
+    quiet_library_logs()
     from unimedi_jax.train.loop import train  # after flags: keeps --help fast
 
     maybe_initialize_distributed()

@@ -1,1 +1,110 @@
-"""TFDS builders that write ArrayRecord files."""
+"""TFDS builders that write ArrayRecord files, and the registry that names them.
+
+A dataset name (`phantoms`, later `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`) maps to a builder
+module and to the builder config that holds each modality, so `config.data.sources_2d =
+"phantoms"` reads `phantoms/xray` and `sources_3d = "phantoms"` reads `phantoms/ct`. A new
+dataset slots in with one `DatasetSpec` entry and a module that defines `VERSION`, `OPTIONS` and
+`make_builder(config_name, data_dir, **options)`.
+
+Prepared data lives at `<data_dir>/<name>/<config>/<VERSION>/`: the ArrayRecord shards,
+TFDS's `dataset_info.json` / `features.json` (array shapes) and `metadata.json` (`options`: the
+sizes it was built with; `skipped`: inputs dropped per split and reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset `prepare` can build and the pipeline can read."""
+
+    name: str
+    module: str  # defines VERSION, OPTIONS and make_builder(config_name, data_dir, **options)
+    modalities: Mapping[str, str]  # "2d" / "3d" -> the builder config holding that modality
+    description: str
+    needs_manual_dir: bool = False
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        return tuple(self.modalities.values())
+
+    def load(self) -> ModuleType:
+        """The builder module (imported on demand: real-data builders pull in heavy readers)."""
+        return importlib.import_module(self.module)
+
+
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="phantoms",
+            module="data_pipelines.builders.phantoms",
+            modalities={"2d": "xray", "3d": "ct"},
+            description="synthetic chest X-rays and CT volumes with reports (no download)",
+        ),
+    )
+}
+
+
+class UnknownDatasetError(ValueError):
+    """A dataset name that is not in the registry."""
+
+
+def valid_names() -> list[str]:
+    """Every accepted name: `NAME` (all its configs) and `NAME/CONFIG`."""
+    names = []
+    for spec in REGISTRY.values():
+        names += [spec.name, *(f"{spec.name}/{c}" for c in spec.configs)]
+    return names
+
+
+def parse_name(name: str) -> tuple[DatasetSpec, tuple[str, ...]]:
+    """`phantoms` -> (spec, all configs); `phantoms/ct` -> (spec, ('ct',))."""
+    base, _, config = name.strip().partition("/")
+    spec = REGISTRY.get(base)
+    if spec is None or (config and config not in spec.configs):
+        raise UnknownDatasetError(f"unknown dataset {name!r}; valid names: {valid_names()}")
+    return spec, (config,) if config else spec.configs
+
+
+def resolve(name: str, modality: str | None = None) -> tuple[DatasetSpec, str, str]:
+    """(spec, config, modality) of a `sources_2d` / `sources_3d` entry or an eval name.
+
+    `modality` may be left out when the name says it: `phantoms/ct`, or a one-modality dataset.
+    """
+    spec, configs = parse_name(name)
+    by_config = {c: m for m, c in spec.modalities.items()}
+    if modality is None and len(configs) == 1:
+        modality = by_config[configs[0]]
+    config = spec.modalities.get(modality) if modality else None
+    if config is None or ("/" in name and configs != (config,)):
+        have = ", ".join(f"{m}: {spec.name}/{c}" for m, c in spec.modalities.items())
+        wanted = f"no {modality} data" if modality else "several modalities: say which"
+        raise ValueError(f"dataset {name!r} holds {wanted} ({have})")
+    return spec, config, modality
+
+
+def prepared_dir(data_dir: str | Path, spec: DatasetSpec, config: str) -> Path:
+    """Where `config` of `spec` is (or would be) prepared under `data_dir`."""
+    return Path(data_dir) / spec.name / config / spec.load().VERSION
+
+
+def is_prepared(path: Path) -> bool:
+    """True once TFDS has finished writing `path` (it writes into a temporary dir, then renames)."""
+    return (path / "dataset_info.json").is_file()
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """`metadata.json` of a prepared dataset: {'options': {...}, 'skipped': {...}, ...}."""
+    file = path / "metadata.json"
+    if not file.is_file():
+        return {}
+    return json.loads(file.read_text())

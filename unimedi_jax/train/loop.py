@@ -16,8 +16,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from absl import logging
-from data_pipelines.pipeline import TrainStream
+from jax.experimental import multihost_utils
 
+from data_pipelines.pipeline import TrainStream
+from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import sharding
 from unimedi_jax.checkpoint import Checkpointer, abstract_like
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
@@ -95,14 +97,35 @@ def build_trainer(
     return Trainer(state, compiled)
 
 
+def prepare_demo_data(config, workdir: Path) -> None:
+    """The demo's data: with ``data.data_dir`` empty, phantoms are built into workdir/data.
+
+    Process 0 builds; the others wait at a barrier, so no two processes write the same files.
+    """
+    if config.data.data_dir:
+        return
+    config.data.data_dir = str(workdir / "data")
+    if jax.process_index() == 0:
+        for summary in ensure_prepared(
+            "phantoms",
+            config.data.data_dir,
+            image_size=config.model.image_size[0],
+            volume_shape=tuple(config.model.volume_size),
+        ):
+            logging.info("%s", summary.format())
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("demo data prepared")
+
+
 def train(config, workdir: str | Path) -> dict:
     """Trains (or resumes) UniMedI in ``workdir``; returns the last logged metrics."""
     workdir = Path(workdir)
     is_chief = jax.process_index() == 0
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
+    prepare_demo_data(config, workdir)
+    if is_chief:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
     text = prepare_text_tower(config, workdir)
     data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
     total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
@@ -142,6 +165,7 @@ def train(config, workdir: str | Path) -> dict:
     finally:
         checkpointer.close()
         writer.close()
+        data.close()
     logging.info("Finished %d steps in %s", total_steps, format_duration(progress.elapsed()))
     return progress.last
 

@@ -1,0 +1,534 @@
+"""Grain input pipeline: prepared ArrayRecord datasets -> tokenised batches, per process.
+
+Everything a batch holds is a pure function of (seed, step), so the pipeline is deterministic
+whatever the number of workers or processes, and its state is just the next step:
+
+  record stream   source k, position j -> epoch j // L_k, record shuffle_{seed,k,epoch}(j % L_k),
+                  where L_k drops the last N_k % G records of each epoch (G = global batch);
+                  several sources of a modality are interleaved by weight (grain's mix)
+  global batch    step s = stream positions [s G, (s + 1) G)
+  process slice   process p of P loads rows [p G / P, (p + 1) G / P) of it
+  transform       decode, crop (2D, random, seeded by (seed, source, epoch, record)) or
+                  HU window (3D), tokenise the reports
+  stream          the 2D and 3D step datasets zipped, prefetched by `worker_count` processes
+
+A record that fails to decode, has the wrong shape or an empty report is replaced by another
+record of the same source chosen by a seeded draw, and counted in `TrainStream.skipped`.
+
+Imports no jax itself; grain does (for its profiler) when jax is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from data_pipelines import builders, imaging
+
+# Why a record was replaced; TrainStream.skipped counts "<source>: <reason>".
+UNDECODABLE = "undecodable record"
+BAD_ARRAY = "unexpected array shape or dtype"
+EMPTY_REPORT = "empty report"
+
+MAX_ATTEMPTS = 32  # replacement draws before a source is declared unreadable
+_STEPS = 2**40  # length of the (practically infinite) step datasets
+_ROWS = 2**50
+_ARRAY_KEY = {"2d": "image", "3d": "volume"}
+_MODALITY_ID = {"2d": 0, "3d": 1}
+
+
+class DataConfigError(ValueError):
+    """The data part of a config does not match what is prepared on disk."""
+
+
+# ------------------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One prepared split of one dataset config, as the pipeline reads it."""
+
+    name: str  # NAME/CONFIG
+    path: Path
+    split: str
+    size: int
+    array_shape: tuple[int, ...]
+    array_dtype: np.dtype
+    weight: float = 1.0
+
+    def open(self) -> Sequence[dict]:
+        """TFDS's random-access reader of the split: index -> decoded numpy dict."""
+        return tfds.builder_from_directory(self.path).as_data_source(self.split)
+
+
+def parse_sources(text: str) -> list[tuple[str, float]]:
+    """'a:2, b' -> [('a', 2.0), ('b', 1.0)]; '' -> []."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, weight = item.partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise DataConfigError(f"bad weight in data source {item!r}: use NAME:WEIGHT") from None
+        if value <= 0:
+            raise DataConfigError(f"data source {item!r} needs a positive weight")
+        out.append((name.strip(), value))
+    return out
+
+
+def open_source(
+    name: str,
+    data_dir: str | Path,
+    modality: str | None = None,
+    split: str = "train",
+    weight: float = 1.0,
+) -> Source:
+    """Find the prepared split that a `sources_2d` / `sources_3d` entry names."""
+    spec, config, modality = builders.resolve(name, modality)
+    path = builders.prepared_dir(data_dir, spec, config)
+    if not builders.is_prepared(path):
+        raise DataConfigError(
+            f"{spec.name}/{config} is not prepared in {data_dir} (config.data.data_dir): run "
+            f"python -m data_pipelines.prepare {spec.name} --data_dir={data_dir}"
+        )
+    info = tfds.builder_from_directory(path).info
+    if split not in info.splits:
+        raise DataConfigError(f"{path} has no split {split!r}; it has {list(info.splits)}")
+    feature = info.features[_ARRAY_KEY[modality]]
+    return Source(
+        name=f"{spec.name}/{config}",
+        path=path,
+        split=split,
+        size=info.splits[split].num_examples,
+        array_shape=tuple(feature.shape),
+        array_dtype=np.dtype(feature.np_dtype),
+        weight=weight,
+    )
+
+
+def load_split(
+    name: str, data_dir: str | Path, split: str, modality: str | None = None
+) -> Sequence[dict]:
+    """Random-access reader of a prepared split (decoded numpy dicts), for evaluation.
+
+    `name` is NAME/CONFIG (`phantoms/ct`), or NAME with `modality` ('2d' / '3d').
+    """
+    return open_source(name, data_dir, modality, split).open()
+
+
+# ----------------------------------------------------------------------------- transformations
+
+
+def _epoch_seed(*key: int) -> int:
+    """A 32-bit seed for grain's index shuffle, derived from the whole key."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShuffledEpochs:
+    """Stream position j of one source -> (source, epoch, record index); a new order each epoch."""
+
+    source: int
+    size: int  # records in the split
+    epoch_length: int  # records used per epoch
+    key: tuple[int, ...]  # (seed, modality)
+
+    def __call__(self, j: int) -> tuple[int, int, int]:
+        epoch, pos = divmod(int(j), self.epoch_length)
+        seed = _epoch_seed(*self.key, self.source, epoch)
+        index = grain.experimental.index_shuffle(pos, self.size - 1, seed, 4)
+        return self.source, epoch, int(index)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProcessRows:
+    """A global batch of record references -> the rows this process loads."""
+
+    process_index: int
+    local_batch: int
+
+    def __call__(self, refs: list) -> list:
+        start = self.process_index * self.local_batch
+        return refs[start : start + self.local_batch]
+
+
+class _RecordLoader:
+    """Reads, checks and transforms records; replaces unusable ones by seeded redraws."""
+
+    def __init__(
+        self, modality: str, sources: Sequence[Source], seed: int, crop: int, window: tuple
+    ):
+        self.modality = modality
+        self.sources = tuple(sources)
+        self.seed = seed
+        self.crop = crop
+        self.window = window
+        self._opened: list | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_opened": None}  # readers are reopened in each worker
+
+    def _reader(self, k: int):
+        if self._opened is None:
+            self._opened = [s.open() for s in self.sources]
+        return self._opened[k]
+
+    def __call__(self, ref: tuple[int, int, int]) -> tuple[np.ndarray, str, list[str]]:
+        """(array, report, skip labels) of the record `ref` or of its replacement."""
+        k, epoch, index = ref
+        source = self.sources[k]
+        skipped = []
+        for attempt in range(MAX_ATTEMPTS):
+            array, report, reason = self._read(k, index)
+            if reason is None:
+                rng = np.random.default_rng(
+                    [self.seed, _MODALITY_ID[self.modality], k, epoch, index]
+                )
+                return self._transform(array, rng), report, skipped
+            skipped.append(f"{source.name}: {reason}")
+            redraw = np.random.default_rng(
+                [self.seed, _MODALITY_ID[self.modality], k, epoch, index, attempt, 1]
+            )
+            index = int(redraw.integers(source.size))
+        raise RuntimeError(
+            f"{MAX_ATTEMPTS} records in a row of {source.path} (split {source.split}) were "
+            f"unusable ({', '.join(sorted(set(skipped)))}): rebuild it with "
+            "python -m data_pipelines.prepare"
+        )
+
+    def _read(self, k: int, index: int) -> tuple[Any, str, str | None]:
+        """(array, report, None) of a usable record, else (None, '', skip reason)."""
+        source = self.sources[k]
+        try:
+            record = self._reader(k)[index]
+        except Exception:  # any parse error of a damaged record: skip it, never crash
+            return None, "", UNDECODABLE
+        array = record.get(_ARRAY_KEY[self.modality])
+        if (
+            not isinstance(array, np.ndarray)
+            or array.shape != source.array_shape
+            or array.dtype != source.array_dtype
+        ):
+            return None, "", BAD_ARRAY
+        report = record.get("report", b"")
+        report = report.decode("utf-8", "replace") if isinstance(report, bytes) else str(report)
+        if not report.strip():
+            return None, "", EMPTY_REPORT
+        return array, report, None
+
+    def _transform(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.modality == "2d":
+            return imaging.train_transform_2d(array, rng, self.crop)
+        return imaging.transform_3d(array, window=self.window)
+
+
+@dataclasses.dataclass
+class _LoadBatch:
+    """Record references of this process -> {image|volume, *_text_ids, *_text_mask, skipped}."""
+
+    loader: _RecordLoader
+    tokenizer: Any
+    max_length: int
+
+    def __call__(self, refs: list) -> dict:
+        rows = [self.loader(ref) for ref in refs]
+        prefix = _ARRAY_KEY[self.loader.modality]
+        return {
+            prefix: np.stack([array for array, _, _ in rows]),
+            **tokenize([report for _, report, _ in rows], self.tokenizer, self.max_length, prefix),
+            "skipped": dict(Counter(label for _, _, labels in rows for label in labels)),
+        }
+
+
+def tokenize(reports: Sequence[str], tokenizer, max_length: int, prefix: str) -> dict:
+    """Padded, truncated token ids and attention mask as int32 `<prefix>_text_{ids,mask}`."""
+    encoded = tokenizer(
+        list(reports),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="np",
+    )
+    return {
+        f"{prefix}_text_ids": encoded["input_ids"].astype(np.int32),
+        f"{prefix}_text_mask": encoded["attention_mask"].astype(np.int32),
+    }
+
+
+def _merge_steps(parts: dict | tuple[dict, ...]) -> dict:
+    """Zip the per-modality batches of one step into one dict; skip counts are added up."""
+    if isinstance(parts, dict):
+        parts = (parts,)
+    merged: dict = {}
+    skipped: Counter[str] = Counter()
+    for part in parts:
+        skipped.update(part["skipped"])
+        merged.update({k: v for k, v in part.items() if k != "skipped"})
+    merged["skipped"] = dict(skipped)
+    return merged
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModalityPlan:
+    modality: str
+    sources: tuple[Source, ...]
+    global_batch: int
+    local_batch: int
+
+    @property
+    def epoch_lengths(self) -> list[int]:
+        return [s.size - s.size % self.global_batch for s in self.sources]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.epoch_lengths) // self.global_batch
+
+
+def _data_dir(config) -> str:
+    data_dir = config.data.data_dir
+    if not data_dir:
+        raise DataConfigError(
+            "config.data.data_dir is empty: set it to the directory given to "
+            "python -m data_pipelines.prepare (the demo sets it to <workdir>/data)"
+        )
+    return data_dir
+
+
+def _crop_size(config) -> int:
+    height, width = (int(n) for n in config.model.image_size)
+    if height != width:
+        raise DataConfigError(
+            f"config.model.image_size={tuple(config.model.image_size)}: X-ray crops are square"
+        )
+    return height
+
+
+def _check_sizes(config, modality: str, sources: Sequence[Source]) -> None:
+    """The stored arrays must fit the model: 2D at least the crop, 3D exactly the volume size."""
+    for source in sources:
+        if modality == "2d":
+            crop = _crop_size(config)
+            if min(source.array_shape) < crop:
+                raise DataConfigError(
+                    f"config.model.image_size={tuple(config.model.image_size)} is larger than "
+                    f"the stored X-rays of {source.name} ({source.array_shape} in "
+                    f"{source.path}): prepare it with --image_size>={crop} in another data_dir, "
+                    "or lower config.model.image_size"
+                )
+        elif source.array_shape != tuple(config.model.volume_size):
+            raise DataConfigError(
+                f"config.model.volume_size={tuple(config.model.volume_size)} but {source.name} "
+                f"in {source.path} stores volumes of {source.array_shape}: prepare it with "
+                f"--volume_shape={','.join(map(str, config.model.volume_size))} in another "
+                "data_dir, or set config.model.volume_size to match"
+            )
+
+
+def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
+    entries = parse_sources(config.data[f"sources_{modality}"])
+    if not entries:
+        return None
+    field = f"config.batch.size_{modality}"
+    global_batch = int(config.batch[f"size_{modality}"])
+    if global_batch <= 0 or global_batch % process_count:
+        raise DataConfigError(
+            f"{field}={global_batch} must be positive and divisible by the {process_count} "
+            f"processes (config.data.sources_{modality} is set)"
+        )
+    data_dir = _data_dir(config)
+    sources = tuple(
+        open_source(name, data_dir, modality, "train", weight) for name, weight in entries
+    )
+    for source in sources:
+        if source.size < global_batch:
+            raise DataConfigError(
+                f"{source.name} has {source.size} training records in {source.path}, fewer "
+                f"than one global batch ({field}={global_batch})"
+            )
+    _check_sizes(config, modality, sources)
+    return _ModalityPlan(modality, sources, global_batch, global_batch // process_count)
+
+
+def _step_dataset(plan: _ModalityPlan, config, tokenizer, process_index: int) -> grain.MapDataset:
+    """Step s -> this process's slice of global batch s of one modality."""
+    key = (int(config.seed), _MODALITY_ID[plan.modality])
+    streams = [
+        grain.MapDataset.range(_ROWS).map(_ShuffledEpochs(k, s.size, length, key))
+        for k, (s, length) in enumerate(zip(plan.sources, plan.epoch_lengths, strict=True))
+    ]
+    if len(streams) == 1:
+        refs = streams[0]
+    else:
+        refs = grain.MapDataset.mix(streams, [s.weight for s in plan.sources])
+    loader = _RecordLoader(
+        plan.modality,
+        plan.sources,
+        int(config.seed),
+        _crop_size(config),
+        tuple(float(v) for v in config.data.hu_window),
+    )
+    return (
+        refs.batch(plan.global_batch, drop_remainder=True, batch_fn=list)
+        .map(_ProcessRows(process_index, plan.local_batch))
+        .map(_LoadBatch(loader, tokenizer, int(config.text.max_length)))
+        .slice(slice(0, _STEPS))
+    )
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app, use their defaults."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1], known_only=True)
+
+
+class TrainStream:
+    """Infinite training batches of this process: its slice of each global batch.
+
+    Reads config.seed, config.data.{data_dir, sources_2d, sources_3d, worker_count, hu_window},
+    config.batch.size_{2d,3d} (global), config.model.{image_size, volume_size} and
+    config.text.max_length. `steps_per_epoch` counts the batches of one pass over the 2D
+    training records (3D without a 2D source). `skipped` counts replaced records as
+    {"<source>: <reason>": n}. `get_state()` is the next step (plus the counts); restoring it on
+    a fresh stream, with any number of workers or processes, continues with the very batches
+    the saved stream would have produced.
+    """
+
+    def __init__(self, config, tokenizer, process_index: int = 0, process_count: int = 1):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        plans = [_plan(config, m, process_count) for m in ("2d", "3d")]
+        plans = [p for p in plans if p is not None]
+        if not plans:
+            raise DataConfigError(
+                "config.data.sources_2d and config.data.sources_3d are both empty"
+            )
+        self.steps_per_epoch = plans[0].steps_per_epoch
+        parts = [_step_dataset(p, config, tokenizer, process_index) for p in plans]
+        self._steps = (
+            parts[0] if len(parts) == 1 else grain.experimental.ZipMapDataset(parts)
+        ).map(_merge_steps)
+        self._workers = int(config.data.worker_count)
+        self._step = 0
+        self._iterator: Iterator | None = None
+        self.skipped: Counter[str] = Counter()
+
+    def _start(self) -> Iterator:
+        threads = 2 if self._workers == 0 else 1
+        ds = self._steps.slice(slice(self._step, None)).to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2)
+        )
+        if self._workers > 0:
+            _ensure_absl_flags_parsed()
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=2)
+            )
+        return iter(ds)
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = dict(next(self._iterator))
+        self.skipped.update(batch.pop("skipped"))
+        if self._workers > 0:
+            # Own the arrays: grain's shared-memory blocks are then freed at once, not when
+            # the caller drops the batch (perhaps only at interpreter exit).
+            batch = {k: np.array(v) for k, v in batch.items()}
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self._step, "skipped": dict(self.skipped)}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self._step = int(state["step"])
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def close(self) -> None:
+        """Stop the worker processes (also done when the stream is garbage collected)."""
+        if self._iterator is not None:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                close()
+            self._iterator = None
+
+
+def report_texts(config, limit: int | None = None) -> list[str]:
+    """Training reports of every configured source (at most `limit` each, spread over the
+    split), e.g. to build a from-scratch WordPiece vocabulary."""
+    data_dir = _data_dir(config)
+    texts = []
+    for modality in ("2d", "3d"):
+        for name, _ in parse_sources(config.data[f"sources_{modality}"]):
+            source = open_source(name, data_dir, modality)
+            skip = {_ARRAY_KEY[modality]: tfds.decode.SkipDecoding()}
+            reader = tfds.builder_from_directory(source.path).as_data_source(
+                source.split, decoders=skip
+            )
+            count = source.size if limit is None else min(limit, source.size)
+            for index in np.linspace(0, source.size - 1, count).round().astype(int):
+                texts.append(reader[int(index)]["report"].decode("utf-8"))
+    return texts
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalTransform:
+    modality: str
+    crop: int
+    window: tuple[float, float]
+
+    def __call__(self, record: dict) -> dict:
+        out = {k: v for k, v in record.items() if k in ("labels", "lesion_slices")}
+        out["report"] = record["report"].decode("utf-8")
+        out["id"] = record["id"].decode("utf-8") if "id" in record else ""
+        if self.modality == "2d":
+            out["image"] = imaging.eval_transform_2d(record["image"], self.crop)
+        else:
+            out["volume"] = imaging.transform_3d(record["volume"], window=self.window)
+        return out
+
+
+def _collate_eval(rows: Sequence[dict]) -> dict:
+    return {
+        k: (
+            np.stack([r[k] for r in rows])
+            if isinstance(rows[0][k], np.ndarray)
+            else [r[k] for r in rows]
+        )
+        for k in rows[0]
+    }
+
+
+def eval_batches(
+    config, name: str, modality: str, split: str = "test", batch_size: int = 64
+) -> Iterator[dict]:
+    """Every record of a split in order, centre-cropped (2D) or windowed (3D), no shuffling.
+
+    Yields {'image' | 'volume': float32 [b, ...], 'labels': [b, F], 'lesion_slices': bool
+    [b, D] (3D), 'report', 'id': lists of str}; the last batch holds the remainder.
+    """
+    source = open_source(name, _data_dir(config), modality, split)
+    _check_sizes(config, modality, [source])
+    transform = _EvalTransform(
+        modality, _crop_size(config), tuple(float(v) for v in config.data.hu_window)
+    )
+    ds = grain.MapDataset.source(source.open()).map(transform)
+    return iter(ds.batch(batch_size, batch_fn=_collate_eval))
