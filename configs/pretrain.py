@@ -19,7 +19,10 @@ def paper_config() -> ml_collections.ConfigDict:
     c.total_steps = -1  # -1: derived from train.epochs and the 2D training set size
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
-    c.eval_every_steps = 0  # 0: no in-loop evaluation
+    c.eval_every_steps = 0  # 0: no in-loop evaluation; >0: also at the last step
+    c.evals = ("retrieval",)  # retrieval | zero_shot | cross_modal | slice_hit_rate
+    c.eval_split = "validation"
+    c.eval_limit = 500  # records per modality
     c.keep_checkpoints = 3
 
     c.model = ml_collections.ConfigDict()
@@ -109,6 +112,10 @@ def demo_config() -> ml_collections.ConfigDict:
     c.total_steps = 300
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
+    c.eval_every_steps = 150
+    c.evals = ("retrieval", "zero_shot", "cross_modal", "slice_hit_rate")
+    c.eval_split = "test"
+    c.eval_limit = 200
     c.model.update(
         width=128,
         depth=4,

@@ -101,7 +101,10 @@ def _build(
             f"{spec.name} is built from files you download yourself: pass --manual_dir=DIR "
             f"(manual_dir=...) pointing at them"
         )
-    builder = spec.load().make_builder(config, str(data_dir), **options)
+    module = spec.load()
+    if manual_dir and hasattr(module, "check_manual_dir"):
+        module.check_manual_dir(manual_dir)
+    builder = module.make_builder(config, str(data_dir), **options)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     builder.download_and_prepare(download_config=download_config)
 
@@ -155,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_train", type=int, help="phantoms: training samples")
     p.add_argument("--num_validation", type=int, help="phantoms: validation samples")
     p.add_argument("--num_test", type=int, help="phantoms: test samples")
-    p.add_argument("--seed", type=int, help="phantoms: generator seed")
+    p.add_argument("--seed", type=int, help="phantoms: generator seed; real data: split seed")
+    p.add_argument("--translations", help="bimcv_covid19: English reports (CSV: session_id, text)")
+    p.add_argument("--num_workers", type=int, help="real data: reader processes (default: CPUs)")
     return p
 
 

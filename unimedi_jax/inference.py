@@ -47,8 +47,42 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
 
 
+def as_float(x) -> np.ndarray:
+    return np.asarray(x, np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "k"))
+def _select(model: UniMedI, params, volumes, k: int):
+    """Eq. 1 of the volume alone -> Eq. 2 slice scores -> top-k slices (sorted)."""
+    attention = model.apply({"params": params}, volumes, method=UniMedI.encode_vision).cls_attention
+    patch = model.vision.patch_3d
+    grid = tuple(s // p for s, p in zip(volumes.shape[1:], patch, strict=True))
+    scores = selection.slice_scores(attention, grid, volumes.shape[1])
+    return selection.top_k_slices(scores, k), scores
+
+
+@functools.partial(jax.jit, static_argnames=("model", "k"))
+def _cls_features(model: UniMedI, params, x, k: int):
+    """Final-norm [CLS] of images, volumes (k=0) or volumes with their k selected slices."""
+    slices = None
+    if k:
+        indices, _ = _select(model, params, x, k)
+        slices = selection.gather_slices(x, indices)
+    return model.apply({"params": params}, x, slices, method=UniMedI.encode_vision).tokens[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _project_image(model: UniMedI, params, features):
+    return model.apply({"params": params}, features, method=UniMedI.embed_image)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _embed_text(model: UniMedI, params, ids, mask):
+    return model.apply({"params": params}, ids, mask, method=UniMedI.embed_text)
+
+
 class UniMedIInference:
-    """A trained UniMedI's params with jitted, batched embedding functions."""
+    """A trained UniMedI's params with batched embedding functions (compiled once per shape)."""
 
     def __init__(
         self, config, model: UniMedI, params: dict, teacher: dict, tokenizer, batch_size: int = 16
@@ -59,69 +93,45 @@ class UniMedIInference:
         self.teacher = {**params, **teacher}  # teacher vision + DINO head, student projections
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self._patch_3d = tuple(config.model.patch_3d)
 
     def _params(self, use_teacher: bool) -> dict:
         return self.teacher if use_teacher else self.student
 
-    def _batched(self, fn: Callable, arrays: np.ndarray) -> np.ndarray:
-        """Applies ``fn`` to fixed-size chunks (the last padded), concatenating the outputs."""
-        arrays = np.asarray(arrays, np.float32)
+    def _batched(self, fn: Callable, *arrays: np.ndarray):
+        """Applies ``fn`` to fixed-size row chunks (the last zero-padded) and concatenates."""
+        total = len(arrays[0])
         outputs = []
-        for start in range(0, len(arrays), self.batch_size):
-            chunk = arrays[start : start + self.batch_size]
-            pad = self.batch_size - len(chunk)
-            padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            n = len(chunk)
-            outputs.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], fn(padded)))
+        for start in range(0, total, self.batch_size):
+            chunks = [a[start : start + self.batch_size] for a in arrays]
+            n = len(chunks[0])
+            padded = [
+                np.pad(c, [(0, self.batch_size - n)] + [(0, 0)] * (c.ndim - 1)) for c in chunks
+            ]
+            outputs.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], fn(*padded)))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-
-    @functools.partial(jax.jit, static_argnums=(0, 3))
-    def _select(self, params, volumes, k):
-        attention = self.model.apply(
-            {"params": params}, volumes, method=UniMedI.encode_vision
-        ).cls_attention
-        grid = tuple(s // p for s, p in zip(volumes.shape[1:], self._patch_3d, strict=True))
-        scores = selection.slice_scores(attention, grid, volumes.shape[1])
-        indices = selection.top_k_slices(scores, k)
-        return indices, scores
-
-    @functools.partial(jax.jit, static_argnums=(0, 3))
-    def _cls(self, params, x, with_slices: bool):
-        slices = None
-        if with_slices:
-            indices, _ = self._select(params, x, self.config.selection.k)
-            slices = selection.gather_slices(x, indices)
-        return self.model.apply({"params": params}, x, slices, method=UniMedI.encode_vision).tokens[
-            :, 0
-        ]
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _project_image(self, params, features):
-        return self.model.apply({"params": params}, features, method=UniMedI.embed_image)
 
     def image_features(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """Final-norm [CLS] features [N, width] of X-rays [N, H, W]: linear-probe inputs."""
         params = self._params(use_teacher)
-        return self._batched(lambda x: self._cls(params, x, False), images)
+        return self._batched(lambda x: _cls_features(self.model, params, x, 0), as_float(images))
 
     def volume_features(
         self, volumes: np.ndarray, with_slices: bool = False, use_teacher: bool = True
     ) -> np.ndarray:
         """[CLS] features of volumes alone (what the PyTorch export reproduces) or with slices."""
         params = self._params(use_teacher)
-        return self._batched(lambda x: self._cls(params, x, with_slices), volumes)
+        k = self.config.selection.k if with_slices else 0
+        return self._batched(lambda x: _cls_features(self.model, params, x, k), as_float(volumes))
 
     def embed_images(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of X-rays."""
-        params = self._params(use_teacher)
-        return np.asarray(self._project_image(params, self.image_features(images, use_teacher)))
+        features = self.image_features(images, use_teacher)
+        return np.asarray(_project_image(self.model, self._params(use_teacher), features))
 
     def embed_volumes(self, volumes: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """Embeddings of volumes with attentive slice selection and the joint pass, as trained."""
-        params = self._params(use_teacher)
         features = self.volume_features(volumes, with_slices=True, use_teacher=use_teacher)
-        return np.asarray(self._project_image(params, features))
+        return np.asarray(_project_image(self.model, self._params(use_teacher), features))
 
     def select_slices(
         self, volumes: np.ndarray, k: int | None = None, use_teacher: bool = True
@@ -129,7 +139,7 @@ class UniMedIInference:
         """(indices [N, k] sorted, per-slice scores [N, D]) of Eq. 2's attentive selection."""
         params = self._params(use_teacher)
         k = k or self.config.selection.k
-        return self._batched(lambda x: self._select(params, x, k), volumes)
+        return self._batched(lambda x: _select(self.model, params, x, k), as_float(volumes))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of report texts."""
@@ -142,15 +152,15 @@ class UniMedIInference:
         )
         ids = encoded["input_ids"].astype(np.int32)
         mask = encoded["attention_mask"].astype(np.int32)
-        out = [
-            np.asarray(self._embed_text(self.student, ids[i : i + 64], mask[i : i + 64]))
-            for i in range(0, len(ids), 64)
-        ]
-        return np.concatenate(out)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _embed_text(self, params, ids, mask):
-        return self.model.apply({"params": params}, ids, mask, method=UniMedI.embed_text)
+        return self._batched(
+            lambda rows: _embed_text(
+                self.model,
+                self.student,
+                rows[..., 0].astype(np.int32),
+                rows[..., 1].astype(np.int32),
+            ),
+            np.stack([ids, mask], axis=-1),
+        )
 
 
 def load(path: str | Path, batch_size: int = 16) -> UniMedIInference:

@@ -51,7 +51,7 @@ def maybe_initialize_distributed() -> None:
 def quiet_library_logs() -> None:
     """INFO from this project only; libraries (orbax, TFDS, grain) speak at WARNING and up."""
     own = ("/unimedi_jax/", "/data_pipelines/")
-    logging.get_absl_handler().addFilter(
+    logging.get_absl_handler().python_handler.addFilter(
         lambda record: record.levelno >= logging.WARNING or any(p in record.pathname for p in own)
     )
 

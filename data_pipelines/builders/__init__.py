@@ -1,10 +1,12 @@
 """TFDS builders that write ArrayRecord files, and the registry that names them.
 
-A dataset name (`phantoms`, later `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`) maps to a builder
+A dataset name (`phantoms`, `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`) maps to a builder
 module and to the builder config that holds each modality, so `config.data.sources_2d =
 "phantoms"` reads `phantoms/xray` and `sources_3d = "phantoms"` reads `phantoms/ct`. A new
 dataset slots in with one `DatasetSpec` entry and a module that defines `VERSION`, `OPTIONS` and
-`make_builder(config_name, data_dir, **options)`.
+`make_builder(config_name, data_dir, **options)`; a dataset built from downloaded files also
+defines `check_manual_dir(manual_dir)`, which raises naming what is missing from the expected
+layout before anything is built.
 
 Prepared data lives at `<data_dir>/<name>/<config>/<VERSION>/`: the ArrayRecord shards,
 TFDS's `dataset_info.json` / `features.json` (array shapes) and `metadata.json` (`options`: the
@@ -49,6 +51,27 @@ REGISTRY: dict[str, DatasetSpec] = {
             module="data_pipelines.builders.phantoms",
             modalities={"2d": "xray", "3d": "ct"},
             description="synthetic chest X-rays and CT volumes with reports (no download)",
+        ),
+        DatasetSpec(
+            name="mimic_cxr_jpg",
+            module="data_pipelines.builders.mimic_cxr_jpg",
+            modalities={"2d": "xray"},
+            description="MIMIC-CXR-JPG 2.0.0 frontal chest X-rays with reports (PhysioNet)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="bimcv_covid19",
+            module="data_pipelines.builders.bimcv_covid19",
+            modalities={"3d": "ct"},
+            description="BIMCV-COVID19+ chest CT with Spanish reports (BIMCV)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="ct_rate",
+            module="data_pipelines.builders.ct_rate",
+            modalities={"3d": "ct"},
+            description="CT-RATE chest CT with English reports and 18 labels (Hugging Face)",
+            needs_manual_dir=True,
         ),
     )
 }

@@ -22,7 +22,9 @@ from data_pipelines.pipeline import TrainStream
 from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import sharding
 from unimedi_jax.checkpoint import Checkpointer, abstract_like
-from unimedi_jax.models.unimedi import build_unimedi, init_inputs
+from unimedi_jax.evaluation.evaluators import run_evaluators
+from unimedi_jax.inference import UniMedIInference
+from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.precision import compute_dtype
 from unimedi_jax.text_setup import TextTower, prepare_text_tower
 from unimedi_jax.train.metrics import MetricWriter, format_duration
@@ -55,6 +57,7 @@ def count_params(tree) -> int:
 
 
 class Trainer(NamedTuple):
+    model: UniMedI
     state: TrainState  # created already sharded over the mesh
     step: Callable  # the jitted step: (state, global batch) -> (state, metrics); donates state
 
@@ -94,7 +97,7 @@ def build_trainer(
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    return Trainer(state, compiled)
+    return Trainer(model, state, compiled)
 
 
 def prepare_demo_data(config, workdir: Path) -> None:
@@ -162,12 +165,33 @@ def train(config, workdir: str | Path) -> dict:
                 writer.write(step, progress.report(step, jax.device_get(metrics)))
             if is_ckpt_step:
                 checkpointer.save(step, state, data.get_state())
+            if config.eval_every_steps > 0 and (
+                step % config.eval_every_steps == 0 or step == total_steps
+            ):
+                writer.write(step, evaluate_state(config, trainer.model, state, text.tokenizer))
     finally:
         checkpointer.close()
         writer.close()
         data.close()
     logging.info("Finished %d steps in %s", total_steps, format_duration(progress.elapsed()))
     return progress.last
+
+
+def evaluate_state(config, model: UniMedI, state: TrainState, tokenizer) -> dict[str, float]:
+    """In-loop evaluation of the current weights on the held-out split (process 0 computes)."""
+    params, teacher = multihost_utils.process_allgather((state.params, state.teacher), tiled=True)
+    if jax.process_index() != 0:
+        return {}
+    started = time.perf_counter()
+    runner = UniMedIInference(config, model, params, teacher, tokenizer)
+    results = run_evaluators(runner, config, config.evals, config.eval_split, config.eval_limit)
+    logging.info(
+        "eval at step %d (%.0fs): %s",
+        int(state.step),
+        time.perf_counter() - started,
+        "  ".join(f"{k} {v:.3f}" for k, v in sorted(results.items())),
+    )
+    return results
 
 
 def check_finite(step: int, metrics: dict, checkpointer: Checkpointer) -> None:

@@ -28,7 +28,7 @@ class MetricWriter:
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or not metrics:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()

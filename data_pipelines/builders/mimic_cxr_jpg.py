@@ -1,0 +1,214 @@
+"""TFDS builder for MIMIC-CXR-JPG 2.0.0: frontal chest X-rays with their reports (2D).
+
+One record per frontal image (ViewPosition PA or AP), as the paper keeps only frontal views.
+The image is letterboxed to `image_size` (uint8, raw bytes), the report is the cleaned FINDINGS +
+IMPRESSION text of its study (kept with at least three sentences), and `labels` holds the 14
+CheXpert labels of the study as float32: 1 positive, 0 negative, -1 uncertain, NaN not mentioned
+(or a study without a CheXpert row). Splits are the official ones; 'validate' is 'validation'.
+
+Skipped images are counted per split and reason: lateral view, other view (no PA/AP position),
+missing/short/empty report, missing image, unreadable file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import imaging
+from data_pipelines.builders import common
+from data_pipelines.reports import CleanReport, read_mimic_report
+
+VERSION = "1.0.0"
+OPTIONS = ("image_size", "num_workers")
+_RECORDED = ("image_size",)
+
+METADATA = "mimic-cxr-2.0.0-metadata.csv.gz"
+SPLIT = "mimic-cxr-2.0.0-split.csv.gz"
+CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv.gz"
+CHEXPERT_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
+    "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
+)  # fmt: skip
+FRONTAL = ("PA", "AP")
+SPLITS = {"train": "train", "validate": "validation", "test": "test"}
+LATERAL_VIEW = "lateral view"
+OTHER_VIEW = "other view"
+NOT_IN_SPLIT_FILE = "not in split file"
+
+LAYOUT = (
+    "the MIMIC-CXR-JPG 2.0.0 root with files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg, the "
+    "MIMIC-CXR reports unpacked into the same tree (files/pXX/pNNNNNNNN/sNNNNNNNN.txt), "
+    f"{METADATA}, {SPLIT} and {CHEXPERT}"
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MimicConfig(tfds.core.BuilderConfig):
+    """Stored image size and how many processes read the JPEGs."""
+
+    image_size: int = 256
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Image:
+    """One metadata row, with what is needed to read it in a worker."""
+
+    dicom_id: str
+    subject_id: str
+    study_id: str
+    view: str
+    root: str
+    labels: tuple[float, ...]
+    image_size: int
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.root, "files", f"p{self.subject_id[:2]}", f"p{self.subject_id}")
+
+
+def check_manual_dir(manual_dir: str | Path) -> Path:
+    """The root, if it has the files and folders the build reads (else LayoutError)."""
+    root = Path(manual_dir)
+    for name in ("files", METADATA, SPLIT, CHEXPERT):
+        common.require(root / name, root, LAYOUT)
+    return root
+
+
+class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
+    """Frontal MIMIC-CXR-JPG chest X-rays with cleaned reports and CheXpert labels."""
+
+    VERSION = tfds.core.Version(VERSION)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Point manual_dir at {LAYOUT} (see docs/data.md)."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        features = {
+            "image": common.raw_array((cfg.image_size, cfg.image_size), np.uint8),
+            "report": tfds.features.Text(),
+            "num_sentences": tfds.features.Scalar(dtype=np.int32),
+            "labels": tfds.features.Tensor(shape=(len(CHEXPERT_LABELS),), dtype=np.float32),
+            "view": tfds.features.Text(),
+            "subject_id": tfds.features.Text(),
+            "study_id": tfds.features.Text(),
+            "dicom_id": tfds.features.Text(),
+            "id": tfds.features.Text(),
+        }
+        metadata = tfds.core.MetadataDict(
+            options=common.recorded_options(cfg, _RECORDED),
+            labels=list(CHEXPERT_LABELS),
+            skipped={},
+        )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__.split("\n\n")[0],
+            features=tfds.features.FeaturesDict(features),
+            metadata=metadata,
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+        root = check_manual_dir(dl_manager.manual_dir)
+        by_split, unsplit = _images_by_split(root, self.builder_config.image_size)
+        if unsplit:
+            self.info.metadata["skipped"]["none"] = {NOT_IN_SPLIT_FILE: unsplit}
+        return {
+            split: self._generate_examples(split, by_split.get(split, []))
+            for split in SPLITS.values()
+        }
+
+    def _generate_examples(
+        self, split: str, images: Sequence[_Image]
+    ) -> Iterator[tuple[int, dict]]:
+        return common.generate(self, split, images, _load, chunksize=16)
+
+
+def _images_by_split(root: Path, image_size: int) -> tuple[dict[str, list[_Image]], int]:
+    """Metadata rows grouped by official split (file order), and how many had no split."""
+    split_of = {
+        row["dicom_id"]: SPLITS.get(row["split"], row["split"])
+        for row in common.read_table(root / SPLIT, ("dicom_id", "split"))
+    }
+    labels = _chexpert(root / CHEXPERT)
+    missing_labels = (float("nan"),) * len(CHEXPERT_LABELS)
+    columns = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+    by_split: dict[str, list[_Image]] = {}
+    unsplit = 0
+    for row in common.read_table(root / METADATA, columns):
+        split = split_of.get(row["dicom_id"])
+        if split is None:
+            unsplit += 1
+            continue
+        key = (row["subject_id"], row["study_id"])
+        by_split.setdefault(split, []).append(
+            _Image(
+                dicom_id=row["dicom_id"],
+                subject_id=row["subject_id"],
+                study_id=row["study_id"],
+                view=row["ViewPosition"].strip(),
+                root=str(root),
+                labels=labels.get(key, missing_labels),
+                image_size=image_size,
+            )
+        )
+    return by_split, unsplit
+
+
+def _chexpert(path: Path) -> dict[tuple[str, str], tuple[float, ...]]:
+    """(subject_id, study_id) -> the 14 labels, blank cells as NaN."""
+    rows = common.read_table(path, ("subject_id", "study_id", *CHEXPERT_LABELS))
+    return {
+        (row["subject_id"], row["study_id"]): tuple(
+            common.parse_float(row[name]) for name in CHEXPERT_LABELS
+        )
+        for row in rows
+    }
+
+
+def view_skip(view: str) -> str | None:
+    """None for a frontal view; else why the image is skipped."""
+    if view in FRONTAL:
+        return None
+    return LATERAL_VIEW if view == "LL" or "LATERAL" in view else OTHER_VIEW
+
+
+def _load(image: _Image) -> dict | str:
+    """The record of one image, or the reason it is skipped (runs in a worker)."""
+    skip = view_skip(image.view)
+    if skip:
+        return skip
+    report = read_mimic_report(image.study_dir / f"s{image.study_id}.txt")
+    if not isinstance(report, CleanReport):
+        return str(report)
+    path = image.study_dir / f"s{image.study_id}" / f"{image.dicom_id}.jpg"
+    if not path.is_file():
+        return common.MISSING_IMAGE
+    try:
+        pixels = imaging.letterbox(imaging.read_image_2d(path), image.image_size)
+    except imaging.SkipImage as e:
+        return e.reason
+    return {
+        "image": pixels,
+        "report": report.text,
+        "num_sentences": len(report.sentences),
+        "labels": np.asarray(image.labels, np.float32),
+        "view": image.view,
+        "subject_id": image.subject_id,
+        "study_id": image.study_id,
+        "dicom_id": image.dicom_id,
+        "id": image.dicom_id,
+    }
+
+
+def make_builder(config_name: str, data_dir: str, **options: Any) -> MimicCxrJpg:
+    """A builder for config 'xray' (see OPTIONS; num_workers defaults to the CPU count)."""
+    options = common.check_options("mimic_cxr_jpg", options, OPTIONS)
+    config = MimicConfig(name=config_name, version=VERSION, **options)
+    return MimicCxrJpg(config=config, data_dir=data_dir, file_format="array_record")
