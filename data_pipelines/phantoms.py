@@ -73,14 +73,19 @@ class PhantomConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.normal_fraction <= 1.0:
-            raise ValueError(f"PhantomConfig.normal_fraction must be in [0, 1], "
-                             f"got {self.normal_fraction}")
+            raise ValueError(
+                f"PhantomConfig.normal_fraction must be in [0, 1], got {self.normal_fraction}"
+            )
         if not 1 <= self.max_findings <= len(FINDINGS):
-            raise ValueError(f"PhantomConfig.max_findings must be in [1, {len(FINDINGS)}], "
-                             f"got {self.max_findings}")
+            raise ValueError(
+                f"PhantomConfig.max_findings must be in [1, {len(FINDINGS)}], "
+                f"got {self.max_findings}"
+            )
         if self.image_size < 16 or len(self.volume_shape) != 3 or min(self.volume_shape) < 8:
-            raise ValueError("PhantomConfig: image_size must be >= 16 and volume_shape three "
-                             f"sizes >= 8, got {self.image_size} and {self.volume_shape}")
+            raise ValueError(
+                "PhantomConfig: image_size must be >= 16 and volume_shape three "
+                f"sizes >= 8, got {self.image_size} and {self.volume_shape}"
+            )
 
 
 @dataclass(frozen=True)
@@ -221,21 +226,36 @@ def _sample_anatomy(rng: np.random.Generator) -> Anatomy:
     lungs = []
     for side in (_RIGHT, _LEFT):
         sign = 1.0 if side == _LEFT else -1.0
-        lungs.append(Lung(
-            cx=sign * u(0.40, 0.46), cy=u(0.0, 0.08), rx=u(0.27, 0.31) - 0.02 * side,
-            ry=u(0.42, 0.48), z_apex=u(0.76, 0.84), z_taper=u(-0.1, 0.15),
-            dome_top=u(-0.38, -0.28) - 0.08 * side, dome_depth=u(0.25, 0.35),
-        ))
+        lungs.append(
+            Lung(
+                cx=sign * u(0.40, 0.46),
+                cy=u(0.0, 0.08),
+                rx=u(0.27, 0.31) - 0.02 * side,
+                ry=u(0.42, 0.48),
+                z_apex=u(0.76, 0.84),
+                z_taper=u(-0.1, 0.15),
+                dome_top=u(-0.38, -0.28) - 0.08 * side,
+                dome_depth=u(0.25, 0.35),
+            )
+        )
     heart = Ellipsoid(
         center=(u(-0.32, -0.22), u(-0.2, -0.12), u(0.08, 0.14)),
-        radii=(u(0.25, 0.3), u(0.22, 0.26), u(0.29, 0.33)), angle=-u(0.35, 0.6),
+        radii=(u(0.25, 0.3), u(0.22, 0.26), u(0.29, 0.33)),
+        angle=-u(0.35, 0.6),
     )
     return Anatomy(
-        shift=(u(-0.04, 0.04), u(-0.05, 0.05), u(-0.05, 0.05)), tilt=math.radians(u(-4.0, 4.0)),
-        body=body, fat=u(0.04, 0.1), lungs=(lungs[0], lungs[1]), heart=heart,
-        spine=(u(0.40, 0.45), u(0.10, 0.12)), rib_phase=u(0.0, 1.0),
-        oblique_fissure=(u(-0.1, 0.0), u(0.3, 0.4)), horizontal_fissure=u(0.0, 0.1),
-        noise=u(25.0, 60.0), exposure=u(0.9, 1.1),
+        shift=(u(-0.04, 0.04), u(-0.05, 0.05), u(-0.05, 0.05)),
+        tilt=math.radians(u(-4.0, 4.0)),
+        body=body,
+        fat=u(0.04, 0.1),
+        lungs=(lungs[0], lungs[1]),
+        heart=heart,
+        spine=(u(0.40, 0.45), u(0.10, 0.12)),
+        rib_phase=u(0.0, 1.0),
+        oblique_fissure=(u(-0.1, 0.0), u(0.3, 0.4)),
+        horizontal_fissure=u(0.0, 0.1),
+        noise=u(25.0, 60.0),
+        exposure=u(0.9, 1.1),
     )
 
 
@@ -274,8 +294,9 @@ def _sample_in_lobe(rng: np.random.Generator, anat: Anatomy, lobe: str) -> tuple
     raise RuntimeError(f"could not place a lesion in the {lobe}")
 
 
-def _blobs(rng: np.random.Generator, center: tuple[float, ...], size_mm: tuple[float, float],
-           count: int) -> tuple[Ellipsoid, ...]:
+def _blobs(
+    rng: np.random.Generator, center: tuple[float, ...], size_mm: tuple[float, float], count: int
+) -> tuple[Ellipsoid, ...]:
     """Overlapping ellipsoids around a centre: an irregular, patchy opacity."""
     scale = np.array([MM_Z, MM_XY, MM_XY])
     out = []
@@ -287,8 +308,9 @@ def _blobs(rng: np.random.Generator, center: tuple[float, ...], size_mm: tuple[f
     return tuple(out)
 
 
-def _sample_finding(rng: np.random.Generator, anat: Anatomy, name: str,
-                    lobe: str | None) -> Finding:
+def _sample_finding(
+    rng: np.random.Generator, anat: Anatomy, name: str, lobe: str | None
+) -> Finding:
     """Geometry and wording parameters of one finding; `lobe` is set for lung lesions."""
     if name.startswith("pleural_effusion"):
         side = _LEFT if name.endswith("left") else _RIGHT
@@ -347,8 +369,9 @@ class _Grid:
 
     @classmethod
     def make(cls, anat: Anatomy, shape: tuple[int, int, int]) -> _Grid:
-        zg, yg, xg = (np.linspace(-1, 1, n, endpoint=False, dtype=np.float32) + 1.0 / n
-                      for n in shape)
+        zg, yg, xg = (
+            np.linspace(-1, 1, n, endpoint=False, dtype=np.float32) + 1.0 / n for n in shape
+        )
         dz, dy, dx = anat.shift
         c, s = math.cos(anat.tilt), math.sin(anat.tilt)
         yy, xx = yg[:, None] - dy, xg[None, :] - dx
@@ -454,8 +477,9 @@ def _paint_bones(anat: Anatomy, grid: _Grid, vol: np.ndarray) -> None:
     vol[:, shell] = np.where(rib, HU_BONE, vol[:, shell])
 
 
-def _lobe_target(case: Case, f: Finding, grid: _Grid, box: tuple[slice, ...],
-                 lung_label: np.ndarray) -> np.ndarray:
+def _lobe_target(
+    case: Case, f: Finding, grid: _Grid, box: tuple[slice, ...], lung_label: np.ndarray
+) -> np.ndarray:
     """Voxels of a box that a finding may turn abnormal: still-aerated lung, in its lobe."""
     if f.lobe is None:
         return lung_label[box] > 0
@@ -463,8 +487,9 @@ def _lobe_target(case: Case, f: Finding, grid: _Grid, box: tuple[slice, ...],
     return (lung_label[box] == f.side + 1) & _in_lobe(case.anatomy, f.lobe, z, grid.y[box[1:]])
 
 
-def _finding_regions(case: Case, f: Finding, grid: _Grid,
-                     lung_label: np.ndarray) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+def _finding_regions(
+    case: Case, f: Finding, grid: _Grid, lung_label: np.ndarray
+) -> list[tuple[tuple[slice, ...], np.ndarray]]:
     """(box, mask) pieces of one finding, clipped to the lung it affects."""
     if f.name.startswith("pleural_effusion"):
         lung = case.anatomy.lungs[f.side]
@@ -567,10 +592,14 @@ def _bone_path(anat: Anatomy, z: np.ndarray, x: np.ndarray) -> np.ndarray:
     spine = 2.0 * np.sqrt(np.maximum(sr * sr - x * x, 0.0)) * (1.0 - np.float32(0.45) * disc)
     phase = (z * MM_Z + 70.0 * (ax / bx) ** 2) / 24.0 + anat.rib_phase
     band = _ramp((0.2 - np.abs(phase - np.rint(phase))) / 0.08)
-    cage = np.minimum(np.minimum((0.85 * bx - ax) / 0.05, (ax - sr) / 0.03),
-                      np.minimum((z + 0.7) / 0.1, (0.95 - z) / 0.1))
-    clavicle = np.minimum(np.minimum((ax - 0.06) / 0.04, (0.68 - ax) / 0.05),
-                          (0.04 - np.abs(z - 0.92 - 0.15 * ax)) / 0.02)
+    cage = np.minimum(
+        np.minimum((0.85 * bx - ax) / 0.05, (ax - sr) / 0.03),
+        np.minimum((z + 0.7) / 0.1, (0.95 - z) / 0.1),
+    )
+    clavicle = np.minimum(
+        np.minimum((ax - 0.06) / 0.04, (0.68 - ax) / 0.05),
+        (0.04 - np.abs(z - 0.92 - 0.15 * ax)) / 0.02,
+    )
     return 1.3 * spine + 0.09 * band * _ramp(cage) + 0.16 * _ramp(clavicle)
 
 
@@ -603,42 +632,64 @@ def render_xray(case: Case, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- reports
 
 _TECHNIQUE = {
-    "xray": ("Frontal chest radiograph.", "Single frontal view of the chest.",
-             "PA view of the chest.", "Portable AP view of the chest."),
-    "ct": ("CT of the chest without contrast.", "Non-contrast CT of the chest.",
-           "Axial CT images of the chest were reviewed.", "Chest CT was performed."),
+    "xray": (
+        "Frontal chest radiograph.",
+        "Single frontal view of the chest.",
+        "PA view of the chest.",
+        "Portable AP view of the chest.",
+    ),
+    "ct": (
+        "CT of the chest without contrast.",
+        "Non-contrast CT of the chest.",
+        "Axial CT images of the chest were reviewed.",
+        "Chest CT was performed.",
+    ),
 }
 _POSITIVE = {
     "pleural_effusion": (
-        "There is a {sev} {side} pleural effusion.", "A {sev} {side} pleural effusion is present.",
-        "{Sev} {side}-sided pleural effusion.", "{Sev} {side} pleural effusion is seen."),
+        "There is a {sev} {side} pleural effusion.",
+        "A {sev} {side} pleural effusion is present.",
+        "{Sev} {side}-sided pleural effusion.",
+        "{Sev} {side} pleural effusion is seen.",
+    ),
     "nodule": (
         "There is a {mm} mm nodule in the {lobe}.",
         "A {mm} mm pulmonary nodule is seen in the {lobe}.",
-        "{Lobe} nodule measuring {mm} mm.", "A solid {mm} mm nodule is noted in the {lobe}.",
-        "Well-circumscribed {mm} mm nodule in the {lobe}."),
+        "{Lobe} nodule measuring {mm} mm.",
+        "A solid {mm} mm nodule is noted in the {lobe}.",
+        "Well-circumscribed {mm} mm nodule in the {lobe}.",
+    ),
     "consolidation": (
-        "There is consolidation in the {lobe}.", "Airspace consolidation is present in the {lobe}.",
-        "Focal consolidation in the {lobe}.", "Patchy consolidation involving the {lobe}.",
-        "Dense consolidation is seen in the {lobe}."),
+        "There is consolidation in the {lobe}.",
+        "Airspace consolidation is present in the {lobe}.",
+        "Focal consolidation in the {lobe}.",
+        "Patchy consolidation involving the {lobe}.",
+        "Dense consolidation is seen in the {lobe}.",
+    ),
     "ground_glass_opacity": (
         "There are ground-glass opacities in the {lobe}.",
         "Patchy ground-glass opacity in the {lobe}.",
         "Hazy ground-glass opacity is seen in the {lobe}.",
-        "Ground-glass opacity involving the {lobe}."),
+        "Ground-glass opacity involving the {lobe}.",
+    ),
     "cardiomegaly": (
-        "The heart is {sev}ly enlarged.", "{Sev} cardiomegaly.", "There is {sev} cardiomegaly.",
-        "Cardiomegaly is present."),
+        "The heart is {sev}ly enlarged.",
+        "{Sev} cardiomegaly.",
+        "There is {sev} cardiomegaly.",
+        "Cardiomegaly is present.",
+    ),
 }
 _POSITIVE_BY_MODALITY = {
     "xray": {
-        "pleural_effusion": ("{Sev} {side} pleural effusion with blunting of the {side} "
-                             "costophrenic angle.",),
+        "pleural_effusion": (
+            "{Sev} {side} pleural effusion with blunting of the {side} costophrenic angle.",
+        ),
         "cardiomegaly": ("The cardiac silhouette is enlarged.", "Enlarged cardiac silhouette."),
     },
     "ct": {
-        "pleural_effusion": ("A {sev} {side} pleural effusion layers dependently at the {side} "
-                             "lung base.",),
+        "pleural_effusion": (
+            "A {sev} {side} pleural effusion layers dependently at the {side} lung base.",
+        ),
         "cardiomegaly": ("The heart is enlarged.", "Cardiac enlargement is noted."),
     },
 }
@@ -650,35 +701,56 @@ _IMPRESSION = {
     "cardiomegaly": ("Cardiomegaly", "{Sev} cardiomegaly"),
 }
 _NEGATIVE = {
-    "effusions": ("No pleural effusion.", "There is no pleural effusion.",
-                  "No pleural effusions are seen."),
+    "effusions": (
+        "No pleural effusion.",
+        "There is no pleural effusion.",
+        "No pleural effusions are seen.",
+    ),
     "one_effusion": ("No {side} pleural effusion.", "There is no {side} pleural effusion."),
-    "nodule": ("No pulmonary nodules.", "No suspicious pulmonary nodule or mass.",
-               "There is no pulmonary nodule."),
-    "consolidation": ("No focal consolidation.", "There is no consolidation.",
-                      "No airspace consolidation."),
+    "nodule": (
+        "No pulmonary nodules.",
+        "No suspicious pulmonary nodule or mass.",
+        "There is no pulmonary nodule.",
+    ),
+    "consolidation": (
+        "No focal consolidation.",
+        "There is no consolidation.",
+        "No airspace consolidation.",
+    ),
     "ground_glass_opacity": ("No ground-glass opacity.", "There are no ground-glass opacities."),
-    "cardiomegaly": ("The heart size is normal.", "Heart size is within normal limits.",
-                     "The heart is normal in size."),
+    "cardiomegaly": (
+        "The heart size is normal.",
+        "Heart size is within normal limits.",
+        "The heart is normal in size.",
+    ),
     "lungs": ("The lungs are clear.", "The lungs are clear bilaterally."),
     "pneumothorax": ("No pneumothorax.", "There is no pneumothorax."),
     "bones": ("The osseous structures are intact.", "No acute osseous abnormality."),
 }
 _NEGATIVE_BY_MODALITY = {
-    "xray": {"effusions": ("The costophrenic angles are sharp.",),
-             "one_effusion": ("The {side} costophrenic angle is sharp.",),
-             "cardiomegaly": ("The cardiac silhouette is normal in size.",),
-             "hila": ("The hilar contours are normal.",
-                      "The mediastinal contours are unremarkable.")},
-    "ct": {"cardiomegaly": ("No cardiomegaly.",),
-           "hila": ("No mediastinal or hilar lymphadenopathy.",),
-           "airways": ("The central airways are patent.",)},
+    "xray": {
+        "effusions": ("The costophrenic angles are sharp.",),
+        "one_effusion": ("The {side} costophrenic angle is sharp.",),
+        "cardiomegaly": ("The cardiac silhouette is normal in size.",),
+        "hila": ("The hilar contours are normal.", "The mediastinal contours are unremarkable."),
+    },
+    "ct": {
+        "cardiomegaly": ("No cardiomegaly.",),
+        "hila": ("No mediastinal or hilar lymphadenopathy.",),
+        "airways": ("The central airways are patent.",),
+    },
 }
 _NORMAL_IMPRESSION = {
-    "xray": ("No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process.",
-             "Normal chest radiograph."),
-    "ct": ("No acute cardiopulmonary abnormality.", "No acute intrathoracic abnormality.",
-           "Normal CT of the chest."),
+    "xray": (
+        "No acute cardiopulmonary abnormality.",
+        "No acute cardiopulmonary process.",
+        "Normal chest radiograph.",
+    ),
+    "ct": (
+        "No acute cardiopulmonary abnormality.",
+        "No acute intrathoracic abnormality.",
+        "Normal CT of the chest.",
+    ),
 }
 _MIN_SENTENCES = 3
 _MAX_NEGATIVES = 4
@@ -695,8 +767,15 @@ def _template_key(f: Finding) -> str:
 def _fields(f: Finding) -> dict[str, str]:
     side = "" if f.side is None else _SIDE_NAMES[f.side]
     sev, lobe = f.severity or "", f.lobe or ""
-    return {"side": side, "Side": side.capitalize(), "sev": sev, "Sev": sev.capitalize(),
-            "lobe": lobe, "Lobe": lobe.capitalize(), "mm": str(f.size_mm)}
+    return {
+        "side": side,
+        "Side": side.capitalize(),
+        "sev": sev,
+        "Sev": sev.capitalize(),
+        "lobe": lobe,
+        "Lobe": lobe.capitalize(),
+        "mm": str(f.size_mm),
+    }
 
 
 def _negatives(case: Case) -> list[tuple[str, dict[str, str]]]:
@@ -718,8 +797,9 @@ def _negatives(case: Case) -> list[tuple[str, dict[str, str]]]:
 def _impression(case: Case, rng: np.random.Generator) -> str:
     if not case.findings:
         return _choice(rng, _NORMAL_IMPRESSION[case.modality])
-    phrases = [_choice(rng, _IMPRESSION[_template_key(f)]).format(**_fields(f))
-               for f in case.findings]
+    phrases = [
+        _choice(rng, _IMPRESSION[_template_key(f)]).format(**_fields(f)) for f in case.findings
+    ]
     if len(phrases) == 2 and rng.uniform() < 0.5:
         return f"{phrases[0]} and {phrases[1][0].lower()}{phrases[1][1:]}."
     return " ".join(f"{p}." for p in phrases)
