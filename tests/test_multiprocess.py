@@ -8,6 +8,7 @@ person would start them. About a minute a launch on a loaded 2-core machine, fou
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,17 +18,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "cpu_multiprocess.sh"
-
-# LLVM at -O0 halves XLA's CPU compile time; every layout uses it, and the losses are unchanged.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+STEPS = 4
 FLAGS = (
     "--config=configs/pretrain.py:tiny",
+    f"--config.total_steps={STEPS}",
     "--config.mesh.data=-1",
     "--config.log_every_steps=1",
     "--config.checkpoint_every_steps=2",
     "--config.eval_every_steps=0",
 )
-PHASES = (2, 4)  # total_steps of the first start, then of the resumed one
 KEYS = ("loss", "loss_vl", "loss_icl", "loss_pcl", "learning_rate", "grad_norm")
 TIMEOUT_S = 600
 
@@ -52,36 +51,51 @@ def run(command: list[str], env: dict[str, str]) -> None:
     assert proc.returncode == 0, f"{command} failed:\n{output[-6000:]}"
 
 
-def train_and_resume(launch: list[str], workdir: Path, env: dict[str, str], *flags: str) -> list:
-    """The metrics.jsonl records of a first start and a resumed one in ``workdir``."""
-    for total_steps in PHASES:
-        steps = f"--config.total_steps={total_steps}"  # --config.* only after --config
-        run([*launch, *FLAGS, steps, f"--workdir={workdir}", *flags], env)
+def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_and_resume_like_one(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+def saved_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
-    multi = train_and_resume(
-        ["bash", str(LAUNCHER), "2"], multi_dir, {**env, "XLA_FLAGS": FAST_COMPILE}
-    )
-    single = train_and_resume(
-        [sys.executable, "-m", "unimedi_jax.main"],
-        single_dir,
-        {**env, "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=4"},
-        f"--config.data.data_dir={multi_dir / 'data'}",  # the phantoms process 0 built
-    )
 
-    steps = list(range(1, PHASES[-1] + 1))
-    # One record a step: only process 0 writes metrics, and the second start resumed at step 3.
-    assert [m["step"] for m in multi] == steps
-    assert [m["step"] for m in single] == steps
-    saved = sorted(int(p.name) for p in (multi_dir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved == [2, 4]
-    for got, want in zip(multi, single, strict=True):
+def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g["step"] == w["step"]
         for key in KEYS:
             np.testing.assert_allclose(
-                got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"step {got['step']} {key}"
+                g[key], w[key], rtol=1e-5, atol=1e-5, err_msg=f"step {g['step']} {key}"
             )
+
+
+def test_two_processes_train_and_resume_like_one(tmp_path):
+    multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        # The resumed start runs the very programs of the first: it loads them from this cache.
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    multi_start = ["bash", str(LAUNCHER), "2", *FLAGS, f"--workdir={multi_dir}"]
+
+    run(multi_start, env)
+    assert saved_steps(multi_dir) == [2, STEPS]
+    # A run stopped after its checkpoint at step 2: the next start resumes from there.
+    shutil.rmtree(multi_dir / "checkpoints" / str(STEPS))
+    run(multi_start, env)
+    assert saved_steps(multi_dir) == [2, STEPS]
+
+    phantoms = f"--config.data.data_dir={multi_dir / 'data'}"  # built by process 0 above
+    single_start = [sys.executable, "-m", "unimedi_jax.main", *FLAGS, phantoms]
+    run(
+        [*single_start, f"--workdir={single_dir}"],
+        {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+
+    multi, single = read_metrics(multi_dir), read_metrics(single_dir)
+    # One record a step and start (only process 0 writes); the second start resumed at step 3.
+    assert [m["step"] for m in multi] == [1, 2, 3, 4, 3, 4]
+    assert_same_metrics(multi[STEPS:], multi[2:STEPS])
+    assert_same_metrics(multi[:STEPS], single)

@@ -12,6 +12,24 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_pipelines.builders import UnknownDatasetError
+from data_pipelines.pipeline import DataConfigError
+from data_pipelines.prepare import PreparedDataMismatchError
+from unimedi_jax.config_checks import ConfigError
+from unimedi_jax.models.text import TextModelError
+from unimedi_jax.train.loop import NonFiniteLossError, Preempted, train
+
+# Errors whose message says what to fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ConfigError,
+    DataConfigError,
+    TextModelError,
+    PreparedDataMismatchError,
+    UnknownDatasetError,
+    NonFiniteLossError,
+    FileNotFoundError,
+)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
 )
@@ -59,10 +77,16 @@ def quiet_library_logs() -> None:
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
-    from unimedi_jax.train.loop import train  # after flags: keeps --help fast
-
     maybe_initialize_distributed()
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as err:
+        # Something the user can fix: one paragraph, no traceback wall.
+        logging.error("%s: %s", type(err).__name__, err)
+        sys.exit(2)
+    except Preempted as stop:
+        logging.warning("%s", stop)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ from data_pipelines.pipeline import TrainStream
 from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import sharding
 from unimedi_jax.checkpoint import Checkpointer, abstract_like
+from unimedi_jax.config_checks import check_batch_for_mesh, check_config
 from unimedi_jax.evaluation.evaluators import run_evaluators
 from unimedi_jax.inference import UniMedIInference
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.precision import compute_dtype
 from unimedi_jax.text_setup import TextTower, prepare_text_tower
 from unimedi_jax.train.metrics import MetricWriter, format_duration
+from unimedi_jax.train.preemption import StopRequest
 from unimedi_jax.train.state import (
     TrainState,
     init_train_state,
@@ -35,6 +37,10 @@ from unimedi_jax.train.state import (
     make_optimizer,
 )
 from unimedi_jax.train.step import make_schedules, make_train_step
+
+
+class Preempted(RuntimeError):  # noqa: N818 (a stop, not a fault)
+    """The run stopped cleanly on SIGTERM/SIGINT after checkpointing."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +130,7 @@ def train(config, workdir: str | Path) -> dict:
     """Trains (or resumes) UniMedI in ``workdir``; returns the last logged metrics."""
     workdir = Path(workdir)
     is_chief = jax.process_index() == 0
+    check_config(config)
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
     prepare_demo_data(config, workdir)
@@ -134,6 +141,7 @@ def train(config, workdir: str | Path) -> dict:
     total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    check_batch_for_mesh(config, mesh.shape["data"] * mesh.shape["fsdp"])
     trainer = build_trainer(config, text, mesh, total_steps, warmup_steps)
     state = trainer.state
 
@@ -149,30 +157,40 @@ def train(config, workdir: str | Path) -> dict:
     writer = MetricWriter(workdir, enabled=is_chief)
     progress = Progress(total_steps, config.batch.size_2d + config.batch.size_3d)
     pending = None  # (step, metrics) of the previous step: checked once the next is dispatched
-    try:
-        for step in range(start + 1, total_steps + 1):
-            batch = sharding.global_batch(next(data), mesh)
-            state, metrics = trainer.step(state, batch)
-            if pending is not None:
-                check_finite(*pending, checkpointer)
-            pending = (step, metrics)
-            progress.tick()
-            is_log_step = step % config.log_every_steps == 0 or step == total_steps
-            is_ckpt_step = step % config.checkpoint_every_steps == 0 or step == total_steps
-            if is_log_step or is_ckpt_step:
-                check_finite(step, metrics, checkpointer)
-            if is_log_step:
-                writer.write(step, progress.report(step, jax.device_get(metrics)))
-            if is_ckpt_step:
-                checkpointer.save(step, state, data.get_state())
-            if config.eval_every_steps > 0 and (
-                step % config.eval_every_steps == 0 or step == total_steps
-            ):
-                writer.write(step, evaluate_state(config, trainer.model, state, text.tokenizer))
-    finally:
-        checkpointer.close()
-        writer.close()
-        data.close()
+    with StopRequest() as stop:
+        try:
+            for step in range(start + 1, total_steps + 1):
+                batch = sharding.global_batch(next(data), mesh)
+                state, metrics = trainer.step(state, batch)
+                if pending is not None:
+                    check_finite(*pending, checkpointer)
+                pending = (step, metrics)
+                progress.tick()
+                stopping = stop.agreed()
+                is_log_step = step % config.log_every_steps == 0 or step == total_steps
+                is_ckpt_step = (
+                    step % config.checkpoint_every_steps == 0 or step == total_steps or stopping
+                )
+                if is_log_step or is_ckpt_step:
+                    check_finite(step, metrics, checkpointer)
+                if is_log_step:
+                    writer.write(step, progress.report(step, jax.device_get(metrics)))
+                if is_ckpt_step:
+                    checkpointer.save(step, state, data.get_state())
+                if config.eval_every_steps > 0 and (
+                    step % config.eval_every_steps == 0 or step == total_steps
+                ):
+                    writer.write(step, evaluate_state(config, trainer.model, state, text.tokenizer))
+                if stopping:
+                    raise Preempted(
+                        f"stopped by {stop.requested or 'another process'} at step {step}; "
+                        f"checkpoint saved in {checkpointer.directory}. Run the same command "
+                        "to resume."
+                    )
+        finally:
+            checkpointer.close()
+            writer.close()
+            data.close()
     logging.info("Finished %d steps in %s", total_steps, format_duration(progress.elapsed()))
     return progress.last
 

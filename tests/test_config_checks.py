@@ -1,0 +1,44 @@
+"""Start-up config checks: each bad value gets a message naming its field."""
+
+import pytest
+
+from configs.pretrain import get_config
+from unimedi_jax.config_checks import ConfigError, check_batch_for_mesh, check_config
+
+
+def test_presets_pass():
+    for preset in ("paper", "demo", "tiny"):
+        config = get_config(preset)
+        config.text.path = ""  # the paper's BioClinicalBERT directory is not on this machine
+        check_config(config)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model.image_size", (30, 32), r"model.image_size=\(30, 32\) is not divisible"),
+        ("model.volume_size", (9, 32, 32), r"model.volume_size=\(9, 32, 32\)"),
+        ("model.num_heads", 5, "model.width=32 is not divisible by model.num_heads=5"),
+        ("model.remat", "sometimes", "model.remat='sometimes'"),
+        ("selection.k", 9, r"selection.k=9 must be between 1 and the volume depth"),
+        ("selection.mode", "best", "selection.mode='best'"),
+        ("masking.mode", "half", "masking.mode='half'"),
+        ("masking.ratio", 1.0, r"masking.ratio=1.0 must be in \[0, 1\)"),
+        ("precision.compute_dtype", "fp8", "precision.compute_dtype='fp8'"),
+        ("text.path", "/nowhere/bert", "text.path='/nowhere/bert' is not a Hugging Face"),
+    ],
+)
+def test_bad_values_name_their_field(field, value, message):
+    config = get_config("tiny")
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+
+
+def test_batch_must_split_over_data_parallel_devices():
+    config = get_config("tiny")
+    config.batch.size_3d = 6
+    check_batch_for_mesh(config, 2)
+    with pytest.raises(ConfigError, match=r"batch.size_3d=6 is not divisible by .* 4"):
+        check_batch_for_mesh(config, 4)

@@ -1,0 +1,93 @@
+"""Config errors caught at start, before any data is read or anything is compiled.
+
+Each check raises ``ConfigError`` with one paragraph naming the field, the value and what to do;
+``main`` prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unimedi_jax.models.layers import REMAT_POLICIES
+from unimedi_jax.precision import COMPUTE_DTYPES
+from unimedi_jax.selection import MODES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to do."""
+
+
+def _check_divisible(field: str, size, patch, patch_field: str) -> None:
+    for side, p in zip(size, patch, strict=True):
+        if side % p:
+            raise ConfigError(
+                f"{field}={tuple(size)} is not divisible by {patch_field}={tuple(patch)}; "
+                f"use a size that is a multiple of the patch size."
+            )
+
+
+def check_model(config) -> None:
+    """Sizes that the tokenizers, the attention and slice selection can work with."""
+    m = config.model
+    _check_divisible("model.image_size", m.image_size, m.patch_2d, "model.patch_2d")
+    _check_divisible("model.volume_size", m.volume_size, m.patch_3d, "model.patch_3d")
+    _check_divisible("model.volume_size[1:]", m.volume_size[1:], m.patch_2d, "model.patch_2d")
+    if m.width % m.num_heads:
+        raise ConfigError(
+            f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}."
+        )
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={m.remat!r}; valid: {REMAT_POLICIES}.")
+    depth = m.volume_size[0]
+    if not 1 <= config.selection.k <= depth:
+        raise ConfigError(
+            f"selection.k={config.selection.k} must be between 1 and the volume depth in slices "
+            f"({depth}, model.volume_size[0])."
+        )
+
+
+def check_training(config) -> None:
+    """Modes, ratios, precision, batch sizes and the text-model directory."""
+    for field, value in (
+        ("selection.mode", config.selection.mode),
+        ("masking.mode", config.masking.mode),
+    ):
+        if value not in MODES:
+            raise ConfigError(f"{field}={value!r}; valid: {MODES}.")
+    if not 0.0 <= config.masking.ratio < 1.0:
+        raise ConfigError(f"masking.ratio={config.masking.ratio} must be in [0, 1).")
+    if config.precision.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"precision.compute_dtype={config.precision.compute_dtype!r}; valid: {COMPUTE_DTYPES}."
+        )
+    if config.batch.size_2d + config.batch.size_3d < 2:
+        raise ConfigError(
+            "batch.size_2d + batch.size_3d must be at least 2: the CLIP loss contrasts each pair "
+            "with the others of the batch."
+        )
+    if not (config.data.sources_2d or config.data.sources_3d):
+        raise ConfigError("data.sources_2d and data.sources_3d are both empty; name a dataset.")
+    path = config.text.path
+    if path and not (Path(path) / "config.json").is_file():
+        raise ConfigError(
+            f"text.path={path!r} is not a Hugging Face model directory (no config.json there). "
+            "Download the model (e.g. emilyalsentzer/Bio_ClinicalBERT) to that path, or set "
+            "--config.text.path='' to train a text tower from scratch."
+        )
+
+
+def check_batch_for_mesh(config, data_parallel: int) -> None:
+    """Global batch sizes must split evenly over the data-parallel devices."""
+    for field in ("size_2d", "size_3d"):
+        size = config.batch[field]
+        if size % data_parallel:
+            raise ConfigError(
+                f"batch.{field}={size} is not divisible by the data-parallel size {data_parallel} "
+                "(mesh.data x mesh.fsdp); choose a multiple of it."
+            )
+
+
+def check_config(config) -> None:
+    """Every start-up check that needs no devices."""
+    check_model(config)
+    check_training(config)
