@@ -25,7 +25,10 @@ flags.mark_flag_as_required("workdir")
 def evaluate(path: str | Path, config=None) -> dict[str, float]:
     """Loads the checkpoint at ``path`` and runs the configured evaluators."""
     model = inference.load(path)
-    config = config or model.config
+    if config is None:
+        config = model.config
+    elif not config.data.data_dir:
+        config.data.data_dir = model.config.data.data_dir  # a demo run's data lives in its workdir
     return run_evaluators(model, config, config.evals, config.eval_split, config.eval_limit)
 
 

@@ -7,11 +7,11 @@ tokenise exactly as training did.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+from jax.experimental import multihost_utils
 
 from data_pipelines.pipeline import report_texts
 from unimedi_jax.models.text import (
@@ -39,23 +39,24 @@ def prepare_text_tower(config, workdir: Path) -> TextTower:
         module, params = load_hf_bert(text_cfg.path)
         return TextTower(module.config, load_tokenizer(text_cfg.path), params)
     tokenizer_dir = Path(workdir) / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        # Every process builds the same vocabulary; only process 0 keeps it in the workdir.
-        target = tokenizer_dir if jax.process_index() == 0 else Path(tempfile.mkdtemp())
+    # WordPiece training is not reproducible across processes (ties break differently), so
+    # process 0 builds the one vocabulary and the others read it from the shared workdir.
+    if jax.process_index() == 0 and not (tokenizer_dir / "tokenizer.json").exists():
         train_wordpiece_tokenizer(
-            report_texts(config), text_cfg.vocab_size or SCRATCH_VOCAB_SIZE, target
+            report_texts(config), text_cfg.vocab_size or SCRATCH_VOCAB_SIZE, tokenizer_dir
         )
-        return load_text_tower(config, workdir, tokenizer_dir=target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("from-scratch tokenizer written")
     return load_text_tower(config, workdir)
 
 
-def load_text_tower(config, workdir: Path, tokenizer_dir: Path | None = None) -> TextTower:
+def load_text_tower(config, workdir: Path) -> TextTower:
     """Config and tokenizer of a run's text tower, without weights (they come from a checkpoint
     or, in training, from ``prepare_text_tower``)."""
     text_cfg = config.text
     if text_cfg.path:
         return TextTower(read_bert_config(Path(text_cfg.path)), load_tokenizer(text_cfg.path), None)
-    tokenizer = load_tokenizer(tokenizer_dir or Path(workdir) / "tokenizer")
+    tokenizer = load_tokenizer(Path(workdir) / "tokenizer")
     bert = BertConfig.from_scratch(
         vocab_size=len(tokenizer),
         hidden_size=text_cfg.hidden_size,

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import matplotlib
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from matplotlib.figure import Figure
@@ -164,6 +165,7 @@ def _score_plot(ax, scores: np.ndarray, picked: np.ndarray, lesion: np.ndarray |
     ax.plot(slices, scores, "-o", color="tab:blue", ms=3, lw=1.2)
     ax.plot(picked, scores[picked], "o", ms=8, mfc=SELECTED_COLOR, mec="black")
     ax.set_xlim(-0.5, depth - 0.5)
+    ax.margins(y=0.15)
     ax.set_xticks(slices[:: max(1, depth // 16)])
     ax.set_xlabel("slice", fontsize=8)
     ax.set_ylabel("Eq. 2 score", fontsize=8)
@@ -213,7 +215,7 @@ def slices_figure(
             title += f"; lesion slices {_span_text(lesion)}"
         strip.set_title(title, fontsize=10, loc="left")
         _score_plot(fig.add_subplot(grid[3 * n + 1]), np.asarray(scores[n]), picked, lesion)
-        _report_axis(fig.add_subplot(grid[3 * n + 2]), reports[n], 160)
+        _report_axis(fig.add_subplot(grid[3 * n + 2]), reports[n], int(14 * fig.get_figwidth()))
     _slice_legend(fig, lesion_slices is not None)
     return fig
 
@@ -223,6 +225,20 @@ def _patch_pixels(token_values: np.ndarray, grid: tuple[int, int], shape: tuple[
     gh, gw = grid
     ph, pw = shape[0] // gh, shape[1] // gw
     return np.kron(np.asarray(token_values).reshape(gh, gw), np.ones((ph, pw)))
+
+
+def _heat(token_values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """RGBA [gh, gw] attention map, more opaque where attention is high so the anatomy shows."""
+    values = np.asarray(token_values, np.float64).reshape(grid)
+    scaled = (values - values.min()) / max(float(np.ptp(values)), 1e-12)
+    rgba = matplotlib.colormaps["jet"](scaled)
+    rgba[..., 3] = 0.7 * scaled
+    return rgba
+
+
+def _pixel_extent(shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """imshow extent of an [H, W] image drawn at its pixel coordinates."""
+    return (-0.5, shape[1] - 0.5, shape[0] - 0.5, -0.5)
 
 
 def masking_figure(
@@ -244,14 +260,13 @@ def masking_figure(
     axes = fig.subplots(len(images), 4, width_ratios=[1, 1, 1, 1.6], squeeze=False)
     for n, (image, row) in enumerate(zip(images, axes, strict=True)):
         hidden = _patch_pixels(masks[n], grid, image.shape) > 0.5
-        heat = _patch_pixels(attention[n], grid, image.shape)
         row[0].imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
         row[0].set_title(f"X-ray {n}", fontsize=10)
         row[1].imshow(np.where(hidden, np.nan, image), cmap=masked_cmap, vmin=0.0, vmax=1.0)
         kept = f"{int((~masks[n]).sum())}/{masks.shape[1]}"
         row[1].set_title(f"kept {kept} tokens (ratio {ratio:g})", fontsize=10)
         row[2].imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
-        row[2].imshow(heat, cmap="inferno", alpha=0.55, interpolation="bilinear")
+        row[2].imshow(_heat(attention[n], grid), extent=_pixel_extent(image.shape))
         row[2].set_title("[CLS] attention (Eq. 1)", fontsize=10)
         for ax in row[:3]:
             ax.set_xticks([])
@@ -281,7 +296,7 @@ def tsne_figure(
     groups = list(embeddings)
     points = tsne(np.concatenate([embeddings[g] for g in groups]), perplexity)
     names = sorted({c for g in groups for c in classes[g]}, key=lambda c: (c != "normal", c))
-    palette = matplotlib.colormaps["tab10"].colors
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
     colour = {c: palette[i % len(palette)] for i, c in enumerate(names)}
     spare_markers = iter("DPX*phd")
     fig = Figure(figsize=(9.0, 7.0), layout="constrained")
@@ -339,19 +354,32 @@ def image_attention(model: inference.UniMedIInference, images: np.ndarray) -> np
     return np.asarray(_attention(model.model, model.teacher, inference.as_float(images)))
 
 
-def _source(config, modality: str) -> str:
+def _source(config: ml_collections.ConfigDict, modality: str) -> str:
     entries = parse_sources(config.data[f"sources_{modality}"])
     if not entries:
         raise ValueError(f"config.data.sources_{modality} is empty: this run has no such data")
     return entries[0][0]
 
 
-def _records(config, modality: str, split: str, num: int) -> dict:
-    """The first ``num`` held-out records of the run's first source of a modality."""
-    return next(eval_batches(config, _source(config, modality), modality, split, batch_size=num))
+def held_out(
+    config: ml_collections.ConfigDict, modality: str, split: str, num: int, pool: int = 64
+) -> dict:
+    """``num`` held-out records of the run's first source, those with a finding first.
+
+    Abnormal cases are what these figures are about (as in the paper's Fig. 5), so the first
+    ``max(pool, num)`` records are read and stably reordered, abnormal before normal.
+    """
+    name = _source(config, modality)
+    batch = next(eval_batches(config, name, modality, split, batch_size=max(pool, num)))
+    abnormal = (np.nan_to_num(batch["labels"]) == 1.0).any(axis=1)
+    order = np.argsort(~abnormal, kind="stable")[:num]
+    return {
+        k: np.asarray(v)[order] if isinstance(v, np.ndarray) else [v[i] for i in order]
+        for k, v in batch.items()
+    }
 
 
-def _label_names(config, modality: str, split: str) -> list[str]:
+def _label_names(config: ml_collections.ConfigDict, modality: str, split: str) -> list[str]:
     """The label vocabulary a prepared source records (phantoms: 'findings', others 'labels')."""
     path = open_source(_source(config, modality), config.data.data_dir, modality, split).path
     metadata = tfds.builder_from_directory(path).info.metadata or {}
@@ -359,7 +387,8 @@ def _label_names(config, modality: str, split: str) -> list[str]:
 
 
 def run_slices(model: inference.UniMedIInference, split: str, num: int) -> Figure:
-    batch = _records(model.config, "3d", split, num)
+    """The slice-selection figure of ``num`` held-out volumes of a run."""
+    batch = held_out(model.config, "3d", split, num)
     indices, scores = model.select_slices(batch["volume"])
     return slices_figure(
         batch["volume"], indices, scores, batch["report"], batch.get("lesion_slices")
@@ -367,8 +396,9 @@ def run_slices(model: inference.UniMedIInference, split: str, num: int) -> Figur
 
 
 def run_masking(model: inference.UniMedIInference, split: str, num: int) -> Figure:
+    """The masking figure of ``num`` held-out X-rays, with the run's mask ratio."""
     config = model.config
-    batch = _records(config, "2d", split, num)
+    batch = held_out(config, "2d", split, num)
     grid = tuple(
         s // p for s, p in zip(config.model.image_size, config.model.patch_2d, strict=True)
     )
@@ -377,30 +407,36 @@ def run_masking(model: inference.UniMedIInference, split: str, num: int) -> Figu
 
 
 def run_tsne(model: inference.UniMedIInference, split: str, num: int) -> Figure:
+    """The t-SNE of up to ``num`` held-out records per modality and their reports."""
     config = model.config
     data = build_eval_set(model, config, split, num).modalities
-    embeddings, classes = {}, {}
-    for key, modality, name in (("image", "2d", "X-ray"), ("volume", "3d", "CT")):
-        if key not in data:
-            continue
-        found = finding_classes(data[key].labels, _label_names(config, modality, split))
-        group = f"{name} ({modality.upper()})"
-        embeddings[group], classes[group] = data[key].image_emb, found
-        embeddings[f"{name} report"], classes[f"{name} report"] = data[key].text_emb, found
-    return tsne_figure(embeddings, classes)
+    present = [m for m in (("image", "2d", "X-ray"), ("volume", "3d", "CT")) if m[0] in data]
+    found = {
+        key: finding_classes(data[key].labels, _label_names(config, modality, split))
+        for key, modality, _ in present
+    }
+    groups = [(f"{name} ({modality.upper()})", key, "image_emb") for key, modality, name in present]
+    groups += [(f"{name} report", key, "text_emb") for key, _, name in present]
+    embeddings = {group: getattr(data[key], field) for group, key, field in groups}
+    return tsne_figure(embeddings, {group: found[key] for group, key, _ in groups})
 
 
 FIGURES = {"slices": run_slices, "masking": run_masking, "tsne": run_tsne}
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    """The CLI: load a run, draw one figure, write it as PNG; returns the file written."""
     parser = argparse.ArgumentParser(
         prog="python -m unimedi_jax.visualize", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("figure", choices=sorted(FIGURES))
     parser.add_argument("--workdir", required=True, help="run directory or a checkpoint dir")
     parser.add_argument("--out", required=True, type=Path, help="PNG file to write")
-    parser.add_argument("--num", type=int, help="records per modality (default per figure)")
+    parser.add_argument(
+        "--num",
+        type=int,
+        help=f"records to draw, abnormal ones first (per modality for tsne); default {DEFAULT_NUM}",
+    )
     parser.add_argument("--split", default="test", help="held-out split to draw from")
     args = parser.parse_args(argv)
     num = args.num or DEFAULT_NUM[args.figure]

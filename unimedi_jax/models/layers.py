@@ -17,11 +17,15 @@ def remat_policy(name: str):
     raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {name!r}")
 
 
-def scanned(block_cls: type[nn.Module], depth: int, remat: str) -> type[nn.Module]:
+def scanned(
+    block_cls: type[nn.Module], depth: int, remat: str, unroll: bool = False
+) -> type[nn.Module]:
     """Wraps a block (carry, *broadcast) -> (carry, per_layer_out) in nn.scan over ``depth``.
 
     Scanning keeps compile time flat in depth; the layer axis of every parameter is named
-    'layers' so sharding rules can leave it unsharded.
+    'layers' so sharding rules can leave it unsharded. ``unroll`` emits the ``depth`` layers one
+    after another instead of a loop, with the same stacked parameters: longer compiles, and a
+    step XLA may schedule better (see ``python -m unimedi_jax.benchmark --compare_unrolled``).
     """
     if remat != "none":
         block_cls = nn.remat(block_cls, prevent_cse=False, policy=remat_policy(remat))
@@ -31,6 +35,7 @@ def scanned(block_cls: type[nn.Module], depth: int, remat: str) -> type[nn.Modul
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,
         length=depth,
+        unroll=depth if unroll else 1,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 

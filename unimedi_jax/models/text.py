@@ -221,12 +221,13 @@ class BertEncoder(nn.Module):
 
     Matmuls run in ``dtype``; parameters, LayerNorm and softmax stay float32 and so does the
     residual stream (post-LN makes it a LayerNorm output).
-    ``remat`` is one of layers.REMAT_POLICIES.
+    ``remat`` is one of layers.REMAT_POLICIES; ``unroll_layers`` see layers.scanned.
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     remat: str = "none"
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -247,7 +248,7 @@ class BertEncoder(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         hidden = _BertEmbeddings(cfg, deterministic, name="embeddings")(input_ids, token_type_ids)
 
-        layers = scanned(_BertLayer, cfg.num_hidden_layers, self.remat)(
+        layers = scanned(_BertLayer, cfg.num_hidden_layers, self.remat, self.unroll_layers)(
             cfg, self.dtype, deterministic, name="layers"
         )
         key_mask = attention_mask.astype(bool)[:, None, None, :]  # [B, heads, queries, keys]

@@ -89,6 +89,8 @@ class UniMedI(nn.Module):
 def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> UniMedI:
     """UniMedI from a pre-training config and the text tower's BertConfig."""
     model_cfg = config.model
+    # Configs saved before model.unroll_layers existed (a run's config.json) scan their layers.
+    unroll = model_cfg.get("unroll_layers", False)
     vision = VisionTransformer(
         width=model_cfg.width,
         depth=model_cfg.depth,
@@ -100,10 +102,11 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         volume_size=tuple(model_cfg.volume_size),
         dtype=dtype,
         remat=model_cfg.remat,
+        unroll_layers=unroll,
     )
     return UniMedI(
         vision=vision,
-        text=BertEncoder(text_config, dtype=dtype, remat=model_cfg.remat),
+        text=BertEncoder(text_config, dtype=dtype, remat=model_cfg.remat, unroll_layers=unroll),
         embed_dim=model_cfg.embed_dim,
         dino_hidden_dim=model_cfg.dino_hidden_dim,
         dino_bottleneck_dim=model_cfg.dino_bottleneck_dim,

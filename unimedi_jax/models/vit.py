@@ -173,6 +173,7 @@ class Encoder(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     remat: str = "none"
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> EncoderOutput:
@@ -180,7 +181,7 @@ class Encoder(nn.Module):
             raise ValueError(
                 f"model width {self.width} is not divisible by num_heads {self.num_heads}"
             )
-        blocks = scanned(Block, self.depth, self.remat)(
+        blocks = scanned(Block, self.depth, self.remat, self.unroll_layers)(
             self.width, self.num_heads, self.mlp_dim, self.dtype, name="blocks"
         )
         x, cls_attention = blocks(x)
@@ -207,6 +208,7 @@ class VisionTransformer(nn.Module):
     in_chans: int = 1
     dtype: Dtype = jnp.float32
     remat: str = "none"
+    unroll_layers: bool = False
 
     def setup(self):
         self.embed_2d = PatchEmbed(
@@ -234,7 +236,13 @@ class VisionTransformer(nn.Module):
             (self.width,),
         )
         self.encoder = Encoder(
-            self.width, self.depth, self.num_heads, self.mlp_dim, self.dtype, self.remat
+            self.width,
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.remat,
+            self.unroll_layers,
         )
 
     def patch_tokens(

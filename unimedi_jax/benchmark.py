@@ -1,0 +1,233 @@
+"""Train-step speed of a config: compile time, step time, throughput, FLOPs, MFU, memory.
+
+    python -m unimedi_jax.benchmark --config=configs/pretrain.py[:preset] [--steps 10]
+        [--peak_tflops X] [--compare_unrolled] [--config.batch.size_2d=32 ...]
+
+Builds the real trainer (``loop.build_trainer``: same model, optimizer, mesh and shardings as a
+run) with a randomly initialised text tower sized from ``config.text``, and feeds it random
+batches of the config's shapes, so it needs no data and no Hugging Face weights. (For the paper
+config add ``--config.text.vocab_size=28996`` to size the embedding like BioClinicalBERT's.)
+One process, all its devices. Prints markdown tables for docs/benchmarks.md.
+
+The step's FLOPs come from XLA's cost analysis of the compiled (per-device) program, times the
+device count; MFU divides the achieved FLOP/s by the devices' dense bf16/fp16 peak.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from unimedi_jax import sharding
+from unimedi_jax.config_checks import check_batch_for_mesh, check_model
+from unimedi_jax.models.text import BertConfig
+from unimedi_jax.precision import compute_dtype
+from unimedi_jax.text_setup import SCRATCH_VOCAB_SIZE, TextTower
+from unimedi_jax.train.loop import build_trainer, count_params
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
+)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+_PEAK = flags.DEFINE_float(
+    "peak_tflops", None, "Peak TFLOP/s of one device, for MFU (default: from the device kind)."
+)
+_COMPARE = flags.DEFINE_bool(
+    "compare_unrolled", False, "Also compile and time the step with unrolled layer scans."
+)
+flags.mark_flag_as_required("config")
+
+# Dense bf16 (V100: fp16) tensor peak TFLOP/s of one device, matched against the lower-cased
+# device kind, first match wins. CPUs have none: MFU is n/a unless --peak_tflops is given.
+PEAK_TFLOPS = (
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),  # SXM
+    ("h200", 989.0),
+    ("a100", 312.0),
+    ("v100", 125.0),
+    ("tpu v4", 275.0),
+    ("tpu v5 lite", 197.0),  # v5e
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),  # v5p reports itself as "TPU v5"
+)
+
+# The schedules only shape the learning rate, not the work of a step.
+SCHEDULE_STEPS, SCHEDULE_WARMUP = 1000, 100
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Table peak of one device of this kind, or None when unknown (CPUs)."""
+    kind = device_kind.lower()
+    return next((peak for key, peak in PEAK_TFLOPS if key in kind), None)
+
+
+def text_tower(config) -> TextTower:
+    """A from-scratch BERT of config.text's sizes: no weights or tokenizer needed."""
+    t = config.text
+    bert = BertConfig.from_scratch(
+        vocab_size=t.vocab_size or SCRATCH_VOCAB_SIZE,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=max(t.max_length, 128),
+    )
+    return TextTower(bert, None, None)
+
+
+def host_batch(config, mesh: jax.sharding.Mesh, vocab_size: int, rng: np.random.Generator):
+    """This process's rows of a random global batch with the config's shapes (numpy)."""
+    length = config.text.max_length
+    batch = {}
+    for prefix, size, shape in (
+        ("image", config.batch.size_2d, config.model.image_size),
+        ("volume", config.batch.size_3d, config.model.volume_size),
+    ):
+        if size == 0:
+            continue
+        rows = sharding.process_batch_slice(mesh, size)
+        n = rows.stop - rows.start
+        batch[prefix] = rng.random((n, *shape), dtype=np.float32)
+        batch[f"{prefix}_text_ids"] = rng.integers(1, vocab_size, (n, length), dtype=np.int32)
+        batch[f"{prefix}_text_mask"] = np.ones((n, length), np.int32)
+    return batch
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(result, seconds) of fn(), waiting for any device work it started."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+def step_flops(compiled, num_devices: int) -> float | None:
+    """FLOPs of one step over all devices, from XLA's cost analysis of the per-device program."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return None if flops is None or flops <= 0 else flops * num_devices
+
+
+class StepTiming(NamedTuple):
+    params: int
+    lower_s: float
+    compile_s: float
+    step_s: float  # median over the timed steps
+    flops: float | None
+
+
+def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> StepTiming:
+    """Builds the trainer, compiles its step and times ``steps`` steps after one warm-up."""
+    trainer = build_trainer(config, text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP)
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch(host_batch(config, mesh, text.config.vocab_size, rng), mesh)
+    lowered, lower_s = timed(lambda: trainer.step.lower(trainer.state, batch))
+    compiled, compile_s = timed(lowered.compile)
+    state, _ = timed(lambda: compiled(trainer.state, batch))
+    times = []
+    for _ in range(steps):
+        (state, _), seconds = timed(lambda s=state: compiled(s, batch))
+        times.append(seconds)
+    params = count_params(state.params)
+    flops = step_flops(compiled, mesh.size)
+    return StepTiming(params, lower_s, compile_s, statistics.median(times), flops)
+
+
+def data_seconds(config, mesh: jax.sharding.Mesh, vocab_size: int, steps: int) -> tuple:
+    """Median (host batch preparation, host-to-device transfer) seconds per step."""
+    rng = np.random.default_rng(1)
+    prep, put = [], []
+    for _ in range(steps):
+        local, seconds = timed(lambda: host_batch(config, mesh, vocab_size, rng))
+        prep.append(seconds)
+        put.append(timed(lambda b=local: sharding.global_batch(b, mesh))[1])
+    return statistics.median(prep), statistics.median(put)
+
+
+def peak_memory_bytes() -> int | None:
+    """Largest peak allocation over this process's devices, where the backend reports it."""
+    peaks = [
+        (device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()
+    ]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def report_rows(config, timing: StepTiming, data: tuple, peak: float | None) -> list:
+    """The main table: what a step costs and how well it uses the devices."""
+    b2, b3 = config.batch.size_2d, config.batch.size_3d
+    devices = jax.device_count()
+    achieved = timing.flops / timing.step_s / 1e12 if timing.flops else None
+    mfu = achieved / (peak * devices) if achieved and peak else None
+    memory = peak_memory_bytes()
+    return [
+        ("parameters", f"{timing.params / 1e6:.1f}M"),
+        ("global batch (2D + 3D)", f"{b2} + {b3}"),
+        ("trace + lower s", f"{timing.lower_s:.1f}"),
+        ("compile s", f"{timing.compile_s:.1f}"),
+        (f"step s (median of {_STEPS.value})", f"{timing.step_s:.3f}"),
+        ("samples/s 2D", f"{b2 / timing.step_s:.1f}"),
+        ("samples/s 3D", f"{b3 / timing.step_s:.1f}"),
+        ("GFLOP / step (XLA cost analysis)", _fmt(timing.flops, 1e9, ".1f")),
+        ("achieved TFLOP/s", _fmt(achieved, 1, ".3f")),
+        ("MFU", "n/a (no peak known)" if mfu is None else f"{100 * mfu:.1f}%"),
+        ("peak memory / device GiB", _fmt(memory, 2**30, ".2f")),
+        ("host batch preparation s / step", f"{data[0]:.4f}"),
+        ("host-to-device s / step", f"{data[1]:.4f}"),
+    ]
+
+
+def _fmt(value: float | None, unit: float, spec: str) -> str:
+    return "n/a" if value is None else format(value / unit, spec)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    check_model(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    check_batch_for_mesh(config, mesh.shape["data"] * mesh.shape["fsdp"])
+    text = text_tower(config)
+    device = jax.devices()[0]
+    peak = _PEAK.value or peak_tflops(device.device_kind)
+    dtype = compute_dtype(config.precision.compute_dtype)
+
+    timing = time_step(config, mesh, text, _STEPS.value)
+    data = data_seconds(config, mesh, text.config.vocab_size, _STEPS.value)
+
+    print(
+        f"{jax.device_count()} x {device.device_kind} ({platform.processor() or platform.machine()}"
+        f"), jax {jax.__version__}, preset {config.get('preset', '?')}, compute {dtype.name}, "
+        f"mesh {dict(mesh.shape)}, peak {'n/a' if peak is None else f'{peak:g}'} TFLOP/s/device"
+    )
+    print(table(report_rows(config, timing, data, peak)))
+    if _COMPARE.value:
+        print_unrolled_comparison(config, mesh, text, timing)
+
+
+def print_unrolled_comparison(config, mesh, text: TextTower, scanned: StepTiming) -> None:
+    """Compile and step time of the same step with every layer scan unrolled."""
+    config.model.unroll_layers = True
+    unrolled = time_step(config, mesh, text, _STEPS.value)
+    print("\n| layers | trace + lower s | compile s | step s |\n|---|---|---|---|")
+    for name, t in (("scanned", scanned), ("unrolled", unrolled)):
+        print(f"| {name} | {t.lower_s:.1f} | {t.compile_s:.1f} | {t.step_s:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
