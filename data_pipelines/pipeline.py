@@ -21,7 +21,6 @@ Imports no jax itself; grain does (for its profiler) when jax is installed.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -388,9 +387,13 @@ def _step_dataset(plan: _ModalityPlan, config, tokenizer, process_index: int) ->
 
 
 def _ensure_absl_flags_parsed() -> None:
-    """Grain's worker processes read absl flags; outside an absl app, use their defaults."""
+    """Grain's worker processes read absl flags; outside an absl app, use their defaults.
+
+    Marked parsed rather than parsed: parsing would run the validators of flags other modules
+    define (e.g. a required --workdir), which have no value outside their own app.
+    """
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1], known_only=True)
+        flags.FLAGS.mark_as_parsed()
 
 
 class TrainStream:

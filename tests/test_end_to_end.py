@@ -8,7 +8,7 @@ import pytest
 
 from configs.pretrain import get_config
 from unimedi_jax import inference, selection
-from unimedi_jax.evaluate import evaluate
+from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.train.loop import train
 
@@ -111,7 +111,7 @@ def test_load_a_specific_checkpoint_directory(run):
 def test_evaluate_reports_every_evaluator(run):
     config = inference.load(run).config
     config.eval_limit = 24
-    results = evaluate(run, config)
+    results = evaluate_checkpoint(run, config)
     for key in (
         "retrieval_image/image_to_text/R@1",
         "retrieval_volume/text_to_image/R@10",

@@ -9,33 +9,22 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unimedi_jax import inference
-from unimedi_jax.evaluation.evaluators import run_evaluators
+from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or one of its checkpoint dirs).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config replacing the run's.")
 flags.mark_flag_as_required("workdir")
 
 
-def evaluate(path: str | Path, config=None) -> dict[str, float]:
-    """Loads the checkpoint at ``path`` and runs the configured evaluators."""
-    model = inference.load(path)
-    if config is None:
-        config = model.config
-    elif not config.data.data_dir:
-        config.data.data_dir = model.config.data.data_dir  # a demo run's data lives in its workdir
-    return run_evaluators(model, config, config.evals, config.eval_split, config.eval_limit)
-
-
 def main(argv: list[str]) -> None:
     del argv
     workdir, _ = inference.resolve_run(_WORKDIR.value)
-    results = evaluate(_WORKDIR.value, _CONFIG.value)
+    results = evaluate_checkpoint(_WORKDIR.value, _CONFIG.value)
     (workdir / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     width = max(map(len, results))
     for name, value in sorted(results.items()):

@@ -7,11 +7,13 @@ flat dict of named figures, so results go straight to metrics.jsonl, TensorBoard
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from data_pipelines.pipeline import eval_batches, parse_sources
+from unimedi_jax import inference
 from unimedi_jax.evaluation import metrics
 
 # Zero-shot prompts per dataset: finding -> (positive, negative), worded like the reports.
@@ -151,3 +153,13 @@ def run_evaluators(model, config, names, split: str = "test", limit: int = 200) 
     for name in names:
         results.update(EVALUATORS[name](model, data))
     return results
+
+
+def evaluate_checkpoint(path: str | Path, config=None) -> dict[str, float]:
+    """Loads the checkpoint at ``path`` and runs the configured evaluators."""
+    model = inference.load(path)
+    if config is None:
+        config = model.config
+    elif not config.data.data_dir:
+        config.data.data_dir = model.config.data.data_dir  # a demo run's data lives in its workdir
+    return run_evaluators(model, config, config.evals, config.eval_split, config.eval_limit)
