@@ -39,6 +39,7 @@ def paper_config() -> ml_collections.ConfigDict:
     c.model.dino_bottleneck_dim = 256
     c.model.dino_out_dim = 8192
     c.model.remat = "none"  # none | full | dots
+    c.model.unroll_layers = False  # True: no layer loop (same params): slower compile
 
     c.text = ml_collections.ConfigDict()
     # A local Hugging Face directory (config.json + weights + tokenizer files), e.g. a download of

@@ -9,8 +9,11 @@ batches of the config's shapes, so it needs no data and no Hugging Face weights.
 config add ``--config.text.vocab_size=28996`` to size the embedding like BioClinicalBERT's.)
 One process, all its devices. Prints markdown tables for docs/benchmarks.md.
 
-The step's FLOPs come from XLA's cost analysis of the compiled (per-device) program, times the
-device count; MFU divides the achieved FLOP/s by the devices' dense bf16/fp16 peak.
+FLOPs are XLA's cost analysis of the whole (global) step, lowered with its layer scans unrolled:
+XLA counts a loop body once. They include what remat recomputes. MFU divides the achieved FLOP/s
+by the devices' dense bf16 peak (V100: fp16); where the compute dtype is float32 (CPU, V100 by
+default) give the float32 peak with --peak_tflops. Data time is measured apart from the step:
+building this process's random host batch, then putting it on the devices.
 """
 
 from __future__ import annotations
@@ -110,13 +113,20 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def step_flops(compiled, num_devices: int) -> float | None:
-    """FLOPs of one step over all devices, from XLA's cost analysis of the per-device program."""
-    analysis = compiled.cost_analysis()
+def lowered_flops(lowered) -> float | None:
+    """FLOPs of a lowered (global, not yet partitioned) program by XLA's cost analysis."""
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, list | tuple):  # older jax: one dict per program
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops")
-    return None if flops is None or flops <= 0 else flops * num_devices
+    return flops if flops and flops > 0 else None
+
+
+def with_unrolled_layers(config):
+    """A copy of ``config`` whose layer scans are unrolled (same parameters)."""
+    config = config.copy_and_resolve_references()
+    config.model.unroll_layers = True
+    return config
 
 
 class StepTiming(NamedTuple):
@@ -124,24 +134,45 @@ class StepTiming(NamedTuple):
     lower_s: float
     compile_s: float
     step_s: float  # median over the timed steps
-    flops: float | None
+    flops: float | None  # XLA counts a loop body once: right only with unrolled layers
+    memory: int | None  # peak bytes on a device so far (a high-water mark)
+
+
+def device_batch(config, mesh: jax.sharding.Mesh, text: TextTower) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    return sharding.global_batch(host_batch(config, mesh, text.config.vocab_size, rng), mesh)
 
 
 def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> StepTiming:
     """Builds the trainer, compiles its step and times ``steps`` steps after one warm-up."""
     trainer = build_trainer(config, text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP)
-    rng = np.random.default_rng(0)
-    batch = sharding.global_batch(host_batch(config, mesh, text.config.vocab_size, rng), mesh)
+    batch = device_batch(config, mesh, text)
     lowered, lower_s = timed(lambda: trainer.step.lower(trainer.state, batch))
     compiled, compile_s = timed(lowered.compile)
-    state, _ = timed(lambda: compiled(trainer.state, batch))
+    (state, _), _ = timed(lambda: compiled(trainer.state, batch))  # warm-up
     times = []
     for _ in range(steps):
         (state, _), seconds = timed(lambda s=state: compiled(s, batch))
         times.append(seconds)
-    params = count_params(state.params)
-    flops = step_flops(compiled, mesh.size)
-    return StepTiming(params, lower_s, compile_s, statistics.median(times), flops)
+    return StepTiming(
+        params=count_params(state.params),
+        lower_s=lower_s,
+        compile_s=compile_s,
+        step_s=statistics.median(times),
+        flops=lowered_flops(lowered),
+        memory=peak_memory_bytes(),
+    )
+
+
+def step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
+    """FLOPs of one step over all devices: the step with unrolled layers, lowered, not compiled.
+
+    (The scanned step's own count would include only one layer of each tower.)
+    """
+    trainer = build_trainer(
+        with_unrolled_layers(config), text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP
+    )
+    return lowered_flops(trainer.step.lower(trainer.state, device_batch(config, mesh, text)))
 
 
 def data_seconds(config, mesh: jax.sharding.Mesh, vocab_size: int, steps: int) -> tuple:
@@ -174,19 +205,18 @@ def report_rows(config, timing: StepTiming, data: tuple, peak: float | None) -> 
     devices = jax.device_count()
     achieved = timing.flops / timing.step_s / 1e12 if timing.flops else None
     mfu = achieved / (peak * devices) if achieved and peak else None
-    memory = peak_memory_bytes()
     return [
         ("parameters", f"{timing.params / 1e6:.1f}M"),
         ("global batch (2D + 3D)", f"{b2} + {b3}"),
         ("trace + lower s", f"{timing.lower_s:.1f}"),
         ("compile s", f"{timing.compile_s:.1f}"),
         (f"step s (median of {_STEPS.value})", f"{timing.step_s:.3f}"),
-        ("samples/s 2D", f"{b2 / timing.step_s:.1f}"),
-        ("samples/s 3D", f"{b3 / timing.step_s:.1f}"),
-        ("GFLOP / step (XLA cost analysis)", _fmt(timing.flops, 1e9, ".1f")),
+        ("samples/s 2D", f"{b2 / timing.step_s:.3g}"),
+        ("samples/s 3D", f"{b3 / timing.step_s:.3g}"),
+        ("GFLOP / step (XLA cost analysis)", _fmt(timing.flops, 1e9, ".4g")),
         ("achieved TFLOP/s", _fmt(achieved, 1, ".3f")),
         ("MFU", "n/a (no peak known)" if mfu is None else f"{100 * mfu:.1f}%"),
-        ("peak memory / device GiB", _fmt(memory, 2**30, ".2f")),
+        ("peak memory / device GiB", _fmt(timing.memory, 2**30, ".2f")),
         ("host batch preparation s / step", f"{data[0]:.4f}"),
         ("host-to-device s / step", f"{data[1]:.4f}"),
     ]
@@ -208,6 +238,12 @@ def main(argv: list[str]) -> None:
     dtype = compute_dtype(config.precision.compute_dtype)
 
     timing = time_step(config, mesh, text, _STEPS.value)
+    unrolled = None
+    if _COMPARE.value:
+        unrolled = time_step(with_unrolled_layers(config), mesh, text, _STEPS.value)
+        flops = unrolled.flops
+    else:
+        flops = step_flops(config, mesh, text)
     data = data_seconds(config, mesh, text.config.vocab_size, _STEPS.value)
 
     print(
@@ -215,18 +251,11 @@ def main(argv: list[str]) -> None:
         f"), jax {jax.__version__}, preset {config.get('preset', '?')}, compute {dtype.name}, "
         f"mesh {dict(mesh.shape)}, peak {'n/a' if peak is None else f'{peak:g}'} TFLOP/s/device"
     )
-    print(table(report_rows(config, timing, data, peak)))
-    if _COMPARE.value:
-        print_unrolled_comparison(config, mesh, text, timing)
-
-
-def print_unrolled_comparison(config, mesh, text: TextTower, scanned: StepTiming) -> None:
-    """Compile and step time of the same step with every layer scan unrolled."""
-    config.model.unroll_layers = True
-    unrolled = time_step(config, mesh, text, _STEPS.value)
-    print("\n| layers | trace + lower s | compile s | step s |\n|---|---|---|---|")
-    for name, t in (("scanned", scanned), ("unrolled", unrolled)):
-        print(f"| {name} | {t.lower_s:.1f} | {t.compile_s:.1f} | {t.step_s:.3f} |")
+    print(table(report_rows(config, timing._replace(flops=flops), data, peak)))
+    if unrolled is not None:
+        print("\n| layers | trace + lower s | compile s | step s |\n|---|---|---|---|")
+        for name, t in (("scanned", timing), ("unrolled", unrolled)):
+            print(f"| {name} | {t.lower_s:.1f} | {t.compile_s:.1f} | {t.step_s:.3f} |")
 
 
 if __name__ == "__main__":
