@@ -21,28 +21,11 @@ from flax import linen as nn
 from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file
 
+from tests.tiny_models import TINY_BERT, TINY_VIT
 from unimedi_jax import export
 from unimedi_jax.models.text import BertConfig, BertEncoder, train_wordpiece_tokenizer
 from unimedi_jax.models.vit import VisionTransformer
 
-VISION = dict(
-    width=32,
-    depth=2,
-    num_heads=4,
-    mlp_dim=64,
-    patch_2d=(8, 8),
-    patch_3d=(2, 8, 8),
-    image_size=(32, 32),
-    volume_size=(8, 16, 16),
-)
-TEXT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=40,
-    type_vocab_size=2,
-)
 REPORTS = [
     "The heart size is normal.",
     "No acute cardiopulmonary process.",
@@ -68,7 +51,7 @@ def _random_params(init, *args, seed: int = 0):
 
 def _vision(**overrides):
     """A VisionTransformer and params of both tokenizers (linen builds only what is used)."""
-    model = VisionTransformer(**{**VISION, **overrides})
+    model = VisionTransformer(**{**TINY_VIT, **overrides})
     images = jnp.zeros((1, *model.image_size))
     volumes = jnp.zeros((1, *model.volume_size))
     return model, _random_params(nn.init(lambda m, x, v: (m(x), m(v)), model), images, volumes)
@@ -82,7 +65,7 @@ def vision():
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     tokenizer = train_wordpiece_tokenizer(REPORTS, 60, tmp_path_factory.mktemp("tokenizer"))
-    config = BertConfig(vocab_size=len(tokenizer), **TEXT)
+    config = BertConfig(vocab_size=len(tokenizer), **TINY_BERT)
     model = BertEncoder(config)
     ids = jnp.zeros((1, 4), jnp.int32)
     params = _random_params(model.init, ids, ids)
@@ -302,7 +285,7 @@ def test_timm_export_refuses_bad_sizes(vision):
     with pytest.raises(ValueError, match="not a multiple of the patch"):
         export.timm_vit_state(params, model, image_size=(36, 32))
     with pytest.raises(ValueError, match="not expressible"):
-        export.timm_vit_kwargs(VisionTransformer(**{**VISION, "width": 28, "mlp_dim": 61}))
+        export.timm_vit_kwargs(VisionTransformer(**{**TINY_VIT, "width": 28, "mlp_dim": 61}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,21 +21,12 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from tests.tiny_models import TINY_VIT
 from unimedi_jax import sharding
 from unimedi_jax.models.vit import VisionTransformer
 
 HERE = Path(__file__).resolve().parent
 FAKE_DEVICES = 8
-TINY = dict(
-    width=32,
-    depth=2,
-    num_heads=4,
-    mlp_dim=64,
-    patch_2d=(8, 8),
-    patch_3d=(2, 8, 8),
-    image_size=(32, 32),
-    volume_size=(8, 16, 16),
-)
 
 
 def check_process(call: str, devices: int = FAKE_DEVICES) -> subprocess.Popen:
@@ -46,7 +37,9 @@ def check_process(call: str, devices: int = FAKE_DEVICES) -> subprocess.Popen:
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
         "--xla_backend_optimization_level=0",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")])
+        ),
     }
     return subprocess.Popen(
         [sys.executable, "-c", f"import {Path(__file__).stem} as t; t.{call}"],
@@ -76,7 +69,7 @@ def on_fake_devices(check) -> None:
 
 def tiny_state(rng: jax.Array, images: jax.Array) -> dict:
     """Boxed params and the adamw state built from them (so mu/nu keep the boxes)."""
-    params = VisionTransformer(**TINY).init(rng, images)["params"]
+    params = VisionTransformer(**TINY_VIT).init(rng, images)["params"]
     tx = optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
     return {"params": params, "opt_state": tx.init(params)}
 
@@ -192,7 +185,7 @@ def check_sharded_state_and_step() -> None:
     jax.tree.map(np.testing.assert_array_equal, reference, state)
 
     # A sharded forward + backward pass gives the numbers of the one-device one.
-    model = VisionTransformer(**TINY)
+    model = VisionTransformer(**TINY_VIT)
 
     def loss(p, x):
         out = model.apply({"params": p}, x)

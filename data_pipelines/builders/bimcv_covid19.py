@@ -95,26 +95,14 @@ class BimcvCovid19(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Point manual_dir at {LAYOUT} (see docs/data.md)."
 
     def _info(self) -> tfds.core.DatasetInfo:
-        cfg = self.builder_config
         features = {
-            "volume": common.raw_array(cfg.volume_shape, np.int16),
-            "report": tfds.features.Text(),
-            "num_sentences": tfds.features.Scalar(dtype=np.int32),
-            "labels": tfds.features.Tensor(shape=(0,), dtype=np.float32),
+            "volume": common.raw_array(self.builder_config.volume_shape, np.int16),
+            **common.report_features(0),  # no labels
             "subject_id": tfds.features.Text(),
             "session_id": tfds.features.Text(),
             "id": tfds.features.Text(),
         }
-        metadata = tfds.core.MetadataDict(
-            options=common.recorded_options(cfg, _RECORDED), labels=[], skipped={}
-        )
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict(features),
-            metadata=metadata,
-            disable_shuffling=True,
-        )
+        return common.dataset_info(self, __doc__, features, _RECORDED, labels=[])
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         cfg = self.builder_config
@@ -225,5 +213,4 @@ def make_builder(config_name: str, data_dir: str, **options: Any) -> BimcvCovid1
             f"translations file {translations} not found; expected a CSV with columns "
             "session_id, text"
         )
-    config = BimcvConfig(name=config_name, version=VERSION, **options)
-    return BimcvCovid19(config=config, data_dir=data_dir, file_format="array_record")
+    return common.array_record_builder(BimcvCovid19, BimcvConfig, config_name, data_dir, options)

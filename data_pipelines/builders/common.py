@@ -145,20 +145,68 @@ def recorded_options(config: Any, names: Sequence[str]) -> dict[str, Any]:
 
 
 def check_options(dataset: str, options: Mapping[str, Any], valid: Sequence[str]) -> dict:
-    """Options with known names only; volume_shape as a tuple of ints."""
+    """Options with known names only; volume_shape as a tuple of ints; num_workers (where it
+    is an option) defaulting to the CPU count."""
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"{dataset}: unknown options {unknown}; valid: {list(valid)}")
     options = dict(options)
     if options.get("volume_shape") is not None:
         options["volume_shape"] = tuple(int(n) for n in options["volume_shape"])
-    if options.get("num_workers") is None:
+    if "num_workers" in valid and options.get("num_workers") is None:
         options["num_workers"] = default_workers()
     return options
+
+
+def array_record_builder(
+    builder: type[tfds.core.GeneratorBasedBuilder],
+    config: type[tfds.core.BuilderConfig],
+    config_name: str,
+    data_dir: str,
+    options: Mapping[str, Any],
+) -> tfds.core.GeneratorBasedBuilder:
+    """`builder` for config `config_name` (at the builder's version) with `options`, writing
+    ArrayRecord files under `data_dir`."""
+    cfg = config(name=config_name, version=str(builder.VERSION), **options)
+    return builder(config=cfg, data_dir=data_dir, file_format="array_record")
 
 
 def raw_array(shape: Sequence[int], dtype: type) -> tfds.features.Tensor:
     """An array feature stored as raw bytes: decoding a record is a memcpy."""
     return tfds.features.Tensor(
         shape=tuple(shape), dtype=dtype, encoding=tfds.features.Encoding.BYTES
+    )
+
+
+def report_features(num_labels: int) -> dict[str, tfds.features.FeatureConnector]:
+    """The cleaned report, its sentence count and a float32 vector of `num_labels` labels."""
+    return {
+        "report": tfds.features.Text(),
+        "num_sentences": tfds.features.Scalar(dtype=np.int32),
+        "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.float32),
+    }
+
+
+def dataset_info(
+    builder: tfds.core.GeneratorBasedBuilder,
+    doc: str,
+    features: Mapping[str, Any],
+    recorded: Sequence[str],
+    **metadata: Any,
+) -> tfds.core.DatasetInfo:
+    """The DatasetInfo of a builder here: its features and `metadata.json`.
+
+    The description is the first paragraph of `doc` (the builder module's docstring). Records
+    are stored in the order they are generated (no shuffling on write). The metadata holds
+    `options` (the config's `recorded` options), then `metadata`, then `skipped`, which starts
+    empty and is filled per split as the build drops inputs (see `generate`).
+    """
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=doc.split("\n\n")[0],
+        features=tfds.features.FeaturesDict(dict(features)),
+        metadata=tfds.core.MetadataDict(
+            options=recorded_options(builder.builder_config, recorded), **metadata, skipped={}
+        ),
+        disable_shuffling=True,
     )

@@ -131,27 +131,13 @@ class CtRate(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Point manual_dir at {LAYOUT} (see docs/data.md)."
 
     def _info(self) -> tfds.core.DatasetInfo:
-        cfg = self.builder_config
         features = {
-            "volume": common.raw_array(cfg.volume_shape, np.int16),
-            "report": tfds.features.Text(),
-            "num_sentences": tfds.features.Scalar(dtype=np.int32),
-            "labels": tfds.features.Tensor(shape=(len(ABNORMALITIES),), dtype=np.float32),
+            "volume": common.raw_array(self.builder_config.volume_shape, np.int16),
+            **common.report_features(len(ABNORMALITIES)),
             "patient_id": tfds.features.Text(),
             "id": tfds.features.Text(),
         }
-        metadata = tfds.core.MetadataDict(
-            options=common.recorded_options(cfg, _RECORDED),
-            labels=list(ABNORMALITIES),
-            skipped={},
-        )
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict(features),
-            metadata=metadata,
-            disable_shuffling=True,
-        )
+        return common.dataset_info(self, __doc__, features, _RECORDED, labels=list(ABNORMALITIES))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         cfg = self.builder_config
@@ -255,5 +241,4 @@ def _load(item: _Volume) -> dict | str:
 def make_builder(config_name: str, data_dir: str, **options: Any) -> CtRate:
     """A builder for config 'ct' (see OPTIONS; num_workers defaults to the CPU count)."""
     options = common.check_options("ct_rate", options, OPTIONS)
-    config = CtRateConfig(name=config_name, version=VERSION, **options)
-    return CtRate(config=config, data_dir=data_dir, file_format="array_record")
+    return common.array_record_builder(CtRate, CtRateConfig, config_name, data_dir, options)

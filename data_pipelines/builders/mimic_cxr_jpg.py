@@ -92,27 +92,14 @@ class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         features = {
             "image": common.raw_array((cfg.image_size, cfg.image_size), np.uint8),
-            "report": tfds.features.Text(),
-            "num_sentences": tfds.features.Scalar(dtype=np.int32),
-            "labels": tfds.features.Tensor(shape=(len(CHEXPERT_LABELS),), dtype=np.float32),
+            **common.report_features(len(CHEXPERT_LABELS)),
             "view": tfds.features.Text(),
             "subject_id": tfds.features.Text(),
             "study_id": tfds.features.Text(),
             "dicom_id": tfds.features.Text(),
             "id": tfds.features.Text(),
         }
-        metadata = tfds.core.MetadataDict(
-            options=common.recorded_options(cfg, _RECORDED),
-            labels=list(CHEXPERT_LABELS),
-            skipped={},
-        )
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict(features),
-            metadata=metadata,
-            disable_shuffling=True,
-        )
+        return common.dataset_info(self, __doc__, features, _RECORDED, labels=list(CHEXPERT_LABELS))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         root = check_manual_dir(dl_manager.manual_dir)
@@ -210,5 +197,4 @@ def _load(image: _Image) -> dict | str:
 def make_builder(config_name: str, data_dir: str, **options: Any) -> MimicCxrJpg:
     """A builder for config 'xray' (see OPTIONS; num_workers defaults to the CPU count)."""
     options = common.check_options("mimic_cxr_jpg", options, OPTIONS)
-    config = MimicConfig(name=config_name, version=VERSION, **options)
-    return MimicCxrJpg(config=config, data_dir=data_dir, file_format="array_record")
+    return common.array_record_builder(MimicCxrJpg, MimicConfig, config_name, data_dir, options)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import phantoms
+from data_pipelines.builders import common
 from data_pipelines.reports import CleanReport, clean_report
 
 VERSION = "1.0.0"
@@ -42,15 +43,6 @@ class PhantomsConfig(tfds.core.BuilderConfig):
     num_test: int = 200
     seed: int = 0
 
-    def recorded_options(self) -> dict[str, Any]:
-        """The options that define this config's data, JSON-ready."""
-        values = dataclasses.asdict(self)
-        return {k: _jsonable(values[k]) for k in _RECORDED[self.name]}
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
 
 class Phantoms(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest X-rays (2D) and CT volumes (3D) with reports and exact labels."""
@@ -59,17 +51,12 @@ class Phantoms(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
-        raw = tfds.features.Encoding.BYTES
         if cfg.name == "xray":
-            s = cfg.image_size
-            arrays = {"image": tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding=raw)}
+            arrays = {"image": common.raw_array((cfg.image_size, cfg.image_size), np.uint8)}
         else:
-            d = cfg.volume_shape[0]
             arrays = {
-                "volume": tfds.features.Tensor(
-                    shape=tuple(cfg.volume_shape), dtype=np.int16, encoding=raw
-                ),
-                "lesion_slices": tfds.features.Tensor(shape=(d,), dtype=np.bool_, encoding=raw),
+                "volume": common.raw_array(cfg.volume_shape, np.int16),
+                "lesion_slices": common.raw_array((cfg.volume_shape[0],), np.bool_),
             }
         features = {
             **arrays,
@@ -77,15 +64,8 @@ class Phantoms(tfds.core.GeneratorBasedBuilder):
             "labels": tfds.features.Tensor(shape=(len(phantoms.FINDINGS),), dtype=np.float32),
             "id": tfds.features.Text(),
         }
-        metadata = tfds.core.MetadataDict(
-            options=cfg.recorded_options(), findings=list(phantoms.FINDINGS), skipped={}
-        )
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict(features),
-            metadata=metadata,
-            disable_shuffling=True,
+        return common.dataset_info(
+            self, __doc__, features, _RECORDED[cfg.name], findings=list(phantoms.FINDINGS)
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
@@ -130,14 +110,9 @@ def _record(modality: str, split: str, index: int, sample: dict, report: str) ->
 
 def make_builder(config_name: str, data_dir: str, **options: Any) -> Phantoms:
     """A builder for `config_name` ('xray' or 'ct') with the given sizes (see OPTIONS)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"phantoms: unknown options {unknown}; valid: {list(OPTIONS)}")
-    if "volume_shape" in options:
-        options["volume_shape"] = tuple(int(n) for n in options["volume_shape"])
+    options = common.check_options("phantoms", options, OPTIONS)
     # Fail here, with the generator's message, rather than inside a half-written build.
     phantoms.PhantomConfig(
         **{k: options[k] for k in ("image_size", "volume_shape", "seed") if k in options}
     )
-    config = PhantomsConfig(name=config_name, version=VERSION, **options)
-    return Phantoms(config=config, data_dir=data_dir, file_format="array_record")
+    return common.array_record_builder(Phantoms, PhantomsConfig, config_name, data_dir, options)
