@@ -3,7 +3,12 @@
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax.config_checks import ConfigError, check_batch_for_mesh, check_config
+from unimedi_jax.config_checks import (
+    ConfigError,
+    check_batch_for_mesh,
+    check_config,
+    check_override_names,
+)
 
 
 def test_presets_pass():
@@ -42,3 +47,12 @@ def test_batch_must_split_over_data_parallel_devices():
     check_batch_for_mesh(config, 2)
     with pytest.raises(ConfigError, match=r"batch.size_3d=6 is not divisible by .* 4"):
         check_batch_for_mesh(config, 4)
+
+
+def test_unknown_override_names_the_closest_fields():
+    argv = ["main", "--config=configs/pretrain.py:tiny", "--config.model.widht=3"]
+    with pytest.raises(ConfigError, match=r"Did you mean model\.width"):
+        check_override_names(argv)
+    with pytest.raises(ConfigError, match=r"modle is not a config field\. Did you mean model"):
+        check_override_names(["main", "--config=configs/pretrain.py", "--config.modle.width=3"])
+    check_override_names(["main", "--config=configs/pretrain.py:demo", "--config.batch.size_2d=4"])

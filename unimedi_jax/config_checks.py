@@ -6,7 +6,11 @@ Each check raises ``ConfigError`` with one paragraph naming the field, the value
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 from pathlib import Path
+
+import ml_collections
 
 from unimedi_jax.models.layers import REMAT_POLICIES
 from unimedi_jax.precision import COMPUTE_DTYPES
@@ -91,3 +95,43 @@ def check_config(config) -> None:
     """Every start-up check that needs no devices."""
     check_model(config)
     check_training(config)
+
+
+def _load_config_file(spec: str):
+    """``path/to/config.py[:arg]`` -> its ``get_config(arg)``, as ml_collections loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_checked_config", path)
+    if module_spec is None or not Path(path).is_file():
+        raise ConfigError(f"--config={spec}: no config file at {path}.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_field(dotted: str, walked: list[str], name: str, valid: list[str]) -> ConfigError:
+    """The message for one unknown override: where it failed, the closest and all valid names."""
+    where = ".".join(walked)
+    close = difflib.get_close_matches(name, valid, n=3)
+    hint = f" Did you mean {', '.join('.'.join([*walked, c]) for c in close)}?" if close else ""
+    return ConfigError(
+        f"--config.{dotted}: {'.'.join([*walked, name])} is not a config field.{hint} "
+        f"Valid names{' under ' + where if where else ''}: {', '.join(valid)}."
+    )
+
+
+def check_override_names(argv: list[str]) -> None:
+    """Unknown ``--config.X=Y`` fields fail before anything starts, with the closest names."""
+    specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not specs or not overrides:
+        return
+    config = _load_config_file(specs[-1])
+    for dotted in overrides:
+        node, walked = config, []
+        for name in dotted.split("."):
+            is_section = isinstance(node, ml_collections.ConfigDict)
+            if not is_section or name not in node:
+                raise _unknown_field(
+                    dotted, walked, name, sorted(node.keys()) if is_section else []
+                )
+            node, walked = node[name], [*walked, name]

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from data_pipelines.builders import UnknownDatasetError
 from data_pipelines.pipeline import DataConfigError
 from data_pipelines.prepare import PreparedDataMismatchError
-from unimedi_jax.config_checks import ConfigError
+from unimedi_jax.config_checks import ConfigError, check_override_names
 from unimedi_jax.models.text import TextModelError
 from unimedi_jax.train.loop import NonFiniteLossError, Preempted, train
 
@@ -90,4 +90,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_override_names(sys.argv)
+    except ConfigError as err:
+        sys.exit(f"ConfigError: {err}")
     sys.exit(app.run(main))
