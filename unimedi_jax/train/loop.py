@@ -59,6 +59,7 @@ def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def count_params(tree) -> int:
+    """Number of scalars in a pytree of arrays."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
@@ -111,7 +112,8 @@ def prepare_demo_data(config, workdir: Path) -> None:
 
     Process 0 builds; the others wait at a barrier, so no two processes write the same files.
     """
-    if config.data.data_dir:
+    uses_phantoms = "phantoms" in f"{config.data.sources_2d},{config.data.sources_3d}"
+    if config.data.data_dir or not uses_phantoms:
         return
     config.data.data_dir = str(workdir / "data")
     if jax.process_index() == 0:
