@@ -3,8 +3,15 @@
 ``--config=configs/pretrain.py`` is the paper's setup (section 4.1): ViT-B/16, BioClinicalBERT,
 MIMIC-CXR-JPG + BIMCV-COVID19+, global batch 144, 50 epochs, 224x224 X-rays and 32x128x128 CT.
 Presets: ``pretrain.py:demo`` trains a small model on the built-in synthetic phantoms on one CPU;
-``pretrain.py:tiny`` is the smallest config, for tests. Any field can be overridden on the command
-line (``--config.batch.size_2d=32``); unknown fields fail at start with the valid names.
+``pretrain.py:tiny`` is the smallest config, for tests; ``pretrain.py:vit_l16`` swaps in a
+ViT-L/16 and shards it with FSDP. Any field can be overridden on the command line
+(``--config.batch.size_2d=32``); unknown fields fail at start with the valid names.
+
+Meshes: ``--config.mesh.preset=dp|fsdp|fsdp_tp`` picks pure data parallelism (the default), FSDP
+over all devices, or FSDP with tensor parallelism over pairs of devices; ``mesh.data``,
+``mesh.fsdp`` and ``mesh.tensor`` left at 0 take the preset's size, any other value replaces it
+(``--config.mesh.preset=fsdp_tp --config.mesh.tensor=4``; ``--config.mesh.preset=fsdp
+--config.mesh.data=2``: FSDP inside each half of the devices, data parallel across the halves).
 """
 
 from __future__ import annotations
@@ -20,10 +27,16 @@ def paper_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.eval_every_steps = 0  # 0: no in-loop evaluation; >0: also at the last step
-    c.evals = ("retrieval",)  # retrieval | zero_shot | cross_modal | slice_hit_rate
+    # retrieval | zero_shot | cross_modal | slice_hit_rate | linear_probe
+    c.evals = ("retrieval",)
     c.eval_split = "validation"
     c.eval_limit = 500  # records per modality
-    c.keep_checkpoints = 3
+    c.probe_train_limit = 2000  # training records of the in-loop linear probe, per modality
+    c.keep_checkpoints = 3  # the latest K ...
+    c.keep_checkpoint_every_steps = 0  # ... plus every step divisible by M (0: none)
+    # A workdir whose checkpoints have other shapes (model, text sizes): refuse (stop at start)
+    # | restart (move that run to <workdir>/previous-<time>/, start at step 0)
+    c.on_shape_change = "refuse"
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 768
@@ -40,6 +53,9 @@ def paper_config() -> ml_collections.ConfigDict:
     c.model.dino_out_dim = 8192
     c.model.remat = "none"  # none | full | dots
     c.model.unroll_layers = False  # True: no layer loop (same params): slower compile
+    # Inputs are in [0, 1]; the tokenizers standardise them as (x - mean) / std (see vit.py).
+    c.model.pixel_mean = 0.5
+    c.model.pixel_std = 0.25
 
     c.text = ml_collections.ConfigDict()
     # A local Hugging Face directory (config.json + weights + tokenizer files), e.g. a download of
@@ -61,6 +77,7 @@ def paper_config() -> ml_collections.ConfigDict:
     c.data.sources_3d = "bimcv_covid19"
     c.data.worker_count = 4
     c.data.hu_window = (-1000.0, 1000.0)
+    c.data.max_failure_fraction = 0.1  # of a source's records unusable: above, the run stops
 
     c.batch = ml_collections.ConfigDict()
     c.batch.size_2d = 96  # global, over all processes and devices
@@ -99,11 +116,16 @@ def paper_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.grad_clip_norm = 3.0  # 0 disables
     c.train.teacher_momentum = 0.996
+    c.train.on_nonfinite = "stop"  # NaN/Inf loss or gradients: stop | skip (the update, counted)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1 fills the devices left over by the other axes
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
+    # dp: (data, fsdp, tensor) = (all, 1, 1) | fsdp: (1, all, 1) | fsdp_tp: (1, all/2, 2)
+    # (unimedi_jax/sharding.py MESH_PRESETS; README, "Meshes").
+    c.mesh.preset = "dp"
+    # 0: the preset's size; any other value replaces it (-1 fills the devices left over).
+    c.mesh.data = 0
+    c.mesh.fsdp = 0
+    c.mesh.tensor = 0
     return c
 
 
@@ -114,7 +136,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.eval_every_steps = 150
-    c.evals = ("retrieval", "zero_shot", "cross_modal", "slice_hit_rate")
+    c.evals = ("retrieval", "zero_shot", "cross_modal", "slice_hit_rate", "linear_probe")
     c.eval_split = "test"
     c.eval_limit = 200
     c.model.update(
@@ -148,6 +170,8 @@ def tiny_config() -> ml_collections.ConfigDict:
     c = demo_config()
     c.total_steps = 4
     c.log_every_steps = 1
+    # Test data is built without a validation split, which the probe needs for early stopping.
+    c.evals = tuple(e for e in c.evals if e != "linear_probe")
     c.checkpoint_every_steps = 2
     c.model.update(
         width=32,
@@ -169,7 +193,20 @@ def tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
-PRESETS = {"paper": paper_config, "demo": demo_config, "tiny": tiny_config}
+def vit_l16_config() -> ml_collections.ConfigDict:
+    """The paper's setup with a ViT-L/16 vision tower (BERT-base text), sharded with FSDP."""
+    c = paper_config()
+    c.model.update(width=1024, depth=24, num_heads=16, mlp_dim=4096)
+    c.mesh.preset = "fsdp"
+    return c
+
+
+PRESETS = {
+    "paper": paper_config,
+    "demo": demo_config,
+    "tiny": tiny_config,
+    "vit_l16": vit_l16_config,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

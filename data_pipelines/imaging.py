@@ -14,6 +14,7 @@ Pure numpy, PIL, pydicom and nibabel; never imports jax.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -37,6 +38,15 @@ BAD_AFFINE = "bad affine"
 NAN_VOXELS = "NaN voxels"
 NOT_AXIAL = "not axial"
 TOO_SMALL = "too small"
+NO_PIXEL_DATA = "no pixel data"
+ABSURD_SIZE = "absurd size"
+
+# Header sizes beyond these are corrupt (no radiograph has 67M pixels, no chest CT 537M voxels);
+# they are refused before the pixels are read, since honouring them would exhaust memory.
+MAX_PIXELS_2D = 2**26
+MAX_VOXELS_3D = 2**29
+_PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 
 # Canonical voxel order of every prepared volume, as nibabel axis codes of array axes 0, 1, 2:
 # z towards Superior, y towards Posterior, x towards patient Left.
@@ -75,7 +85,8 @@ def is_dicom_file(path: PathLike) -> bool:
 def read_image_2d(path: PathLike) -> np.ndarray:
     """Read an X-ray as uint8 [H, W], bone bright; DICOM is windowed as its header asks.
 
-    Raises SkipImage (reason "unreadable file" or "unsupported image") naming the file.
+    Raises SkipImage (reason "unreadable file", "unsupported image", "no pixel data" or
+    "absurd size") naming the file.
     """
     try:
         dicom = is_dicom_file(path)
@@ -89,23 +100,49 @@ def _read_pil_2d(path: PathLike) -> np.ndarray:
     """JPEG/PNG -> float [0, 1]; 16-bit and float images are scaled over their own range."""
     try:
         with Image.open(path) as img:
+            _check_size((img.height, img.width), MAX_PIXELS_2D, path)
             img.load()
             if img.mode == "L":
                 return np.asarray(img, dtype=np.float32) / 255.0
             if img.mode.startswith(("I", "F")):
                 return _minmax_unit(np.asarray(img, dtype=np.float64))
             return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise SkipImage(ABSURD_SIZE, path, str(e)) from e
+    except (OSError, ValueError) as e:
         raise SkipImage(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+
+
+def _check_size(shape: Sequence[int], limit: int, path: PathLike, skip: type = SkipImage) -> None:
+    """Refuse a header size that is empty or above `limit` elements, before reading pixels."""
+    if min(shape, default=0) < 1 or math.prod(shape) > limit:
+        raise skip(ABSURD_SIZE, path, f"header shape {tuple(int(n) for n in shape)}")
+
+
+def _read_dicom_pixels(
+    path: PathLike, skip: type = SkipImage
+) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Header and pixels of one DICOM file; `skip` names a damaged, empty or absurd one."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for bad files
+        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    if not any(tag in ds for tag in _PIXEL_DATA_TAGS):
+        raise skip(NO_PIXEL_DATA, path, "the file has no PixelData element")
+    if "Rows" in ds and "Columns" in ds:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        _check_size((rows, columns), MAX_PIXELS_2D, path, skip)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        _check_size((frames, rows, columns), MAX_VOXELS_3D, path, skip)
+    try:
+        return ds, ds.pixel_array
+    except Exception as e:  # pydicom raises many types for undecodable pixels
+        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
 
 
 def _read_dicom_2d(path: PathLike) -> np.ndarray:
     """DICOM -> float [0, 1]: modality LUT/rescale, VOI LUT or window, MONOCHROME1 inverted."""
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
-    except Exception as e:  # pydicom raises many types for bad or undecodable files
-        raise SkipImage(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    ds, pixels = _read_dicom_pixels(path)
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or pixels.ndim != 2:
         raise SkipImage(UNSUPPORTED, path, f"{photometric} with pixel shape {pixels.shape}")
@@ -214,12 +251,19 @@ def read_volume(path: PathLike) -> Volume:
 
 
 def read_nifti(path: PathLike) -> Volume:
-    """Read a NIfTI volume (scl_slope/inter applied) as float32 with its RAS+ affine."""
+    """Read a NIfTI volume (scl_slope/inter applied) as float32 with its RAS+ affine.
+
+    The header's size is checked before the voxels are read ("absurd size").
+    """
     try:
         img = nib.load(path)
+    except _NIFTI_ERRORS as e:
+        raise SkipVolume(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    _check_size(img.shape, MAX_VOXELS_3D, path, SkipVolume)
+    try:
         hu = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+    except _NIFTI_ERRORS as e:
         raise SkipVolume(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
     if hu.ndim > 3 and all(n == 1 for n in hu.shape[3:]):
         hu = hu.reshape(hu.shape[:3])
@@ -280,14 +324,10 @@ def _series_files(source: PathLike | Sequence[PathLike]) -> list[str]:
 
 
 def _read_dicom_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
-        for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-            if key not in ds:
-                raise KeyError(f"missing {key}")
-    except Exception as e:  # pydicom raises many types for bad or undecodable files
-        raise SkipVolume(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    ds, pixels = _read_dicom_pixels(path, SkipVolume)
+    for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        if key not in ds:
+            raise SkipVolume(UNREADABLE, path, f"missing {key}")
     if pixels.ndim != 2:
         raise SkipVolume(UNSUPPORTED, path, f"pixel shape {pixels.shape}, expected one 2D frame")
     return ds, pixels

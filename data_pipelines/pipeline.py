@@ -12,8 +12,10 @@ whatever the number of workers or processes, and its state is just the next step
                   HU window (3D), tokenise the reports
   stream          the 2D and 3D step datasets zipped, prefetched by `worker_count` processes
 
-A record that fails to decode, has the wrong shape or an empty report is replaced by another
-record of the same source chosen by a seeded draw, and counted in `TrainStream.skipped`.
+A record that fails to decode, has the wrong shape, NaN/Inf values or an empty report is
+replaced by another record of the same source chosen by a seeded draw, and counted in
+`TrainStream.skipped`; every read is counted in `TrainStream.reads`. A source where more than
+`config.data.max_failure_fraction` of the reads fail stops the stream (`failure_limit`).
 
 Imports no jax itself; grain does (for its profiler) when jax is installed.
 """
@@ -32,10 +34,12 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from data_pipelines import builders, imaging
+from data_pipelines.failure_limit import FailureLimit
 
 # Why a record was replaced; TrainStream.skipped counts "<source>: <reason>".
 UNDECODABLE = "undecodable record"
 BAD_ARRAY = "unexpected array shape or dtype"
+NON_FINITE = "NaN or Inf values"
 EMPTY_REPORT = "empty report"
 
 MAX_ATTEMPTS = 32  # replacement draws before a source is declared unreadable
@@ -218,6 +222,8 @@ class _RecordLoader:
             or array.dtype != source.array_dtype
         ):
             return None, "", BAD_ARRAY
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return None, "", NON_FINITE
         report = record.get("report", b"")
         report = report.decode("utf-8", "replace") if isinstance(report, bytes) else str(report)
         if not report.strip():
@@ -232,7 +238,8 @@ class _RecordLoader:
 
 @dataclasses.dataclass
 class _LoadBatch:
-    """Record references of this process -> {image|volume, *_text_ids, *_text_mask, skipped}."""
+    """Record references of this process -> {image|volume, *_text_ids, *_text_mask} and the
+    counts `skipped` ({"<source>: <reason>": n}) and `reads` ({"<source>": n})."""
 
     loader: _RecordLoader
     tokenizer: Any
@@ -241,10 +248,14 @@ class _LoadBatch:
     def __call__(self, refs: list) -> dict:
         rows = [self.loader(ref) for ref in refs]
         prefix = _ARRAY_KEY[self.loader.modality]
+        reads: Counter[str] = Counter()
+        for (k, _, _), (_, _, labels) in zip(refs, rows, strict=True):
+            reads[self.loader.sources[k].name] += 1 + len(labels)  # the replaced ones too
         return {
             prefix: np.stack([array for array, _, _ in rows]),
             **tokenize([report for _, report, _ in rows], self.tokenizer, self.max_length, prefix),
             "skipped": dict(Counter(label for _, _, labels in rows for label in labels)),
+            "reads": dict(reads),
         }
 
 
@@ -263,16 +274,20 @@ def tokenize(reports: Sequence[str], tokenizer, max_length: int, prefix: str) ->
     }
 
 
+_COUNTS = ("skipped", "reads")
+
+
 def _merge_steps(parts: dict | tuple[dict, ...]) -> dict:
-    """Zip the per-modality batches of one step into one dict; skip counts are added up."""
+    """Zip the per-modality batches of one step into one dict; skip and read counts add up."""
     if isinstance(parts, dict):
         parts = (parts,)
     merged: dict = {}
-    skipped: Counter[str] = Counter()
+    counts: dict[str, Counter[str]] = {name: Counter() for name in _COUNTS}
     for part in parts:
-        skipped.update(part["skipped"])
-        merged.update({k: v for k, v in part.items() if k != "skipped"})
-    merged["skipped"] = dict(skipped)
+        for name in _COUNTS:
+            counts[name].update(part[name])
+        merged.update({k: v for k, v in part.items() if k not in _COUNTS})
+    merged.update({name: dict(counter) for name, counter in counts.items()})
     return merged
 
 
@@ -403,9 +418,11 @@ class TrainStream:
     config.batch.size_{2d,3d} (global), config.model.{image_size, volume_size} and
     config.text.max_length. `steps_per_epoch` counts the batches of one pass over the 2D
     training records (3D without a 2D source). `skipped` counts replaced records as
-    {"<source>: <reason>": n}. `get_state()` is the next step (plus the counts); restoring it on
-    a fresh stream, with any number of workers or processes, continues with the very batches
-    the saved stream would have produced.
+    {"<source>: <reason>": n}, `reads` the records read per source (replaced ones included);
+    once a source's failures pass config.data.max_failure_fraction of its reads (judged after
+    100 reads), `next` raises TooManyFailuresError. `get_state()` is the next step (plus the
+    counts); restoring it on a fresh stream, with any number of workers or processes, continues
+    with the very batches the saved stream would have produced.
     """
 
     def __init__(self, config, tokenizer, process_index: int = 0, process_count: int = 1):
@@ -425,7 +442,10 @@ class TrainStream:
         self._workers = int(config.data.worker_count)
         self._step = 0
         self._iterator: Iterator | None = None
+        self._limit = FailureLimit(float(config.data.max_failure_fraction))
+        self._data_dir = config.data.data_dir
         self.skipped: Counter[str] = Counter()
+        self.reads: Counter[str] = Counter()
 
     def _start(self) -> Iterator:
         threads = 2 if self._workers == 0 else 1
@@ -447,6 +467,8 @@ class TrainStream:
             self._iterator = self._start()
         batch = dict(next(self._iterator))
         self.skipped.update(batch.pop("skipped"))
+        self.reads.update(batch.pop("reads"))
+        self._check_failures()
         if self._workers > 0:
             # Own the arrays: grain's shared-memory blocks are then freed at once, not when
             # the caller drops the batch (perhaps only at interpreter exit).
@@ -454,13 +476,37 @@ class TrainStream:
         self._step += 1
         return batch
 
+    def _check_failures(self) -> None:
+        for source, seen in self.reads.items():
+            prefix = f"{source}: "
+            failures = {
+                label.removeprefix(prefix): n
+                for label, n in self.skipped.items()
+                if label.startswith(prefix)
+            }
+            self._limit.check(
+                f"{source} in {self._data_dir}",
+                failures,
+                seen,
+                f"Rebuild it with python -m data_pipelines.prepare {source.split('/')[0]}, or "
+                "raise config.data.max_failure_fraction to train on the rest.",
+            )
+
+    def skip_metrics(self) -> dict[str, int]:
+        """Replaced records so far, in total and per "<source>: <reason>", for metrics.jsonl."""
+        return {
+            "data_skipped": sum(self.skipped.values()),
+            **{f"data_skipped/{label}": n for label, n in sorted(self.skipped.items())},
+        }
+
     def get_state(self) -> dict:
-        return {"step": self._step, "skipped": dict(self.skipped)}
+        return {"step": self._step, "skipped": dict(self.skipped), "reads": dict(self.reads)}
 
     def set_state(self, state: dict) -> None:
         self.close()
         self._step = int(state["step"])
         self.skipped = Counter(state.get("skipped", {}))
+        self.reads = Counter(state.get("reads", {}))
 
     def close(self) -> None:
         """Stop the worker processes (also done when the stream is garbage collected)."""
@@ -499,9 +545,11 @@ class _EvalTransform:
     window: tuple[float, float]
 
     def __call__(self, record: dict) -> dict:
-        out = {k: v for k, v in record.items() if k in ("labels", "lesion_slices")}
-        out["report"] = record["report"].decode("utf-8")
-        out["id"] = record["id"].decode("utf-8") if "id" in record else ""
+        out = {k: v for k, v in record.items() if k in ("labels", "label", "lesion_slices")}
+        # Downstream (probe) datasets carry no report; pre-training datasets carry no patient id.
+        for key in ("report", "id", "patient_id"):
+            if key in record:
+                out[key] = record[key].decode("utf-8")
         if self.modality == "2d":
             out["image"] = imaging.eval_transform_2d(record["image"], self.crop)
         else:
@@ -525,8 +573,9 @@ def eval_batches(
 ) -> Iterator[dict]:
     """Every record of a split in order, centre-cropped (2D) or windowed (3D), no shuffling.
 
-    Yields {'image' | 'volume': float32 [b, ...], 'labels': [b, F], 'lesion_slices': bool
-    [b, D] (3D), 'report', 'id': lists of str}; the last batch holds the remainder.
+    Yields {'image' | 'volume': float32 [b, ...], plus what the records hold of 'labels' [b, F]
+    (multi-hot), 'label' [b] (class index), 'lesion_slices' bool [b, D], and lists of str
+    'report', 'id', 'patient_id'}; the last batch holds the remainder.
     """
     source = open_source(name, _data_dir(config), modality, split)
     _check_sizes(config, modality, [source])

@@ -32,6 +32,8 @@ from data_pipelines.builders import (
     read_metadata,
     valid_names,
 )
+from data_pipelines.builders.common import failure_limit as build_failure_limit
+from data_pipelines.failure_limit import DEFAULT_MAX_FRACTION, FailureLimit
 
 
 class PreparedDataMismatchError(ValueError):
@@ -110,13 +112,18 @@ def _build(
 
 
 def ensure_prepared(
-    name: str, data_dir: str | Path, manual_dir: str | None = None, **options: Any
+    name: str,
+    data_dir: str | Path,
+    manual_dir: str | None = None,
+    failure_limit: FailureLimit | None = None,
+    **options: Any,
 ) -> list[Summary]:
     """Build every config of `name` that is not yet in `data_dir`; check the others' options.
 
     `options` are builder options such as image_size=64, volume_shape=(16, 64, 64); only the
     ones given are checked against existing data. Raises PreparedDataMismatchError when data
-    built with other values is already there.
+    built with other values is already there, and TooManyFailuresError when more of a split's
+    inputs are damaged than `failure_limit` (default: 10%) allows; nothing is then written.
     """
     spec, configs = parse_name(name)
     valid = spec.load().OPTIONS
@@ -131,7 +138,8 @@ def ensure_prepared(
         built = not is_prepared(path)
         if built:
             print(f"Preparing {full_name} in {data_dir} ...", flush=True)
-            _build(spec, config, data_dir, manual_dir, dict(options))
+            with build_failure_limit(failure_limit or FailureLimit()):
+                _build(spec, config, data_dir, manual_dir, dict(options))
         else:
             _check_options(path, full_name, options)
         summaries.append(summarize(full_name, path, built))
@@ -153,18 +161,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name, or NAME/CONFIG for one config")
     p.add_argument("--data_dir", required=True, help="where prepared datasets live")
     p.add_argument("--manual_dir", help="raw files of datasets that cannot be downloaded")
+    p.add_argument(
+        "--max_failure_fraction",
+        type=float,
+        default=DEFAULT_MAX_FRACTION,
+        help="stop when more of a split's inputs are damaged (unreadable, missing, NaN, ...)",
+    )
     p.add_argument("--image_size", type=int, help="stored 2D size (square, letterboxed)")
     p.add_argument("--volume_shape", type=_shape, help="stored 3D shape D,H,W")
     p.add_argument("--num_train", type=int, help="phantoms: training samples")
-    p.add_argument("--num_validation", type=int, help="phantoms: validation samples")
+    p.add_argument(
+        "--num_validation",
+        type=int,
+        help="phantoms: validation samples; chexpert: training images held out (by patient)",
+    )
     p.add_argument("--num_test", type=int, help="phantoms: test samples")
     p.add_argument("--seed", type=int, help="phantoms: generator seed; real data: split seed")
     p.add_argument("--translations", help="bimcv_covid19: English reports (CSV: session_id, text)")
+    p.add_argument("--uncertain", help="chexpert: paper | ones | zeros | Name=0|1,...")
+    p.add_argument("--train_file", help="covidx: training split file (default train.txt)")
+    p.add_argument("--test_file", help="covidx: test split file (default test.txt)")
+    p.add_argument("--gray_window", type=_shape, help="cc_ccii: int16 range of grey 0..255")
+    p.add_argument("--crop_mm", type=_shape, help="luna16: crop size D,H,W in mm")
+    p.add_argument(
+        "--negatives_per_positive", type=float, help="luna16: non-nodule crops per nodule crop"
+    )
+    p.add_argument("--candidates", help="luna16: candidates file (default candidates.csv)")
+    p.add_argument("--validation_subsets", type=_shape, help="luna16: e.g. 8 or 7,8")
+    p.add_argument("--test_subsets", type=_shape, help="luna16: e.g. 9")
     p.add_argument("--num_workers", type=int, help="real data: reader processes (default: CPUs)")
     return p
 
 
-_NOT_OPTIONS = ("name", "data_dir", "manual_dir")
+_NOT_OPTIONS = ("name", "data_dir", "manual_dir", "max_failure_fraction")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
     try:
-        summaries = ensure_prepared(args.name, args.data_dir, args.manual_dir, **options)
+        limit = FailureLimit(args.max_failure_fraction)
+        summaries = ensure_prepared(args.name, args.data_dir, args.manual_dir, limit, **options)
     except (UnknownDatasetError, PreparedDataMismatchError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print("\nSummary")

@@ -1,14 +1,13 @@
 """data_pipelines.pipeline on tiny phantoms: batches, determinism, sharding, state, skips."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-from array_record.python import array_record_module
 
 from configs.pretrain import get_config
 from data_pipelines import imaging, pipeline, prepare
+from tests.damaged_records import damage_train_records
 from unimedi_jax.models.text import train_wordpiece_tokenizer
 
 N_TRAIN, N_TEST = 40, 6
@@ -169,16 +168,8 @@ def test_state_round_trip(data_dir, tokenizer):
 
 
 def test_corrupt_record_is_replaced_and_counted(data_dir, tokenizer, tmp_path):
-    copy = tmp_path / "data"
-    shutil.copytree(data_dir, copy)
-    shard = copy / "phantoms/xray/1.0.0/phantoms-train.array_record-00000-of-00001"
-    reader = array_record_module.ArrayRecordReader(str(shard))
-    records = reader.read_all()
-    reader.close()
-    writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
-    for i, record in enumerate(records):
-        writer.write(b"\x0a\xff damaged" if i == 5 else record)
-    writer.close()
+    damage = {5: lambda record, features: b"\x0a\xff damaged"}
+    copy = damage_train_records(data_dir, tmp_path / "data", "phantoms/xray", damage)
     stream = pipeline.TrainStream(_config(copy, sources_3d=""), tokenizer)
     batches = _take(stream, N_TRAIN // 8)  # one epoch: every record is drawn once
     assert all(b["image"].shape == (8, CROP, CROP) for b in batches)

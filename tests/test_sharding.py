@@ -163,7 +163,8 @@ def check_sharded_state_and_step() -> None:
         ("encoder", "blocks", "query", "kernel"): P(None, "fsdp", "tensor", None),
         ("encoder", "blocks", "out", "kernel"): P(None, "tensor", None, "fsdp"),
         ("encoder", "blocks", "fc2", "kernel"): P(None, "tensor", "fsdp"),
-        ("encoder", "blocks", "fc1", "bias"): P(None, "tensor"),
+        # No logical axis maps to 'fsdp': it joins 'tensor' on the largest dimension.
+        ("encoder", "blocks", "fc1", "bias"): P(None, ("tensor", "fsdp")),
         ("encoder", "norm", "scale"): P("fsdp"),
         ("embed_2d", "proj", "kernel"): P(None, None, None, "fsdp"),
         ("cls_token",): P("fsdp"),
@@ -251,7 +252,8 @@ def check_indivisible_dimension_is_replicated() -> None:
     specs = jax.tree.map(
         lambda s: s.spec, sharding.param_shardings(tree, mesh, sharding.logical_axis_rules())
     )
-    assert specs == {"odd": P(None, "tensor"), "even": P("fsdp", None), "step": P()}
+    # 'odd' cannot split its 'embed' dimension over 'fsdp', so FSDP splits its other one.
+    assert specs == {"odd": P(None, ("tensor", "fsdp")), "even": P("fsdp", None), "step": P()}
     messages = sorted(r.getMessage() for r in records)  # leaves come in key order
     assert len(messages) == 2, messages
     assert "['even']" in messages[0] and "size 6" in messages[0], messages

@@ -52,7 +52,9 @@ def np_layer_norm(x, p, eps=1e-6):
 
 
 def np_patchify(x, patch, kernel, bias):
-    """Patches by explicit loops over the grid, row-major: an independent tokenizer."""
+    """Standardised pixels, then patches by explicit loops over the grid, row-major: an
+    independent tokenizer."""
+    x = (x - TINY["pixel_mean"]) / TINY["pixel_std"]
     grid = [s // p for s, p in zip(x.shape[1:], patch, strict=True)]
     k = np.asarray(kernel).reshape(-1, kernel.shape[-1])
     tokens = []

@@ -14,6 +14,8 @@ TINY_VIT = dict(
     patch_3d=(2, 8, 8),
     image_size=(32, 32),
     volume_size=(8, 16, 16),
+    pixel_mean=0.5,
+    pixel_std=0.25,
 )
 
 # BertConfig kwargs (ours and transformers'), but for the vocabulary, which each test sets.

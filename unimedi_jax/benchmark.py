@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from unimedi_jax import sharding
-from unimedi_jax.config_checks import check_batch_for_mesh, check_model
+from unimedi_jax.config_checks import check_batch_for_mesh, check_mesh, check_model
 from unimedi_jax.models.text import BertConfig
 from unimedi_jax.precision import compute_dtype
 from unimedi_jax.text_setup import SCRATCH_VOCAB_SIZE, TextTower
@@ -226,13 +226,20 @@ def _fmt(value: float | None, unit: float, spec: str) -> str:
     return "n/a" if value is None else format(value / unit, spec)
 
 
+def checked_mesh_and_text(config) -> tuple[jax.sharding.Mesh, TextTower]:
+    """The config's mesh over all devices and a from-scratch text tower, after the checks that
+    need no data (model sizes, mesh, batch split)."""
+    check_model(config)
+    check_mesh(config, jax.device_count())
+    mesh = sharding.mesh_from_config(config.mesh)
+    check_batch_for_mesh(config, mesh.shape["data"] * mesh.shape["fsdp"])
+    return mesh, text_tower(config)
+
+
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
-    check_model(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    check_batch_for_mesh(config, mesh.shape["data"] * mesh.shape["fsdp"])
-    text = text_tower(config)
+    mesh, text = checked_mesh_and_text(config)
     device = jax.devices()[0]
     peak = _PEAK.value or peak_tflops(device.device_kind)
     dtype = compute_dtype(config.precision.compute_dtype)

@@ -10,11 +10,16 @@ import difflib
 import importlib.util
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from unimedi_jax.models.layers import REMAT_POLICIES
 from unimedi_jax.precision import COMPUTE_DTYPES
 from unimedi_jax.selection import MODES
+from unimedi_jax.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
+
+ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
+ON_SHAPE_CHANGE = ("refuse", "restart")  # on_shape_change (unimedi_jax.train.workdir)
 
 
 class ConfigError(ValueError):
@@ -52,14 +57,26 @@ def check_model(config) -> None:
 
 def check_training(config) -> None:
     """Modes, ratios, precision, batch sizes and the text-model directory."""
-    for field, value in (
-        ("selection.mode", config.selection.mode),
-        ("masking.mode", config.masking.mode),
+    for field, value, valid in (
+        ("selection.mode", config.selection.mode, MODES),
+        ("masking.mode", config.masking.mode, MODES),
+        ("train.on_nonfinite", config.train.on_nonfinite, ON_NONFINITE),
+        ("on_shape_change", config.on_shape_change, ON_SHAPE_CHANGE),
     ):
-        if value not in MODES:
-            raise ConfigError(f"{field}={value!r}; valid: {MODES}.")
+        if value not in valid:
+            raise ConfigError(f"{field}={value!r}; valid: {valid}.")
     if not 0.0 <= config.masking.ratio < 1.0:
         raise ConfigError(f"masking.ratio={config.masking.ratio} must be in [0, 1).")
+    if not 0.0 <= config.data.max_failure_fraction <= 1.0:
+        raise ConfigError(
+            f"data.max_failure_fraction={config.data.max_failure_fraction} must be in [0, 1]."
+        )
+    if config.keep_checkpoints < 1 or config.keep_checkpoint_every_steps < 0:
+        raise ConfigError(
+            f"keep_checkpoints={config.keep_checkpoints} must be at least 1 and "
+            f"keep_checkpoint_every_steps={config.keep_checkpoint_every_steps} at least 0 "
+            "(0: keep no extra checkpoints)."
+        )
     if config.precision.compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(
             f"precision.compute_dtype={config.precision.compute_dtype!r}; valid: {COMPUTE_DTYPES}."
@@ -91,10 +108,42 @@ def check_batch_for_mesh(config, data_parallel: int) -> None:
             )
 
 
+def check_mesh(config, device_count: int) -> None:
+    """A known preset, axis sizes that cover the devices, and a tensor-parallel size that splits
+    the attention heads and MLP units (else those layers stay whole on every tensor device)."""
+    m = config.mesh
+    if m.preset not in MESH_PRESETS:
+        raise ConfigError(f"mesh.preset={m.preset!r}; valid: {sorted(MESH_PRESETS)}.")
+    try:
+        sizes = fill_mesh_sizes(
+            *preset_mesh_sizes(m.preset, m.data, m.fsdp, m.tensor), device_count
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"mesh.preset={m.preset!r} with mesh.data={m.data}, mesh.fsdp={m.fsdp}, "
+            f"mesh.tensor={m.tensor} (0 takes the preset's size) gives {e}."
+        ) from e
+    tensor = sizes[2]
+    split = [("model.num_heads", config.model.num_heads), ("model.mlp_dim", config.model.mlp_dim)]
+    if not config.text.path:  # a pretrained tower's sizes come from its own config.json
+        split += [
+            ("text.num_heads", config.text.num_heads),
+            ("text.intermediate_size", config.text.intermediate_size),
+        ]
+    for field, value in split:
+        if value % tensor:
+            raise ConfigError(
+                f"{field}={value} does not split over the tensor-parallel size {tensor} "
+                f"(mesh.preset={m.preset!r}, mesh.tensor={m.tensor}); set mesh.tensor to a "
+                f"divisor of {value} or use mesh.preset='fsdp'."
+            )
+
+
 def check_config(config) -> None:
-    """Every start-up check that needs no devices."""
+    """Every start-up check; the mesh one needs the device count (after jax.distributed)."""
     check_model(config)
     check_training(config)
+    check_mesh(config, jax.device_count())
 
 
 def _load_config_file(spec: str):

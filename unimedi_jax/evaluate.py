@@ -1,34 +1,82 @@
-"""``python -m unimedi_jax.evaluate --workdir=W``: run a run's evaluators on its latest checkpoint.
+"""``python -m unimedi_jax.evaluate``: evaluate a checkpoint and write ``eval.json``.
 
-Reads the run's saved config (``--config`` replaces it, ``--config.X=Y`` overrides fields), embeds
-the held-out split (``eval_split``) and writes ``W/eval.json``: retrieval Recall@K, zero-shot AUROC,
-cross-modal mAP and the slice-selection hit rate, as the config's ``evals`` list asks.
+Pre-training evaluators, ``--workdir=W`` (or ``--checkpoint=W``): reads the run's saved config
+(``--config`` replaces it, ``--config.X=Y`` overrides fields), embeds the held-out split
+(``eval_split``) and writes ``W/eval.json``: retrieval Recall@K, zero-shot AUROC, cross-modal
+mAP and the slice-selection hit rate, as the config's ``evals`` list asks.
+
+Linear probe (paper Tables 1-2), ``--config=configs/probe.py:dataset=NAME[,fraction=F]
+--checkpoint=PATH``: writes ``<run workdir>/probe/<dataset>-<fractions>[-random_init]/eval.json``
+(or ``--out_dir/eval.json``); see ``unimedi_jax/evaluation/downstream.py``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_pipelines.pipeline import DataConfigError
 from unimedi_jax import inference
+from unimedi_jax.evaluation import downstream
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
+from unimedi_jax.evaluation.protocol import ProtocolError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or one of its checkpoint dirs).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config replacing the run's.")
-flags.mark_flag_as_required("workdir")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Run workdir (latest checkpoint) or <workdir>/checkpoints/<step>."
+)
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Where eval.json goes (default: the run's workdir; probes: under probe/)."
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional config replacing the run's, or configs/probe.py:dataset=NAME."
+)
+
+
+def _log_probe(results: dict) -> None:
+    for fraction, found in results["fractions"].items():
+        logging.info(
+            "%s %s at %s of the labels: %s %.4f (n_train %d, best epoch %d)",
+            results["encoder"],
+            results["dataset"],
+            fraction,
+            results["metric"],
+            found[results["metric"]],
+            found["n_train"],
+            found["best_epoch"],
+        )
 
 
 def main(argv: list[str]) -> None:
     del argv
-    workdir, _ = inference.resolve_run(_WORKDIR.value)
-    results = evaluate_checkpoint(_WORKDIR.value, _CONFIG.value)
-    (workdir / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    width = max(map(len, results))
-    for name, value in sorted(results.items()):
-        logging.info("%-*s %.4f", width, name, value)
+    if _WORKDIR.value and _CHECKPOINT.value and _WORKDIR.value != _CHECKPOINT.value:
+        raise app.UsageError("give --checkpoint or --workdir, not both")
+    path = _CHECKPOINT.value or _WORKDIR.value
+    if not path:
+        raise app.UsageError("--checkpoint=PATH (or --workdir=PATH) is required")
+    config = _CONFIG.value
+    kind = config.get("kind") if config is not None else None
+    if kind == "finetune":
+        raise app.UsageError("fine-tuning configs run with python -m unimedi_jax.finetune")
+    try:
+        if kind == "probe":
+            results = downstream.probe(config, path)
+            out_dir = _OUT_DIR.value or downstream.default_out_dir(config, path)
+            _log_probe(results)
+        else:
+            results = evaluate_checkpoint(path, config)
+            out_dir = _OUT_DIR.value or inference.resolve_run(path)[0]
+            width = max(map(len, results))
+            for name, value in sorted(results.items()):
+                logging.info("%-*s %.4f", width, name, value)
+    except (downstream.DownstreamError, DataConfigError, ProtocolError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    written = downstream.write_eval_json(Path(out_dir), results)
+    logging.info("wrote %s", written)
     print(json.dumps(results, indent=2, sort_keys=True))
 
 

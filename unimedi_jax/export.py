@@ -128,6 +128,18 @@ def _conv_weight(kernel: np.ndarray) -> np.ndarray:
     return kernel.transpose(rank + 1, rank, *range(rank))
 
 
+def _projection(embed: Mapping[str, Any], vision: VisionTransformer) -> tuple[np.ndarray, ...]:
+    """Torch conv weight and bias of a tokenizer with its input standardisation folded in.
+
+    conv(W, (x - m) / s) + b = conv(W / s, x) + b - (m / s) * sum(W), so the exported model
+    takes the same [0, 1] inputs as ours and needs no preprocessing layer.
+    """
+    kernel, bias = embed["proj"]["kernel"], embed["proj"]["bias"]
+    scale = 1.0 / vision.pixel_std
+    folded_bias = bias - vision.pixel_mean * scale * kernel.sum(axis=tuple(range(kernel.ndim - 1)))
+    return _conv_weight(kernel * scale), folded_bias.astype(np.float32)
+
+
 def _positions(embed: Mapping[str, Any], grid: Sequence[int]) -> np.ndarray:
     """Position table resampled to ``grid`` exactly as the model does: [N, D]."""
     table = embed["pos_embed"]
@@ -172,11 +184,12 @@ def monai_vit_state(
     p = _host(params)
     embed = p["embed_3d"]
     grid = _grid(tuple(volume_size or vision.volume_size), vision.patch_3d)
+    weight, bias = _projection(embed, vision)
     tensors = {
         "cls_token": p["cls_token"].reshape(1, 1, -1),
         "patch_embedding.position_embeddings": _positions(embed, grid)[None],
-        "patch_embedding.patch_embeddings.weight": _conv_weight(embed["proj"]["kernel"]),
-        "patch_embedding.patch_embeddings.bias": embed["proj"]["bias"],
+        "patch_embedding.patch_embeddings.weight": weight,
+        "patch_embedding.patch_embeddings.bias": bias,
         **_backbone(p["encoder"], _MONAI_BLOCK),
     }
     for i in range(vision.depth):
@@ -227,7 +240,7 @@ def timm_vit_state(
     p = _host(params)
     embed = p["embed_2d"]
     grid = _grid(tuple(image_size or vision.image_size), vision.patch_2d)
-    weight = _conv_weight(embed["proj"]["kernel"])
+    weight, bias = _projection(embed, vision)
     if weight.shape[1] != in_chans:
         if weight.shape[1] != 1:
             raise ValueError(
@@ -239,7 +252,7 @@ def timm_vit_state(
         "cls_token": p["cls_token"].reshape(1, 1, -1),
         "pos_embed": np.concatenate([np.zeros_like(positions[:1]), positions])[None],
         "patch_embed.proj.weight": weight,
-        "patch_embed.proj.bias": embed["proj"]["bias"],
+        "patch_embed.proj.bias": bias,
         **_backbone(p["encoder"], _TIMM_BLOCK),
     }
 

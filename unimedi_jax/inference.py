@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
 from unimedi_jax import selection
 from unimedi_jax.checkpoint import Checkpointer
-from unimedi_jax.models.unimedi import UniMedI, build_unimedi
+from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.precision import compute_dtype
 from unimedi_jax.text_setup import load_text_tower
 
@@ -82,12 +83,23 @@ def _embed_text(model: UniMedI, params, ids, mask):
 
 
 class UniMedIInference:
-    """A trained UniMedI's params with batched embedding functions (compiled once per shape)."""
+    """A trained UniMedI's params with batched embedding functions (compiled once per shape).
+
+    ``step``: the checkpoint's step, when loaded from one (results record where they came from).
+    """
 
     def __init__(
-        self, config, model: UniMedI, params: dict, teacher: dict, tokenizer, batch_size: int = 16
+        self,
+        config,
+        model: UniMedI,
+        params: dict,
+        teacher: dict,
+        tokenizer,
+        batch_size: int = 16,
+        step: int | None = None,
     ):
         self.config = config
+        self.step = step
         self.model = model
         self.student = params
         self.teacher = {**params, **teacher}  # teacher vision + DINO head, student projections
@@ -163,8 +175,23 @@ class UniMedIInference:
         )
 
 
-def load(path: str | Path, batch_size: int = 16) -> UniMedIInference:
-    """Loads the latest (or the given) checkpoint of a run for inference on the local device."""
+def _fresh_vision_params(model: UniMedI, config, seed: int = 0) -> dict:
+    """Newly initialised vision-tower params of ``model``'s architecture: the "Random Init"
+    baseline of the paper's probe tables."""
+    images, volumes, slices, *_ = init_inputs(config)
+    touch = lambda vit, x, v, s: (vit(x), vit(v, s))  # both tokenizers, so all params exist
+    variables = jax.jit(nn.init(touch, model.vision))(jax.random.key(seed), images, volumes, slices)
+    return nn.unbox(variables["params"])
+
+
+def load(
+    path: str | Path, batch_size: int = 16, random_init: bool = False, seed: int = 0
+) -> UniMedIInference:
+    """Loads the latest (or the given) checkpoint of a run for inference on the local device.
+
+    ``random_init``: replace the vision tower (student and teacher) by fresh weights from
+    ``seed``, keeping the checkpoint's architecture, as a baseline for downstream evaluation.
+    """
     workdir, step = resolve_run(path)
     config = load_config(workdir)
     text = load_text_tower(config, workdir)
@@ -177,4 +204,7 @@ def load(path: str | Path, batch_size: int = 16) -> UniMedIInference:
     checkpointer.close()
     params = jax.tree.map(jnp.asarray, state["params"])
     teacher = jax.tree.map(jnp.asarray, state["teacher"])
-    return UniMedIInference(config, model, params, teacher, text.tokenizer, batch_size)
+    if random_init:
+        fresh = _fresh_vision_params(model, config, seed)
+        params, teacher = {**params, "vision": fresh}, {**teacher, "vision": fresh}
+    return UniMedIInference(config, model, params, teacher, text.tokenizer, batch_size, step)

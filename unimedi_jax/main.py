@@ -13,8 +13,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.builders import UnknownDatasetError
+from data_pipelines.failure_limit import TooManyFailuresError
 from data_pipelines.pipeline import DataConfigError
 from data_pipelines.prepare import PreparedDataMismatchError
+from unimedi_jax.checkpoint import CheckpointWriteError
 from unimedi_jax.config_checks import ConfigError, check_override_names
 from unimedi_jax.models.text import TextModelError
 from unimedi_jax.train.loop import NonFiniteLossError, Preempted, train
@@ -27,6 +29,8 @@ USER_ERRORS = (
     PreparedDataMismatchError,
     UnknownDatasetError,
     NonFiniteLossError,
+    TooManyFailuresError,
+    CheckpointWriteError,
     FileNotFoundError,
 )
 

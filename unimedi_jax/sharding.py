@@ -3,7 +3,10 @@
 Parameters name their axes logically ('embed', 'mlp', 'heads', 'kv', 'vocab', 'layers') through
 ``nn.with_logical_partitioning``; the rules here map those names to the mesh axes
 ('data', 'fsdp', 'tensor'). Because a mesh axis of size 1 shards nothing, one set of rules serves
-pure data parallelism, FSDP and FSDP + tensor parallelism: only the mesh shape changes.
+pure data parallelism, FSDP and FSDP + tensor parallelism: only the mesh shape changes, and
+``config.mesh.preset`` (:data:`MESH_PRESETS`) names the usual shapes. Under FSDP every parameter is
+split over 'fsdp', also one whose logical names the rules leave unsplit there (a bias, the DINO
+head): it gets 'fsdp' on its largest dimension that divides (never the scanned 'layers' axis).
 
 Optimizer state: ``optax`` builds its state with ``tree_map`` over the params, so calling
 ``tx.init`` on the *boxed* params (inside the function given to :func:`create_sharded`) keeps the
@@ -26,6 +29,16 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+FSDP_AXIS = "fsdp"
+SCAN_AXIS = "layers"  # the stacked-layers dimension of scanned parameters: never split
+
+# (data, fsdp, tensor) of each mesh.preset; -1 fills the devices left over. A mesh.data /
+# mesh.fsdp / mesh.tensor field other than 0 replaces the preset's size for that axis.
+MESH_PRESETS = {
+    "dp": (-1, 1, 1),  # pure data parallelism: every device holds all parameters
+    "fsdp": (1, -1, 1),  # parameters, gradients and optimizer state split over all devices
+    "fsdp_tp": (1, -1, 2),  # FSDP, and attention heads / MLP units split over pairs of devices
+}
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -33,15 +46,11 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 log = logging.getLogger(__name__)
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over all devices; one size may be -1 (fill the rest).
+def fill_mesh_sizes(data: int, fsdp: int, tensor: int, count: int) -> tuple[int, int, int]:
+    """The axis sizes of a mesh over ``count`` devices; one size may be -1 (fill the rest).
 
-    Uses ``jax.make_mesh`` so the device order follows the hardware topology (and keeps each
-    process's devices together on multi-host CPU/GPU). Axes are ``Auto``: shardings propagate
-    GSPMD-style from the in/out shardings of ``jax.jit``, as the logical-partitioning flow expects.
+    Raises ``ValueError`` naming the mesh fields when the sizes cannot cover the devices.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    count = len(devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     given = ", ".join(f"mesh.{name}={size}" for name, size in sizes.items())
     fill = [name for name, size in sizes.items() if size == -1]
@@ -58,12 +67,41 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None =
             f"{given}: the mesh needs data * fsdp * tensor == the device count ({count}); "
             f"change them so the product is {count}, or set one of them to -1"
         )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all devices; one size may be -1 (fill the rest).
+
+    Uses ``jax.make_mesh`` so the device order follows the hardware topology (and keeps each
+    process's devices together on multi-host CPU/GPU). Axes are ``Auto``: shardings propagate
+    GSPMD-style from the in/out shardings of ``jax.jit``, as the logical-partitioning flow expects.
+    """
+    devices = list(jax.devices() if devices is None else devices)
     return jax.make_mesh(
-        tuple(sizes.values()),
+        fill_mesh_sizes(data, fsdp, tensor, len(devices)),
         MESH_AXES,
         axis_types=(AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def preset_mesh_sizes(preset: str, data: int, fsdp: int, tensor: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) of a mesh config: the preset's sizes, each non-zero field replacing one.
+
+    The one place config fields become axis sizes, so the run, the benchmark and the config
+    checks agree. The result may hold -1 (fill the devices left over: :func:`fill_mesh_sizes`).
+    """
+    if preset not in MESH_PRESETS:
+        raise ValueError(f"mesh.preset={preset!r}; valid: {sorted(MESH_PRESETS)}")
+    given = (data, fsdp, tensor)
+    return tuple(size or default for size, default in zip(given, MESH_PRESETS[preset], strict=True))
+
+
+def mesh_from_config(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """The mesh a config's ``mesh`` section (preset and sizes) asks for over ``devices``."""
+    m = mesh_config
+    return make_mesh(*preset_mesh_sizes(m.preset, m.data, m.fsdp, m.tensor), devices=devices)
 
 
 def logical_axis_rules(fsdp: bool = True, tensor: bool = True) -> Rules:
@@ -103,16 +141,48 @@ def _checked_rules(rules: Sequence[Sequence[Any]], mesh: Mesh) -> Rules:
     return tuple(out)
 
 
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def _axes_size(mesh: Mesh, axes: MeshAxes) -> int:
-    if axes is None:
-        return 1
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return math.prod(mesh.shape[a] for a in _as_tuple(axes))
+
+
+def _shards_params_over_fsdp(rules: Rules, mesh: Mesh) -> bool:
+    """Whether the rules split some parameter axis over an 'fsdp' mesh axis of size > 1."""
+    if mesh.shape.get(FSDP_AXIS, 1) == 1:
+        return False
+    return any(FSDP_AXIS in _as_tuple(axes) for name, axes in rules if name != "batch")
+
+
+def _add_fsdp(names: Sequence[str | None], shape: Sequence[int], dims: list, mesh: Mesh) -> None:
+    """Puts 'fsdp' on the largest per-device dimension it divides, if no dimension has it yet.
+
+    A parameter left whole on every FSDP device would cost its full size there, as would its
+    gradient and both Adam moments; the all-gather of a small one before use is cheap.
+    """
+    if any(FSDP_AXIS in _as_tuple(axes) for axes in dims):
+        return
+    fsdp = mesh.shape[FSDP_AXIS]
+    candidates = [
+        (size // _axes_size(mesh, axes), i)
+        for i, (name, size, axes) in enumerate(zip(names, shape, dims, strict=True))
+        if name != SCAN_AXIS and size % (_axes_size(mesh, axes) * fsdp) == 0
+    ]
+    if candidates:
+        _, i = max(candidates, key=lambda c: (c[0], -c[1]))  # largest; the first of equals
+        dims[i] = FSDP_AXIS if dims[i] is None else (*_as_tuple(dims[i]), FSDP_AXIS)
 
 
 def _param_spec(
     path: str, names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
 ) -> P:
-    """PartitionSpec of one parameter; an indivisible dimension is replicated (with a warning)."""
+    """PartitionSpec of one parameter; an indivisible dimension is replicated (with a warning).
+
+    Under FSDP (the rules split parameters over 'fsdp') one dimension always carries 'fsdp'
+    where any dimension divides (:func:`_add_fsdp`).
+    """
     if len(names) != len(shape):
         raise ValueError(f"parameter {path}: axis names {tuple(names)} do not match shape {shape}")
     try:
@@ -133,6 +203,8 @@ def _param_spec(
             )
             axes = None
         dims.append(axes)
+    if _shards_params_over_fsdp(rules, mesh):
+        _add_fsdp(names, shape, dims, mesh)
     return P(*dims)
 
 

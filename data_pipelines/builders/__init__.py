@@ -1,6 +1,7 @@
 """TFDS builders that write ArrayRecord files, and the registry that names them.
 
-A dataset name (`phantoms`, `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`) maps to a builder
+A dataset name (`phantoms`, `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`, and the labelled
+evaluation sets `chexpert`, `rsna_pneumonia`, `covidx`, `cc_ccii`, `luna16`) maps to a builder
 module and to the builder config that holds each modality, so `config.data.sources_2d =
 "phantoms"` reads `phantoms/xray` and `sources_3d = "phantoms"` reads `phantoms/ct`. A new
 dataset slots in with one `DatasetSpec` entry and a module that defines `VERSION`, `OPTIONS` and
@@ -71,6 +72,42 @@ REGISTRY: dict[str, DatasetSpec] = {
             module="data_pipelines.builders.ct_rate",
             modalities={"3d": "ct"},
             description="CT-RATE chest CT with English reports and 18 labels (Hugging Face)",
+            needs_manual_dir=True,
+        ),
+        # Labelled evaluation datasets (modules define TASK and CLASS_NAMES; no reports).
+        DatasetSpec(
+            name="chexpert",
+            module="data_pipelines.builders.chexpert",
+            modalities={"2d": "xray"},
+            description="CheXpert frontal X-rays, 5 competition labels (multilabel)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="rsna_pneumonia",
+            module="data_pipelines.builders.rsna_pneumonia",
+            modalities={"2d": "xray"},
+            description="RSNA Pneumonia stage 2 X-rays, pneumonia or not, box masks (binary)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="covidx",
+            module="data_pipelines.builders.covidx",
+            modalities={"2d": "xray"},
+            description="COVIDx X-rays: normal, pneumonia, COVID-19 (multiclass)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="cc_ccii",
+            module="data_pipelines.builders.cc_ccii",
+            modalities={"3d": "ct"},
+            description="CC-CCII CT slice stacks: NCP, CP, Normal (multiclass)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="luna16",
+            module="data_pipelines.builders.luna16",
+            modalities={"3d": "ct"},
+            description="LUNA16 CT crops around nodule candidates: nodule or not (binary)",
             needs_manual_dir=True,
         ),
     )

@@ -4,26 +4,60 @@ Each real builder turns one input (an image, a CT session, a volume) into either
 skip reason, in a pure function of a picklable task. `generate` runs that function over a split,
 in worker processes when asked, keeps the records in input order and stores the skip counts in
 `metadata.json`, so a build always says how much it dropped and why.
+
+The labelled evaluation datasets (CheXpert, RSNA Pneumonia, COVIDx, CC-CCII, LUNA16) subclass
+`EvalBuilder`: their records carry the label a linear probe reads as is (`label_features`) and
+their `metadata.json` names the task and the classes.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import gzip
 import math
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipelines import imaging
+from data_pipelines.failure_limit import FailureLimit
+from data_pipelines.reports import SkipReason
+
 MISSING_IMAGE = "missing image"
 MISSING_VOLUME = "missing volume"
+# Skips that mean a damaged input, unlike filters (a lateral view, a short report, a sagittal
+# series): a split where too many inputs fail so stops the build (see `failure_limit`).
+FAILURE_REASONS = frozenset(
+    {
+        imaging.UNREADABLE,
+        imaging.NO_PIXEL_DATA,
+        imaging.ABSURD_SIZE,
+        imaging.NAN_VOXELS,
+        imaging.BAD_AFFINE,
+        imaging.INCONSISTENT_SERIES,
+        MISSING_IMAGE,
+        MISSING_VOLUME,
+        SkipReason.MISSING,
+        SkipReason.EMPTY,
+        SkipReason.UNPARSEABLE,
+    }
+)
+_FAILURE_LIMIT: contextvars.ContextVar[FailureLimit | None] = contextvars.ContextVar(
+    "failure_limit", default=None
+)
+# What a linear probe fits (unimedi_jax.evaluation.linear_probe.TASKS).
+TASKS = ("multilabel", "binary", "multiclass")
 
 
 class LayoutError(ValueError):
@@ -74,20 +108,26 @@ def split_groups(groups: Iterable[str], held_out: Mapping[str, float], seed: int
     Groups are sorted, then permuted by `seed`, so the assignment depends only on the seed and
     the set of groups. Each held-out split gets round(fraction * n) groups, at least one.
     """
-    ordered = sorted(set(groups))
-    if len(ordered) <= len(held_out):
+    order = seeded_order(groups, seed)
+    if len(order) <= len(held_out):
         raise ValueError(
-            f"only {len(ordered)} subjects: need more than {len(held_out)} to hold out "
+            f"only {len(order)} subjects: need more than {len(held_out)} to hold out "
             f"{', '.join(held_out)} by subject"
         )
-    order = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
     assignment, start = {}, 0
     for split, fraction in held_out.items():
-        count = max(1, round(fraction * len(ordered)))
+        count = max(1, round(fraction * len(order)))
         assignment.update((group, split) for group in order[start : start + count])
         start += count
     assignment.update((group, "train") for group in order[start:])
     return assignment
+
+
+def seeded_order(groups: Iterable[str], seed: int) -> list[str]:
+    """The distinct groups, sorted, then permuted by `seed`: the order depends only on the seed
+    and the set of groups (not on the order they were read in)."""
+    ordered = sorted(set(groups))
+    return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 
 
 def parallel_map(
@@ -109,33 +149,55 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+@contextlib.contextmanager
+def failure_limit(limit: FailureLimit) -> Iterator[None]:
+    """Builds inside the block refuse splits with more failures than `limit` allows (`prepare`
+    sets it from --max_failure_fraction; builders run in the calling thread)."""
+    token = _FAILURE_LIMIT.set(limit)
+    try:
+        yield
+    finally:
+        _FAILURE_LIMIT.reset(token)
+
+
 def generate(
     builder: tfds.core.GeneratorBasedBuilder,
     split: str,
     tasks: Sequence[Any],
-    work: Callable[[Any], dict | str],
+    work: Callable[[Any], dict | str | list[dict | str]],
     chunksize: int = 1,
 ) -> Iterator[tuple[int, dict]]:
     """Yield (index, record) for the tasks that give records; count the others by reason.
 
-    The counts go to the builder's metadata (`skipped[split]`). A split that keeps nothing is
-    an error that lists why every input was dropped (TFDS would fail on it less clearly).
+    A task gives a record, a skip reason, or a list of them (an input holding several records,
+    e.g. the nodule candidates of one CT). The counts go to the builder's metadata
+    (`skipped[split]`). A split that keeps nothing is an error that lists why every input was
+    dropped (TFDS would fail on it less clearly); so is one where more inputs failed
+    (`FAILURE_REASONS`) than the current `failure_limit` allows.
     """
     skipped: Counter[str] = Counter()
     kept = 0
     workers = builder.builder_config.num_workers
     for result in parallel_map(work, tasks, workers, chunksize):
-        if isinstance(result, str):
-            skipped[result] += 1
-            continue
-        yield kept, result
-        kept += 1
+        for item in result if isinstance(result, list) else [result]:
+            if isinstance(item, str):
+                skipped[item] += 1
+                continue
+            yield kept, item
+            kept += 1
     builder.info.metadata["skipped"][split] = dict(skipped)
     if not kept:
         raise ValueError(
             f"{builder.name}: split {split!r} kept none of its {len(tasks)} inputs "
             f"(skipped: {dict(skipped) or 'none'})"
         )
+    (_FAILURE_LIMIT.get() or FailureLimit()).check(
+        f"{builder.name}: split {split!r}",
+        {reason: n for reason, n in skipped.items() if reason in FAILURE_REASONS},
+        kept + sum(skipped.values()),
+        "Check the raw files (a partial download, a wrong --manual_dir?) or, to build from "
+        "the rest anyway, raise --max_failure_fraction.",
+    )
 
 
 def recorded_options(config: Any, names: Sequence[str]) -> dict[str, Any]:
@@ -145,14 +207,17 @@ def recorded_options(config: Any, names: Sequence[str]) -> dict[str, Any]:
 
 
 def check_options(dataset: str, options: Mapping[str, Any], valid: Sequence[str]) -> dict:
-    """Options with known names only; volume_shape as a tuple of ints; num_workers (where it
-    is an option) defaulting to the CPU count."""
+    """Options with known names only; sequences (volume_shape, ...) as tuples of ints;
+    num_workers (where it is an option) defaulting to the CPU count."""
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"{dataset}: unknown options {unknown}; valid: {list(valid)}")
     options = dict(options)
-    if options.get("volume_shape") is not None:
-        options["volume_shape"] = tuple(int(n) for n in options["volume_shape"])
+    for key, value in options.items():
+        if isinstance(value, list | tuple):
+            if not all(float(n).is_integer() for n in value):
+                raise ValueError(f"{dataset}: option {key}={value} must hold integers")
+            options[key] = tuple(int(float(n)) for n in value)
     if "num_workers" in valid and options.get("num_workers") is None:
         options["num_workers"] = default_workers()
     return options
@@ -210,3 +275,120 @@ def dataset_info(
         ),
         disable_shuffling=True,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled evaluation datasets
+
+
+def load_image(path: str | Path, size: int | None = None) -> np.ndarray | str:
+    """An X-ray (JPEG, PNG or DICOM) as pre-training stores it: uint8, letterboxed to `size`
+    when given (else as read); or why it is skipped (missing image, unreadable file, ...)."""
+    if not Path(path).is_file():
+        return MISSING_IMAGE
+    try:
+        pixels = imaging.read_image_2d(path)
+    except imaging.SkipImage as e:
+        return e.reason
+    return pixels if size is None else imaging.letterbox(pixels, size)
+
+
+def label_features(task: str, classes: Sequence[str]) -> dict[str, tfds.features.FeatureConnector]:
+    """The label a linear probe takes as is: `labels`, float32 multi-hot [C], for 'multilabel';
+    `label`, an int64 class index (0/1 for 'binary'), for 'binary' and 'multiclass'."""
+    if task == "multilabel":
+        return {"labels": tfds.features.Tensor(shape=(len(classes),), dtype=np.float32)}
+    if task in ("binary", "multiclass"):
+        return {"label": tfds.features.ClassLabel(names=list(classes))}
+    raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig(tfds.core.BuilderConfig):
+    """What every evaluation dataset takes: the split seed and the reader processes."""
+
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalImageConfig(EvalConfig):
+    """An evaluation dataset of X-rays, letterboxed to `image_size` like pre-training's."""
+
+    image_size: int = 256
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalVolumeConfig(EvalConfig):
+    """An evaluation dataset of CT volumes, stored at `volume_shape` like pre-training's."""
+
+    volume_shape: tuple[int, int, int] = (32, 128, 128)
+
+
+class EvalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A labelled evaluation dataset read from manual_dir (CheXpert, RSNA Pneumonia, ...).
+
+    The subclass's module is the dataset: its name is the builder's, and it defines VERSION,
+    TASK and CLASS_NAMES (what a probe config reads), LAYOUT (the expected manual_dir, for
+    error messages) and a docstring that describes the data. A record holds the stored array
+    (`image` uint8 [S, S] under an EvalImageConfig, `volume` int16 [D, H, W] under an
+    EvalVolumeConfig), the label (`label_features`), the TEXT fields and `_features()`. The
+    subclass gives the inputs of each split and `load`, which turns one input into a record, a
+    skip reason or a list of them. The subclasses stay out of TFDS's name registry: TFDS ships
+    a `chexpert` builder of its own, and these are only ever opened from their directory.
+    """
+
+    RECORDED: ClassVar[tuple[str, ...]]  # the config options that change what is stored
+    TEXT: ClassVar[tuple[str, ...]] = ("patient_id", "id")  # text features of a record
+    CHUNKSIZE: ClassVar[int] = 1  # inputs handed to a worker at a time
+
+    def __init_subclass__(cls, **kwargs: Any):
+        module = sys.modules[cls.__module__]
+        cls.name = cls.__module__.rsplit(".", 1)[-1]
+        cls.VERSION = tfds.core.Version(module.VERSION)
+        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = (
+            f"Point manual_dir at {module.LAYOUT} (see docs/data.md)."
+        )
+        super().__init_subclass__(**{**kwargs, "skip_registration": True})
+
+    def _features(self) -> dict[str, Any]:
+        """The features of a record besides its array, label and TEXT fields."""
+        return {}
+
+    @abc.abstractmethod
+    def _inputs(self, root: Path) -> dict[str, Sequence[Any]]:
+        """Split -> the picklable inputs of `load`, after checking the layout of `root`."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def load(item: Any) -> dict | str | list[dict | str]:
+        """One input -> its record(s) or skip reason(s); runs in a worker."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        module = sys.modules[type(self).__module__]
+        cfg = self.builder_config
+        if isinstance(cfg, EvalImageConfig):
+            array = {"image": raw_array((cfg.image_size, cfg.image_size), np.uint8)}
+        else:
+            array = {"volume": raw_array(cfg.volume_shape, np.int16)}
+        features = {
+            **array,
+            **label_features(module.TASK, module.CLASS_NAMES),
+            **{key: tfds.features.Text() for key in self.TEXT},
+            **self._features(),
+        }
+        return dataset_info(
+            self,
+            module.__doc__ or "",
+            features,
+            self.RECORDED,
+            task=module.TASK,
+            classes=list(module.CLASS_NAMES),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+        inputs = self._inputs(Path(dl_manager.manual_dir))
+        return {split: self._generate_examples(split, items) for split, items in inputs.items()}
+
+    def _generate_examples(self, split: str, items: Sequence[Any]) -> Iterator[tuple[int, dict]]:
+        return generate(self, split, items, self.load, self.CHUNKSIZE)

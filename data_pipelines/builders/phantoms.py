@@ -24,6 +24,9 @@ from data_pipelines.builders import common
 from data_pipelines.reports import CleanReport, clean_report
 
 VERSION = "1.0.0"
+# Labelled like the evaluation sets, so a linear probe reads them the same way.
+TASK = "multilabel"
+CLASS_NAMES = phantoms.FINDINGS
 # The options each config records: the ones that change what it stores.
 _RECORDED = {
     "xray": ("image_size", "num_train", "num_validation", "num_test", "seed"),

@@ -1,4 +1,4 @@
-"""Evaluators on held-out data: retrieval, zero-shot, cross-modal mAP and slice hit rate.
+"""Evaluators on held-out data: retrieval, zero-shot, cross-modal mAP, slice hit rate, probe.
 
 Each evaluator reads embeddings from an ``EvalSet`` (computed once per evaluation) and returns a
 flat dict of named figures, so results go straight to metrics.jsonl, TensorBoard and eval.json.
@@ -10,11 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 
+from data_pipelines import builders, pipeline
 from data_pipelines.pipeline import eval_batches, parse_sources
 from unimedi_jax import inference
-from unimedi_jax.evaluation import metrics
+from unimedi_jax.evaluation import downstream, linear_probe, metrics, protocol
 
 # Zero-shot prompts per dataset: finding -> (positive, negative), worded like the reports.
 ZERO_SHOT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
@@ -27,6 +29,10 @@ ZERO_SHOT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
         "cardiomegaly": ("Cardiomegaly is present.", "The heart is normal in size."),
     },
 }
+
+
+PROBE_FRACTIONS = (0.01, 0.1, 1.0)
+PROBE_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # probe role -> split
 
 
 class Modality(NamedTuple):
@@ -43,6 +49,8 @@ class Modality(NamedTuple):
 class EvalSet(NamedTuple):
     dataset: str  # the source name, which selects zero-shot prompts
     modalities: dict[str, Modality]  # 'image' and/or 'volume'
+    sources: dict[str, str]  # 'image' / 'volume' -> the source each was read from
+    config: ml_collections.ConfigDict  # where the data lives and how much to read
 
 
 def load_modality(model, config, name: str, modality: str, split: str, limit: int) -> Modality:
@@ -71,16 +79,17 @@ def load_modality(model, config, name: str, modality: str, split: str, limit: in
 
 def build_eval_set(model, config, split: str = "test", limit: int = 200) -> EvalSet:
     """Embeds the first configured source of each modality (the demo: held-out phantoms)."""
-    sources = {"2d": config.data.sources_2d, "3d": config.data.sources_3d}
-    modalities, dataset = {}, ""
-    for modality, text in sources.items():
+    configured = {"2d": config.data.sources_2d, "3d": config.data.sources_3d}
+    modalities, sources, dataset = {}, {}, ""
+    for modality, text in configured.items():
         if not text:
             continue
         name = parse_sources(text)[0][0]
         dataset = dataset or name
         key = "image" if modality == "2d" else "volume"
         modalities[key] = load_modality(model, config, name, modality, split, limit)
-    return EvalSet(dataset, modalities)
+        sources[key] = name
+    return EvalSet(dataset, modalities, sources, config)
 
 
 def retrieval(model, data: EvalSet) -> dict[str, float]:
@@ -135,11 +144,40 @@ def slice_hit_rate(model, data: EvalSet) -> dict[str, float]:
     return {"slice_selection/hit_rate": hit, "slice_selection/random_hit_rate": chance}
 
 
+def frozen_probe(model, data: EvalSet) -> dict[str, float]:
+    """Linear probe on frozen [CLS] features of each evaluated source's own labels at 1, 10 and
+    100% of its training split (the paper's protocol, sized for a run): up to
+    ``probe_train_limit`` training records, ``eval_limit`` validation and test records."""
+    config = data.config
+    limit = config.eval_limit
+    limits = {"train": config.probe_train_limit, "val": limit, "test": limit}
+    out = {}
+    for key, name in data.sources.items():
+        modality = "2d" if key == "image" else "3d"
+        spec, stored, _ = builders.resolve(name, modality)
+        task = protocol.resolve(name if len(spec.modalities) == 1 else f"{spec.name}/{stored}")
+        features = {
+            role: downstream.extract_features(
+                model,
+                config,
+                task,
+                pipeline.open_source(task.name, config.data.data_dir, modality, split),
+                limits[role],
+            )
+            for role, split in PROBE_SPLITS.items()
+        }
+        results = linear_probe.run_probe(features, task.task, PROBE_FRACTIONS)
+        for fraction, found in results.items():
+            out[f"linear_probe_{key}/{task.metric}@{fraction:g}"] = found[task.metric]
+    return out
+
+
 EVALUATORS: dict[str, Callable[[object, EvalSet], dict[str, float]]] = {
     "retrieval": retrieval,
     "zero_shot": zero_shot,
     "cross_modal": cross_modal,
     "slice_hit_rate": slice_hit_rate,
+    "linear_probe": frozen_probe,
 }
 
 

@@ -91,6 +91,8 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
     model_cfg = config.model
     # Configs saved before model.unroll_layers existed (a run's config.json) scan their layers.
     unroll = model_cfg.get("unroll_layers", False)
+    # Runs saved before model.pixel_mean/pixel_std existed fed [0, 1] to the projection as is.
+    pixel_mean, pixel_std = model_cfg.get("pixel_mean", 0.0), model_cfg.get("pixel_std", 1.0)
     vision = VisionTransformer(
         width=model_cfg.width,
         depth=model_cfg.depth,
@@ -103,6 +105,8 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         dtype=dtype,
         remat=model_cfg.remat,
         unroll_layers=unroll,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
     )
     return UniMedI(
         vision=vision,

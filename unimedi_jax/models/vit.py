@@ -49,6 +49,13 @@ class PatchEmbed(nn.Module):
     Works for 2D (patch of rank 2) and 3D (rank 3). The position table is learned at
     ``native_grid`` and resampled to whatever grid the input produces, so one 2D tokenizer serves
     224x224 X-rays (14x14) and 128x128 CT slices (8x8).
+
+    Inputs in [0, 1] are standardised, ``(x - pixel_mean) / pixel_std``, before the projection.
+    Without it every patch token is dominated by one shared direction (the patch's mean
+    intensity) whose length the blocks' LayerNorms divide out, so brightness, which is what
+    tells an effusion or a consolidation from aerated lung, reaches attention and MLPs only
+    weakly, and training from scratch stalls. Being affine, it folds exactly into the
+    projection for export.
     """
 
     width: int
@@ -56,6 +63,8 @@ class PatchEmbed(nn.Module):
     native_grid: tuple[int, ...]
     in_chans: int = 1
     dtype: Dtype = jnp.float32
+    pixel_mean: float = 0.0
+    pixel_std: float = 1.0
 
     def setup(self):
         spatial = (None,) * len(self.patch)
@@ -92,6 +101,7 @@ class PatchEmbed(nn.Module):
         """[B, *spatial] or [B, *spatial, C] -> patch embeddings [B, N, D] (no position)."""
         if x.ndim == len(self.patch) + 1:
             x = x[..., None]
+        x = (x.astype(jnp.float32) - self.pixel_mean) / self.pixel_std
         y = self.proj(x.astype(self.dtype))
         return y.reshape(y.shape[0], -1, self.width)
 
@@ -194,7 +204,8 @@ class VisionTransformer(nn.Module):
     ``__call__(x)`` with x [B, H, W] encodes X-rays; with x [B, D, H, W] it encodes volumes,
     optionally followed by the tokens of ``slices`` [B, k, h, w] (the 2D tokenizer). ``mask``
     [B, N] (True = masked) replaces those patch embeddings by the learned [MASK] embedding before
-    position embeddings are added, as in iBOT.
+    position embeddings are added, as in iBOT. Inputs are in [0, 1]; both tokenizers standardise
+    them with ``pixel_mean`` / ``pixel_std`` (see PatchEmbed).
     """
 
     width: int = 768
@@ -209,6 +220,8 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     unroll_layers: bool = False
+    pixel_mean: float = 0.0
+    pixel_std: float = 1.0
 
     def setup(self):
         self.embed_2d = PatchEmbed(
@@ -217,6 +230,8 @@ class VisionTransformer(nn.Module):
             tuple(s // p for s, p in zip(self.image_size, self.patch_2d, strict=True)),
             self.in_chans,
             self.dtype,
+            self.pixel_mean,
+            self.pixel_std,
         )
         self.embed_3d = PatchEmbed(
             self.width,
@@ -224,6 +239,8 @@ class VisionTransformer(nn.Module):
             tuple(s // p for s, p in zip(self.volume_size, self.patch_3d, strict=True)),
             1,
             self.dtype,
+            self.pixel_mean,
+            self.pixel_std,
         )
         self.cls_token = self.param(
             "cls_token",

@@ -37,6 +37,7 @@ from unimedi_jax.train.state import (
     make_optimizer,
 )
 from unimedi_jax.train.step import make_schedules, make_train_step
+from unimedi_jax.train.workdir import prepare_workdir
 
 
 class Preempted(RuntimeError):  # noqa: N818 (a stop, not a fault)
@@ -44,7 +45,7 @@ class Preempted(RuntimeError):  # noqa: N818 (a stop, not a fault)
 
 
 class NonFiniteLossError(RuntimeError):
-    """A NaN or Inf loss: the run stops and the last good checkpoint is kept."""
+    """A NaN or Inf loss or gradient: the run stops and the last good checkpoint is kept."""
 
 
 def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -136,18 +137,22 @@ def train(config, workdir: str | Path) -> dict:
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
     prepare_demo_data(config, workdir)
-    if is_chief:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    prepare_workdir(config, workdir)
     text = prepare_text_tower(config, workdir)
     data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
     total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
 
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = sharding.mesh_from_config(config.mesh)
     check_batch_for_mesh(config, mesh.shape["data"] * mesh.shape["fsdp"])
     trainer = build_trainer(config, text, mesh, total_steps, warmup_steps)
     state = trainer.state
 
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        keep=config.keep_checkpoints,
+        keep_every=config.keep_checkpoint_every_steps,
+        clean_up=True,
+    )
     start = checkpointer.latest_step()
     if start is not None:
         state, data_state = checkpointer.restore(start, abstract_like(state))
@@ -156,15 +161,16 @@ def train(config, workdir: str | Path) -> dict:
     start = start or 0
 
     log_run_layout(state.params, mesh)
-    writer = MetricWriter(workdir, enabled=is_chief)
+    writer = MetricWriter(workdir, enabled=is_chief, resume_step=start)
     progress = Progress(total_steps, config.batch.size_2d + config.batch.size_3d)
+    stop_on_nonfinite = config.train.on_nonfinite == "stop"  # else the step skips the update
     pending = None  # (step, metrics) of the previous step: checked once the next is dispatched
     with StopRequest() as stop:
         try:
             for step in range(start + 1, total_steps + 1):
                 batch = sharding.global_batch(next(data), mesh)
                 state, metrics = trainer.step(state, batch)
-                if pending is not None:
+                if pending is not None and stop_on_nonfinite:
                     check_finite(*pending, checkpointer)
                 pending = (step, metrics)
                 progress.tick()
@@ -173,10 +179,11 @@ def train(config, workdir: str | Path) -> dict:
                 is_ckpt_step = (
                     step % config.checkpoint_every_steps == 0 or step == total_steps or stopping
                 )
-                if is_log_step or is_ckpt_step:
+                if (is_log_step or is_ckpt_step) and stop_on_nonfinite:
                     check_finite(step, metrics, checkpointer)
                 if is_log_step:
-                    writer.write(step, progress.report(step, jax.device_get(metrics)))
+                    logged = {**jax.device_get(metrics), **data.skip_metrics()}
+                    writer.write(step, progress.report(step, logged))
                 if is_ckpt_step:
                     checkpointer.save(step, state, data.get_state())
                 if config.eval_every_steps > 0 and (
@@ -190,9 +197,9 @@ def train(config, workdir: str | Path) -> dict:
                         "to resume."
                     )
         finally:
-            checkpointer.close()
             writer.close()
             data.close()
+            checkpointer.close()  # last: it raises if the final save failed
     logging.info("Finished %d steps in %s", total_steps, format_duration(progress.elapsed()))
     return progress.last
 
@@ -215,15 +222,22 @@ def evaluate_state(config, model: UniMedI, state: TrainState, tokenizer) -> dict
 
 
 def check_finite(step: int, metrics: dict, checkpointer: Checkpointer) -> None:
-    """Stops the run at a NaN/Inf loss, naming the step, the loss terms and the last checkpoint."""
-    loss = float(metrics["loss"])
-    if math.isfinite(loss):
+    """Stops the run at a NaN/Inf loss or gradient norm, naming the step, the loss terms and
+    the last checkpoint."""
+    watched = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"}
+    if all(math.isfinite(v) for v in watched.values()):
         return
-    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k.startswith("loss"))
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in watched.items())
+    latest = checkpointer.latest_step()
+    last_good = (
+        f"The last good checkpoint is step {latest} in {checkpointer.directory}"
+        if latest is not None
+        else f"No checkpoint was written yet in {checkpointer.directory}"
+    )
     raise NonFiniteLossError(
-        f"non-finite loss at step {step} ({terms}). The last good checkpoint is step "
-        f"{checkpointer.latest_step()} in {checkpointer.directory}; lower train.learning_rate "
-        "or set precision.compute_dtype=float32 and resume."
+        f"non-finite loss or gradients at step {step} ({terms}). {last_good}; lower "
+        "train.learning_rate or set precision.compute_dtype=float32 and resume, or set "
+        "train.on_nonfinite=skip to skip such updates."
     )
 
 
@@ -252,6 +266,7 @@ class Progress:
         self.start = self.window_start = time.perf_counter()
         self.window_steps = 0
         self.last: dict[str, float] = {}
+        self.skips = (0, 0)  # (non-finite updates, unusable records) at the last warning
 
     def tick(self) -> None:
         self.window_steps += 1
@@ -277,5 +292,12 @@ class Progress:
             self.last["samples_per_sec"],
             format_duration((self.total_steps - step) * per_step),
         )
+        skips = (int(self.last.get("nonfinite_skips", 0)), int(self.last.get("data_skipped", 0)))
+        if skips != self.skips:
+            logging.warning(
+                "so far %d updates skipped for a non-finite loss, %d unusable records replaced",
+                *skips,
+            )
+            self.skips = skips
         self.window_start, self.window_steps = time.perf_counter(), 0
         return self.last

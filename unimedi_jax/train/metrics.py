@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
@@ -18,12 +19,38 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-class MetricWriter:
-    """Appends to ``workdir/metrics.jsonl`` and writes TensorBoard scalars (process 0 only)."""
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Drop the lines of steps after ``step`` (and any cut-short line) from a metrics file: a
+    resumed run logs those steps again, so each step keeps exactly one line."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)  # atomic: a kill now leaves the old or the new file
+
+
+class MetricWriter:
+    """Appends to ``workdir/metrics.jsonl`` and writes TensorBoard scalars (process 0 only).
+
+    ``resume_step``: the step the run continues from; later lines of ``metrics.jsonl`` are
+    dropped first (TensorBoard shows both, as it does for any rerun).
+    """
+
+    def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         if enabled:
+            rewind_jsonl(workdir / "metrics.jsonl", resume_step)
             self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (lives with the run)
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 

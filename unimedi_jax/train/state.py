@@ -16,7 +16,8 @@ NO_DECAY_LEAVES = frozenset(
 
 
 class TrainState(struct.PyTreeNode):
-    """Student params, EMA teacher (vision + DINO head), AdamW state, DINO/iBOT centers, rng."""
+    """Student params, EMA teacher (vision + DINO head), AdamW state, DINO/iBOT centers, rng,
+    and how many updates were skipped for a non-finite loss (``train.on_nonfinite=skip``)."""
 
     step: jax.Array
     params: dict
@@ -25,6 +26,7 @@ class TrainState(struct.PyTreeNode):
     center_cls: jax.Array
     center_patch: jax.Array
     rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
+    nonfinite_skips: jax.Array  # int32 scalar
 
 
 def learning_rate_schedule(
@@ -77,4 +79,5 @@ def init_train_state(
         center_cls=jnp.zeros((dino_out_dim,), jnp.float32),
         center_patch=jnp.zeros((dino_out_dim,), jnp.float32),
         rng=jax.random.key_data(rng),
+        nonfinite_skips=jnp.zeros((), jnp.int32),
     )

@@ -2,9 +2,11 @@
 
 teacher pass for slice selection -> teacher pass on the full 2D and 3D+slice sequences ->
 attention-guided masks -> student pass on the masked sequences -> text pass -> losses -> AdamW ->
-EMA teacher -> centers. A batch holds X-rays, volumes or both, each with its report tokens:
-``image [B2, H, W]``, ``image_text_ids``/``image_text_mask`` [B2, L]; ``volume [B3, D, H, W]``,
-``volume_text_ids``/``volume_text_mask`` [B3, L]. Which of the two is present is static.
+EMA teacher -> centers; with ``train.on_nonfinite=skip`` a step whose loss or gradients are not
+finite leaves the learned state as it was (and counts it). A batch holds X-rays, volumes or
+both, each with its report tokens: ``image [B2, H, W]``, ``image_text_ids``/``image_text_mask``
+[B2, L]; ``volume [B3, D, H, W]``, ``volume_text_ids``/``volume_text_mask`` [B3, L]. Which of
+the two is present is static.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def make_train_step(
     k = config.selection.k
     patch_3d = tuple(config.model.patch_3d)
     self_distill = config.loss.self_distill
+    skip_nonfinite = config.train.on_nonfinite == "skip"
     loss_cfg = config.loss
 
     def vision(params, x, slices=None, mask=None) -> EncoderOutput:
@@ -137,6 +140,7 @@ def make_train_step(
             return total, terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         momentum = schedules.teacher_momentum(state.step)
@@ -155,17 +159,35 @@ def make_train_step(
             center_patch=center_patch,
             rng=jax.random.key_data(rng),
         )
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            new_state = keep_finite_update(finite, new_state, state)
         metrics = {
             "loss": loss,
             **terms,
             "learning_rate": schedules.learning_rate(state.step),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "teacher_momentum": momentum,
             "teacher_temperature": teacher_temp,
+            "nonfinite_skips": new_state.nonfinite_skips,
         }
         return new_state, metrics
 
     return step_fn
+
+
+def keep_finite_update(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """``new`` if the step was finite; else ``old``'s params, teacher, optimizer state and
+    centers, with the skip counted. Step and rng advance either way, so the schedules and the
+    data stay tied to the step number."""
+    learned = ("params", "teacher", "opt_state", "center_cls", "center_patch")
+    kept = jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o),
+        {name: getattr(new, name) for name in learned},
+        {name: getattr(old, name) for name in learned},
+    )
+    skips = old.nonfinite_skips + jnp.where(finite, 0, 1).astype(jnp.int32)
+    return new.replace(**kept, nonfinite_skips=skips)
 
 
 def distillation_losses(student_logits, teacher_logits, masks, state, teacher_temp, loss_cfg):

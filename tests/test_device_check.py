@@ -1,0 +1,32 @@
+"""The device check's step and comparison, on the CPU: bfloat16 against float32 (what a GPU run is
+held to), and the verdict's arithmetic. launch/device_check.sh runs them on a GPU machine."""
+
+import pytest
+
+from configs.pretrain import get_config
+from unimedi_jax.device_check import LOSS_KEYS, comparison_table, one_step, relative_errors
+
+
+def test_bfloat16_step_is_within_the_gpu_tolerance_of_float32():
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        config = get_config("tiny")
+        config.batch.update(size_2d=4, size_3d=2)
+        config.precision.compute_dtype = dtype
+        results[dtype] = one_step(config)
+        assert results[dtype]["compute_dtype"] == dtype
+        assert results[dtype]["platform"] == "cpu"
+    errors = relative_errors(results["bfloat16"], results["float32"])
+    # Different numbers (bfloat16 was used), yet close: the GPU check's limit is 1e-2.
+    assert 0 < errors["loss"] < 1e-2, errors
+    table = comparison_table(results["bfloat16"], results["float32"])
+    assert table.splitlines()[0] == "| term | cpu float32 | cpu bfloat16 | relative error |"
+
+
+def test_relative_errors():
+    reference = {key: 2.0 for key in LOSS_KEYS}
+    result = {**reference, "loss": 2.1, "loss_vl": -2.0}
+    errors = relative_errors(result, reference)
+    assert errors["loss"] == pytest.approx(0.05)
+    assert errors["loss_vl"] == pytest.approx(2.0)
+    assert errors["loss_icl"] == 0.0

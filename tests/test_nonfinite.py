@@ -1,0 +1,57 @@
+"""Non-finite loss or gradients: ``train.on_nonfinite=skip`` leaves the learned state untouched
+inside the compiled step and counts the skip; ``stop`` names the step, the terms and the last
+good checkpoint."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs.pretrain import get_config
+from tests.test_train_step import build, tiny_batch
+from unimedi_jax.checkpoint import Checkpointer
+from unimedi_jax.train.loop import NonFiniteLossError, check_finite
+
+LEARNED = ("params", "teacher", "opt_state", "center_cls", "center_patch")
+
+
+def test_skip_keeps_the_state_on_a_nan_batch_and_counts_it():
+    config = get_config("tiny")
+    config.train.on_nonfinite = "skip"
+    state, step = build(config)
+    good = tiny_batch(config, ("image", "volume"))
+    state, metrics = step(state, good)  # a real update first: the optimizer state is not zero
+    assert int(metrics["nonfinite_skips"]) == 0
+    bad = {**good, "volume": good["volume"].copy()}
+    bad["volume"][1, 2, 3, 4] = np.nan
+    before = jax.device_get(state)
+
+    skipped, metrics = step(state, bad)
+    assert not np.isfinite(metrics["loss"])
+    assert int(metrics["nonfinite_skips"]) == int(skipped.nonfinite_skips) == 1
+    for name in LEARNED:
+        jax.tree.map(np.testing.assert_array_equal, getattr(skipped, name), getattr(before, name))
+    assert int(skipped.step) == 2  # the schedule and the data move on
+    assert not np.array_equal(skipped.rng, before.rng)
+
+    after, metrics = step(skipped, good)
+    assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_skips"]) == 1
+    assert not np.array_equal(
+        after.params["vision"]["cls_token"], before.params["vision"]["cls_token"]
+    )
+
+
+@pytest.mark.parametrize("bad", ["loss_pcl", "grad_norm"])
+def test_stop_names_the_step_the_terms_and_the_last_checkpoint(tmp_path, bad):
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    checkpointer.save(5, {"w": np.zeros(2, np.float32)}, {"step": 5})
+    checkpointer.wait()
+    metrics = {"loss": 1.5, "loss_vl": 0.5, "loss_icl": 0.5, "loss_pcl": 0.5, "grad_norm": 2.0}
+    check_finite(7, metrics, checkpointer)
+    metrics[bad] = float("inf") if bad == "grad_norm" else float("nan")
+    with pytest.raises(NonFiniteLossError) as error:
+        check_finite(7, metrics, checkpointer)
+    message = str(error.value)
+    assert message.startswith("non-finite loss or gradients at step 7 (loss=1.5, ")
+    assert f"{bad}={metrics[bad]}" in message
+    assert f"The last good checkpoint is step 5 in {tmp_path}" in message
+    assert "train.on_nonfinite=skip" in message

@@ -1,0 +1,108 @@
+"""results_table: hand-made eval.json files -> the paper's Tables 1-3 in Markdown."""
+
+import json
+
+import pytest
+
+from unimedi_jax.tools import results_table
+
+
+def _probe(dataset, metric, fractions, encoder="pretrained", run="/runs/paper", step=1000):
+    return {
+        "kind": "probe",
+        "dataset": dataset,
+        "metric": metric,
+        "encoder": encoder,
+        "checkpoint": run,
+        "step": step,
+        "with_slices": False,
+        "fractions": {f: {metric: v, "loss": 0.5, "n_train": 10} for f, v in fractions.items()},
+    }
+
+
+def _finetune(dataset, metric, value, run="/runs/paper"):
+    test = {metric: value, "loss": 0.3}
+    return {"kind": "finetune", "dataset": dataset, "metric": metric, "encoder": "pretrained",
+            "checkpoint": run, "step": 1000, "test": test}  # fmt: skip
+
+
+EVAL_FILES = {
+    "paper/probe/chexpert-0.01_0.1_1.0": _probe(
+        "chexpert", "auroc", {"0.01": 0.8812, "0.1": 0.89, "1.0": 0.9049}
+    ),
+    "paper/probe/covidx-1.0": _probe("covidx", "accuracy", {"1.0": 0.9}),
+    "paper/probe/chexpert-0.01-random_init": _probe(
+        "chexpert", "auroc", {"0.01": 0.561}, encoder="random_init"
+    ),
+    "paper/probe/cc_ccii-0.01_0.1_1.0": _probe(
+        "cc_ccii", "accuracy", {"0.01": 0.75, "0.1": float("nan"), "1.0": 0.894}
+    ),
+    "paper/finetune/cc_ccii": _finetune("cc_ccii", "accuracy", 0.938),
+    "paper/finetune/luna16": _finetune("luna16", "auroc", 0.9591),
+    "demo/probe/phantoms_xray-1.0": _probe(
+        "phantoms/xray", "auroc", {"1.0": 0.8}, run="/runs/demo", step=300
+    ),
+    "demo": {"retrieval_image/image_to_text/R@1": 0.5},  # a pre-training eval.json: skipped
+}
+
+EXPECTED = """\
+### Table 1: linear probe, 2D (AUROC % for CheXpert and RSNA, ACC % for COVIDx)
+
+| Method | CheXpert 1% | CheXpert 10% | CheXpert 100% | RSNA 1% | RSNA 10% | RSNA 100% | COVIDx 1% | COVIDx 10% | COVIDx 100% |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| UniMedI (published) | 89.4 | 89.7 | 90.5 | 90.0 | 90.4 | 91.5 | 80.3 | 92.4 | 94.6 |
+| Random Init (published) | 56.1 | 62.6 | 65.7 | 58.9 | 69.4 | 74.1 | 50.5 | 60.3 | 70.0 |
+| Random Init (paper) | 56.1 | - | - | - | - | - | - | - | - |
+| paper @1000 | 88.1 | 89.0 | 90.5 | - | - | - | - | - | 90.0 |
+
+### Table 2: linear probe, 3D (ACC %)
+
+| Method | CC-CCII 1% | CC-CCII 10% | CC-CCII 100% |
+|---|---:|---:|---:|
+| UniMedI (published) | 75.6 | 84.8 | 89.4 |
+| Random Init (published) | 43.4 | 69.7 | 74.8 |
+| paper @1000 | 75.0 | - | 89.4 |
+
+### Table 3: full fine-tuning, 3D (ACC % for CC-CCII, AUC % for LUNA)
+
+| Method | CC-CCII | LUNA |
+|---|---:|---:|
+| UniMedI (published) | 93.8 | 95.9 |
+| paper @1000 | 93.8 | 95.9 |
+
+### Other linear probes (AUROC %, ACC % for multiclass)
+
+| Method | phantoms/xray 100% |
+|---|---:|
+| demo @300 | 80.0 |
+"""  # noqa: E501
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for directory, content in EVAL_FILES.items():
+        (tmp_path / directory).mkdir(parents=True, exist_ok=True)
+        (tmp_path / directory / "eval.json").write_text(json.dumps(content))
+    return tmp_path
+
+
+def test_renders_the_paper_tables_with_the_runs(runs, capsys):
+    assert results_table.main([str(runs / "paper"), str(runs / "demo")]) == 0
+    assert capsys.readouterr().out == EXPECTED
+
+
+def test_a_later_file_for_the_same_cell_wins_with_a_warning(runs, capsys):
+    again = runs / "paper" / "rerun" / "eval.json"
+    again.parent.mkdir()
+    again.write_text(json.dumps(_probe("covidx", "accuracy", {"1.0": 0.5})))
+    results_table.main([str(runs)])
+    out, err = capsys.readouterr()
+    assert "| paper @1000 | 88.1 | 89.0 | 90.5 | - | - | - | - | - | 50.0 |" in out
+    assert "rerun/eval.json replaces" in err
+
+
+def test_no_results_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        results_table.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "no probe or fine-tuning eval.json" in capsys.readouterr().err

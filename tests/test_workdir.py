@@ -1,0 +1,105 @@
+"""Checkpoint hygiene: which checkpoints are kept, a workdir whose saved config has other shapes
+is refused (or moved aside when asked), metrics are rewound on resume, and the new config
+fields are checked at start."""
+
+import json
+import logging
+
+import jax.numpy as jnp
+import pytest
+
+from configs.pretrain import get_config
+from unimedi_jax.checkpoint import Checkpointer
+from unimedi_jax.config_checks import ConfigError, check_config
+from unimedi_jax.train.metrics import rewind_jsonl
+from unimedi_jax.train.workdir import prepare_workdir
+
+
+def test_keeps_the_latest_k_plus_every_mth(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2, keep_every=4)
+    for step in range(1, 11):
+        checkpointer.save(step, {"w": jnp.full((2,), float(step))}, {"step": step})
+    checkpointer.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 8, 9, 10]
+    assert float(Checkpointer(tmp_path, keep=2).restore_raw(4)["w"][0]) == 4.0
+
+
+def _previous_run(workdir, config):
+    """A workdir as a run of ``config`` leaves it: config.json, a checkpoint, metrics."""
+    prepare_workdir(config, workdir)
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    return json.loads((workdir / "config.json").read_text())
+
+
+def test_workdir_with_other_shapes_is_refused_naming_the_fields(tmp_path):
+    saved = _previous_run(tmp_path, get_config("tiny"))
+    config = get_config("tiny")
+    config.model.width = 48
+    config.text.hidden_size = 64
+    with pytest.raises(ConfigError) as error:
+        prepare_workdir(config, tmp_path)
+    message = str(error.value)
+    assert "model.width 32 -> 48, text.hidden_size 32 -> 64 (saved -> now)" in message
+    assert "--config.on_shape_change=restart" in message and "\n" not in message
+    assert json.loads((tmp_path / "config.json").read_text()) == saved  # not overwritten
+
+
+def test_other_changes_resume_with_a_warning(tmp_path, caplog):
+    _previous_run(tmp_path, get_config("tiny"))
+    config = get_config("tiny")
+    config.train.learning_rate = 1e-4
+    with caplog.at_level(logging.WARNING):
+        prepare_workdir(config, tmp_path)
+    assert "train.learning_rate 0.0003 -> 0.0001" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 1e-4
+
+
+def test_restart_moves_the_previous_run_aside(tmp_path):
+    _previous_run(tmp_path, get_config("tiny"))
+    config = get_config("tiny")
+    config.model.depth = 3
+    config.on_shape_change = "restart"
+    prepare_workdir(config, tmp_path)
+    (previous,) = tmp_path.glob("previous-*")
+    assert sorted(p.name for p in previous.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+    ]
+    assert json.loads((previous / "config.json").read_text())["model"]["depth"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["depth"] == 3
+    assert not (tmp_path / "checkpoints").exists()
+    prepare_workdir(config, tmp_path)  # a rerun of the same command: nothing more to move
+    assert len(list(tmp_path.glob("previous-*"))) == 1
+
+
+def test_rewind_drops_later_and_cut_short_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed while writing step 5
+    rewind_jsonl(path, 2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    rewind_jsonl(path, 2)  # nothing to drop: unchanged
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("train.on_nonfinite", "ignore", "train.on_nonfinite='ignore'; valid: .'stop', 'skip'"),
+        ("on_shape_change", "overwrite", "on_shape_change='overwrite'; valid"),
+        ("data.max_failure_fraction", 1.5, r"data.max_failure_fraction=1.5 must be in \[0, 1\]"),
+        ("keep_checkpoints", 0, "keep_checkpoints=0 must be at least 1"),
+        ("keep_checkpoint_every_steps", -5, "keep_checkpoint_every_steps=-5 at least 0"),
+    ],
+)
+def test_new_fields_are_checked_at_start(field, value, message):
+    config = get_config("tiny")
+    *sections, name = field.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[name] = value
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)

@@ -1,0 +1,253 @@
+"""Downstream evaluation of a pre-training checkpoint: the linear probe of the paper's Tables 1-2.
+
+``probe(config, checkpoint)`` loads the encoder (or, for the "Random Init" row, one of the same
+architecture with fresh weights), reads the dataset's splits through the pipeline's eval
+transforms at the sizes of the checkpoint's own config, extracts frozen final-norm [CLS]
+features and trains one linear head per label fraction (``linear_probe.run_probe``).
+
+Fine-tuning (``unimedi_jax/train/finetune.py``) shares the rest: ``open_downstream`` (the eval
+config, the checks that the prepared data exists and fits the checkpoint, loading the encoder),
+feature extraction and ``eval.json``. Errors a person can act on are ``DownstreamError``, one
+paragraph each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from data_pipelines import builders, pipeline
+from unimedi_jax import inference
+from unimedi_jax.evaluation import linear_probe, protocol
+from unimedi_jax.train.metrics import format_duration
+
+ROLES = ("train", "val", "test")  # the keys of a config's `splits`
+_LOG_SECONDS = 30.0
+
+
+class DownstreamError(ValueError):
+    """A checkpoint, dataset or setting a downstream evaluation cannot use, and what to do."""
+
+
+class DownstreamSetup(NamedTuple):
+    """A downstream run's inputs, checked: the task, its data and the encoder."""
+
+    task: protocol.Downstream
+    eval_config: ml_collections.ConfigDict  # the checkpoint's config, reading the dataset
+    sources: dict[str, pipeline.Source]  # by role: train, val, test
+    model: inference.UniMedIInference
+
+
+def open_downstream(
+    config: ml_collections.ConfigDict,
+    checkpoint: str | Path,
+    batch_size: int,
+    modality: str | None = None,
+) -> DownstreamSetup:
+    """Checks a probe or fine-tuning config against the checkpoint and the prepared data, then
+    loads the encoder (with fresh vision weights for ``config.random_init``).
+
+    The data is checked before the weights load, so a missing dataset is reported at once.
+    """
+    task = protocol.resolve(config.dataset, modality)
+    path = Path(checkpoint)
+    if not path.exists():
+        raise DownstreamError(
+            f"checkpoint {path} does not exist: pass --checkpoint=a pre-training run's workdir "
+            "(its latest checkpoint) or <workdir>/checkpoints/<step>"
+        )
+    try:
+        workdir, _ = inference.resolve_run(path)
+    except FileNotFoundError as err:
+        raise DownstreamError(str(err)) from None
+    eval_config = ml_collections.ConfigDict(inference.load_config(workdir).to_dict())
+    eval_config.data.data_dir = config.data.data_dir
+    eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
+    sources = {
+        role: _open_split(task, eval_config, config.splits[role], path, not config.random_init)
+        for role in ROLES
+    }
+    try:
+        model = inference.load(path, batch_size, config.random_init, config.seed)
+    except FileNotFoundError as err:
+        raise DownstreamError(f"cannot load checkpoint {path}: {err}") from None
+    return DownstreamSetup(task, eval_config, sources, model)
+
+
+def _open_split(
+    task: protocol.Downstream,
+    config: ml_collections.ConfigDict,
+    split: str,
+    checkpoint: Path,
+    pretrained: bool,
+) -> pipeline.Source:
+    """The prepared split, after checking it exists and fits the checkpoint's model.
+
+    ``pretrained`` adds the check that the run saw the modality in pre-training (else its
+    tokenizer for it never learned anything).
+    """
+    spec, name, modality = builders.resolve(task.name)
+    data_dir = config.data.data_dir
+    if not builders.is_prepared(builders.prepared_dir(data_dir, spec, name)):
+        raw = " --manual_dir=RAW_DIR (the files as downloaded, docs/data.md)"
+        raise DownstreamError(
+            f"{spec.name}/{name} is not prepared in {data_dir} (data.data_dir of the config): "
+            f"run python -m data_pipelines.prepare {spec.name} --data_dir={data_dir}"
+            f"{raw if spec.needs_manual_dir else ''}, or point --config.data.data_dir at where "
+            "it was prepared"
+        )
+    source = pipeline.open_source(task.name, data_dir, modality, split)
+    model = config.model
+    sources = config.data[f"sources_{modality}"]
+    if pretrained and not sources:
+        raise DownstreamError(
+            f"checkpoint {checkpoint} was pre-trained without {modality} data (data.sources_"
+            f"{modality} is empty in its config.json), so its {modality} tokenizer is untrained: "
+            f"evaluate {task.name} on a checkpoint pre-trained with {modality} data"
+        )
+    stored = source.array_shape
+    if modality == "2d" and min(stored) < min(model.image_size):
+        raise DownstreamError(
+            f"{source.name} in {source.path} stores X-rays of {stored}, smaller than the "
+            f"{tuple(model.image_size)} crop of checkpoint {checkpoint} (model.image_size in its "
+            f"config.json): prepare it with --image_size>={max(model.image_size)} into another "
+            "data_dir and pass that as --config.data.data_dir"
+        )
+    if modality == "3d" and stored != tuple(model.volume_size):
+        raise DownstreamError(
+            f"{source.name} in {source.path} stores volumes of {stored}, but checkpoint "
+            f"{checkpoint} encodes {tuple(model.volume_size)} (model.volume_size in its "
+            f"config.json): prepare it with --volume_shape={','.join(map(str, model.volume_size))} "
+            "into another data_dir and pass that as --config.data.data_dir"
+        )
+    return source
+
+
+def extract_features(
+    model: inference.UniMedIInference,
+    eval_config: ml_collections.ConfigDict,
+    task: protocol.Downstream,
+    source: pipeline.Source,
+    limit: int = 0,
+    with_slices: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen [CLS] features [N, width] and labels of the first ``limit`` records (0: all) of
+    a source of ``open_downstream``, read with its ``eval_config``."""
+    total = min(limit, source.size) if limit > 0 else source.size
+    features, labels = [], []
+    done, start, logged = 0, time.perf_counter(), time.perf_counter()
+    batches = pipeline.eval_batches(
+        eval_config, task.name, task.modality, source.split, model.batch_size
+    )
+    for batch in batches:
+        take = min(total - done, len(batch[task.label_key]))
+        if task.modality == "2d":
+            features.append(model.image_features(batch["image"][:take]))
+        else:
+            features.append(model.volume_features(batch["volume"][:take], with_slices))
+        labels.append(np.asarray(batch[task.label_key])[:take])
+        done += take
+        now = time.perf_counter()
+        if now - logged > _LOG_SECONDS:
+            rate = done / (now - start)
+            logging.info(
+                "features of %s/%s: %d/%d (%.1f/s, ETA %s)",
+                task.name,
+                source.split,
+                done,
+                total,
+                rate,
+                format_duration((total - done) / rate),
+            )
+            logged = now
+        if done >= total:
+            break
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def _encoder_name(random_init: bool) -> str:
+    return "random_init" if random_init else "pretrained"
+
+
+def probe(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[str, Any]:
+    """Linear probe of a checkpoint on ``config.dataset`` at ``config.fractions``.
+
+    Returns {'kind': 'probe', 'dataset', 'task', 'modality', 'classes', 'metric' (the figure
+    the paper reports), 'encoder' ('pretrained' | 'random_init'), 'checkpoint', 'step', 'splits'
+    (records used per split), 'probe' (its settings), 'with_slices', 'seed', 'fractions':
+    {'0.01': {'auroc', 'loss', ['accuracy'], 'n_train', 'best_epoch', 'epochs'}, ...}}.
+    """
+    with_slices = bool(config.features.with_slices)
+    if with_slices and protocol.resolve(config.dataset).modality != "3d":
+        raise DownstreamError(
+            f"features.with_slices=True adds selected CT slices, but {config.dataset} is 2D: "
+            "leave it False"
+        )
+    task, eval_config, sources, model = open_downstream(
+        config, checkpoint, config.features.batch_size
+    )
+    features = {}
+    for role, source in sources.items():
+        started = time.perf_counter()
+        features[role] = extract_features(
+            model, eval_config, task, source, config.limit[role], with_slices
+        )
+        logging.info(
+            "%s features of %s/%s: %s in %s",
+            _encoder_name(config.random_init),
+            task.name,
+            source.split,
+            features[role][0].shape,
+            format_duration(time.perf_counter() - started),
+        )
+    probe_config = linear_probe.ProbeConfig(**config.probe.to_dict(), seed=config.seed)
+    results = linear_probe.run_probe(features, task.task, tuple(config.fractions), probe_config)
+    return {
+        **describe(task, config.random_init, checkpoint, model.step),
+        "kind": "probe",
+        "splits": {role: len(features[role][1]) for role in ROLES},
+        "probe": config.probe.to_dict(),
+        "with_slices": with_slices,
+        "seed": config.seed,
+        "fractions": {str(float(f)): metrics for f, metrics in results.items()},
+    }
+
+
+def describe(
+    task: protocol.Downstream, random_init: bool, checkpoint: str | Path, step: int | None
+) -> dict[str, Any]:
+    """What an eval.json says about the dataset and the encoder it measured."""
+    workdir, _ = inference.resolve_run(checkpoint)
+    return {
+        "dataset": task.name,
+        "task": task.task,
+        "modality": task.modality,
+        "classes": list(task.classes),
+        "metric": task.metric,
+        "encoder": _encoder_name(random_init),
+        "checkpoint": str(Path(workdir).resolve()),
+        "step": step,
+    }
+
+
+def default_out_dir(config: ml_collections.ConfigDict, checkpoint: str | Path) -> Path:
+    """<run workdir>/probe/<dataset>-<fractions>[-random_init]."""
+    workdir, _ = inference.resolve_run(checkpoint)
+    name = (
+        config.dataset.replace("/", "_") + "-" + "_".join(str(float(f)) for f in config.fractions)
+    )
+    return workdir / "probe" / (name + ("-random_init" if config.random_init else ""))
+
+
+def write_eval_json(directory: str | Path, results: dict[str, Any]) -> Path:
+    """Writes ``directory/eval.json`` (creating the directory) and returns its path."""
+    path = Path(directory) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Command-line tools that drive whole runs (soak tests, ...), not imported by training."""
