@@ -3,7 +3,7 @@
 ``config.json`` records the config of the run whose checkpoints are in ``checkpoints/``. A
 restart whose config changes the shapes of the state (model or text sizes) could not load them,
 and once it saved its own, the old run's would be rotated out; so it stops at start, naming the
-fields, before anything is read or compiled; with ``on_shape_change=restart`` the previous
+fields, before the data is read or anything compiled; with ``on_shape_change=restart`` the previous
 run's files move to ``previous-<UTC time>/`` instead and training starts at step 0. A restart
 of that command then finds its own config and resumes, so the option can stay in a launcher
 that preemption reruns. Other changes (learning rate, data sources, ...) resume, with a warning
