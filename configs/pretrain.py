@@ -94,6 +94,9 @@ def paper_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.self_distill = True
     c.loss.w_vl = 1.0
+    # joint: one softmax over all pairs of the batch (X-rays and CTs are each other's negatives);
+    # per_modality: X-rays against X-ray reports, CTs against CT reports (the paper leaves it open).
+    c.loss.contrast = "joint"
     c.loss.w_icl = 1.0
     c.loss.w_pcl = 1.0
     c.loss.init_temperature = 0.07

@@ -61,6 +61,22 @@ def test_clip_loss_valid_mask_drops_padding():
     np.testing.assert_allclose(metrics["i2t_acc"], sub_metrics["i2t_acc"])
 
 
+def test_grouped_clip_loss_contrasts_within_each_group_only():
+    """X-rays (first 5) against X-ray reports, CTs (last 3) against CT reports: the naive loss
+    of each group on its own, weighted by size; no group arguments = one joint softmax."""
+    image, text = _unit(_rand(6, 8, 4)), _unit(_rand(7, 8, 4))
+    in_group = [np.arange(8) < 5, np.arange(8) >= 5]
+    loss, _ = jax.jit(losses.grouped_clip_loss, static_argnums=(3, 4))(
+        image, text, 2.0, 100.0, (5, 3)
+    )
+    expected = sum(g.sum() / 8 * _naive_clip(image, text, math.exp(2.0), g) for g in in_group)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    joint, _ = losses.grouped_clip_loss(image, text, 2.0)
+    np.testing.assert_allclose(
+        joint, _naive_clip(image, text, math.exp(2.0), [True] * 8), rtol=1e-5
+    )
+
+
 def test_clip_perfect_alignment_accuracy():
     emb = np.eye(4, dtype=np.float32)
     _, metrics = losses.clip_loss(emb, emb, math.log(1 / 0.07))

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any  # Any nested structure of arrays (e.g. Flax params).
 
@@ -53,6 +54,33 @@ def clip_loss(
         "logit_scale": scale,
     }
     return loss, metrics
+
+
+def grouped_clip_loss(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    logit_scale_param: jax.Array,
+    max_logit_scale: float = 100.0,
+    group_sizes: tuple[int, ...] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``clip_loss`` over the whole batch, or, with ``group_sizes`` (consecutive runs of pairs,
+    e.g. the X-rays then the CTs), within each group only: pairs of other groups are not
+    negatives. The groups' losses are averaged weighted by size; the accuracies are of all pairs.
+    """
+    if group_sizes is None:
+        return clip_loss(image_emb, text_emb, logit_scale_param, max_logit_scale)
+    group_of = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    results = [
+        clip_loss(image_emb, text_emb, logit_scale_param, max_logit_scale, valid=group_of == g)
+        for g in range(len(group_sizes))
+    ]
+    weights = [n / sum(group_sizes) for n in group_sizes]
+    loss = sum(w * loss for w, (loss, _) in zip(weights, results, strict=True))
+    metrics = {
+        name: sum(w * found[name] for w, (_, found) in zip(weights, results, strict=True))
+        for name in ("i2t_acc", "t2i_acc")
+    }
+    return loss, {**metrics, "logit_scale": results[0][1]["logit_scale"]}
 
 
 def _distill_cross_entropy(

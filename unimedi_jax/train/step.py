@@ -124,8 +124,11 @@ def make_train_step(
                 rngs={"dropout": dropout_rng},
             )
             logit_scale = params["logit_scale"]["value"]
-            loss_vl, clip_metrics = losses.clip_loss(
-                image_emb, text_emb, logit_scale, loss_cfg.max_logit_scale
+            groups = None
+            if loss_cfg.get("contrast", "joint") == "per_modality":
+                groups = tuple(batch[m].shape[0] for m in modalities)
+            loss_vl, clip_metrics = losses.grouped_clip_loss(
+                image_emb, text_emb, logit_scale, loss_cfg.max_logit_scale, groups
             )
             terms = {"loss_vl": loss_vl, **clip_metrics}
             total = loss_cfg.w_vl * loss_vl
