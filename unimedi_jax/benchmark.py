@@ -32,9 +32,8 @@ from ml_collections import config_flags
 
 from unimedi_jax import sharding
 from unimedi_jax.config_checks import check_batch_for_mesh, check_mesh, check_model
-from unimedi_jax.models.text import BertConfig
 from unimedi_jax.precision import compute_dtype
-from unimedi_jax.text_setup import SCRATCH_VOCAB_SIZE, TextTower
+from unimedi_jax.text_setup import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
 from unimedi_jax.train.loop import build_trainer, count_params
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -76,15 +75,7 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def text_tower(config) -> TextTower:
     """A from-scratch BERT of config.text's sizes: no weights or tokenizer needed."""
-    t = config.text
-    bert = BertConfig.from_scratch(
-        vocab_size=t.vocab_size or SCRATCH_VOCAB_SIZE,
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=max(t.max_length, 128),
-    )
+    bert = scratch_bert_config(config.text, config.text.vocab_size or SCRATCH_VOCAB_SIZE)
     return TextTower(bert, None, None)
 
 

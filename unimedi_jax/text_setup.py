@@ -57,12 +57,16 @@ def load_text_tower(config, workdir: Path) -> TextTower:
     if text_cfg.path:
         return TextTower(read_bert_config(Path(text_cfg.path)), load_tokenizer(text_cfg.path), None)
     tokenizer = load_tokenizer(Path(workdir) / "tokenizer")
-    bert = BertConfig.from_scratch(
-        vocab_size=len(tokenizer),
+    return TextTower(scratch_bert_config(text_cfg, len(tokenizer)), tokenizer, None)
+
+
+def scratch_bert_config(text_cfg, vocab_size: int) -> BertConfig:
+    """The from-scratch BERT of ``config.text``'s sizes over a vocabulary of ``vocab_size``."""
+    return BertConfig.from_scratch(
+        vocab_size=vocab_size,
         hidden_size=text_cfg.hidden_size,
         num_hidden_layers=text_cfg.num_layers,
         num_attention_heads=text_cfg.num_heads,
         intermediate_size=text_cfg.intermediate_size,
         max_position_embeddings=max(text_cfg.max_length, 128),
     )
-    return TextTower(bert, tokenizer, None)
