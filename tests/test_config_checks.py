@@ -31,6 +31,7 @@ def test_presets_pass():
         ("masking.ratio", 1.0, r"masking.ratio=1.0 must be in \[0, 1\)"),
         ("precision.compute_dtype", "fp8", "precision.compute_dtype='fp8'"),
         ("text.path", "/nowhere/bert", "text.path='/nowhere/bert' is not a Hugging Face"),
+        ("text.pooling", "max", "text.pooling='max'; valid: .'cls', 'mean'"),
     ],
 )
 def test_bad_values_name_their_field(field, value, message):

@@ -1,5 +1,7 @@
 """Evaluation metrics against hand-built cases, brute-force loops and scikit-learn."""
 
+import itertools
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -82,6 +84,28 @@ def test_retrieval_metrics_paired_and_duplicate_reports():
         metrics.retrieval_metrics(image, text, text_ids=["a", "b"])
     with pytest.raises(ValueError, match="image_emb has 3 rows but text_emb has 2"):
         metrics.retrieval_metrics(image, text[:2])
+
+
+def test_random_recall_equals_enumeration_over_all_rankings():
+    positives = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
+    rankings = list(itertools.permutations(range(5)))
+    for k in (1, 2, 3, 6):
+        found = [np.mean([row[list(order[:k])].any() for order in rankings]) for row in positives]
+        chance = metrics.random_recall_at_k(positives, ks=(k,))[f"R@{k}"]
+        assert chance == pytest.approx(np.mean(found), abs=1e-12)
+    assert metrics.random_recall_at_k(np.eye(200, dtype=bool), ks=(10,))["R@10"] == pytest.approx(
+        0.05
+    )
+    with pytest.raises(ValueError, match="positive in every row"):
+        metrics.random_recall_at_k(np.zeros((2, 2), bool))
+
+
+def test_retrieval_metrics_report_their_chance_level():
+    image = _unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    ids = ["a", "same report", "same report"]
+    found = metrics.retrieval_metrics(image, image, ks=(1,), text_ids=ids)
+    # Query "a" has 1 positive of 3, the other two have 2 of 3.
+    assert found["chance/R@1"] == pytest.approx((1 / 3 + 2 / 3 + 2 / 3) / 3)
 
 
 # ---- AUROC and AP ---------------------------------------------------------------------------

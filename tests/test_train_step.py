@@ -107,3 +107,29 @@ def test_weight_decay_mask_spares_biases_norms_and_embeddings():
     assert not mask["vision"]["cls_token"]
     assert not mask["logit_scale"]["value"]
     assert mask["dino_head"]["last_layer"]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_report_embedding_pools_hidden_states_as_configured(pooling):
+    config = get_config("tiny")
+    config.text.pooling = pooling
+    text = BertConfig.from_scratch(VOCAB, 32, 1, 4, 64, max_position_embeddings=32)
+    model = build_unimedi(config, text, jnp.float32)
+    params = nn.unbox(model.init(jax.random.key(0), *init_inputs(config))["params"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, VOCAB, (3, 12), dtype=np.int32)
+    mask = np.ones((3, 12), np.int32)
+    mask[1, 7:] = mask[2, 4:] = 0  # padded reports
+    hidden = np.asarray(
+        model.apply({"params": params}, ids, mask, method=type(model).encode_text), np.float64
+    )
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:  # the mean over each report's own tokens, padding left out
+        pooled = np.stack(
+            [h[m.astype(bool)].mean(axis=0) for h, m in zip(hidden, mask, strict=True)]
+        )
+    projected = pooled @ np.asarray(params["text_proj"]["Dense_0"]["kernel"], np.float64)
+    expected = projected / np.linalg.norm(projected, axis=1, keepdims=True)
+    found = model.apply({"params": params}, ids, mask, method=type(model).embed_text)
+    np.testing.assert_allclose(found, expected, atol=1e-5)

@@ -4,6 +4,7 @@ fields are checked at start."""
 
 import json
 import logging
+import struct
 
 import jax.numpy as jnp
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from configs.pretrain import get_config
 from unimedi_jax.checkpoint import Checkpointer
 from unimedi_jax.config_checks import ConfigError, check_config
-from unimedi_jax.train.metrics import rewind_jsonl
+from unimedi_jax.train.metrics import MetricWriter, rewind_jsonl
 from unimedi_jax.train.workdir import prepare_workdir
 
 
@@ -72,6 +73,36 @@ def test_restart_moves_the_previous_run_aside(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     prepare_workdir(config, tmp_path)  # a rerun of the same command: nothing more to move
     assert len(list(tmp_path.glob("previous-*"))) == 1
+
+
+def _tensorboard_tags(logdir) -> list[str]:
+    """Scalar tags of an event file, read as TFRecords: u64 length, u32 crc, data, u32 crc."""
+    from tensorboardX.proto import event_pb2
+
+    tags = []
+    for path in logdir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            tags.extend(value.tag for value in event.summary.value)
+            offset += 12 + length + 4
+    return tags
+
+
+def test_metric_names_reach_tensorboard_without_a_log_line_each(tmp_path, caplog):
+    writer = MetricWriter(tmp_path)
+    with caplog.at_level(logging.INFO):
+        writer.write(3, {"retrieval_image/image_to_text/R@10": 0.25, "loss": 1.5})
+    writer.close()
+    assert not [r for r in caplog.records if "illegal" in r.getMessage()]
+    assert sorted(_tensorboard_tags(tmp_path / "tensorboard")) == [
+        "loss",
+        "retrieval_image/image_to_text/R_10",
+    ]
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line["retrieval_image/image_to_text/R@10"] == 0.25  # the jsonl keeps the name
 
 
 def test_rewind_drops_later_and_cut_short_lines(tmp_path):

@@ -21,6 +21,8 @@ Recipes (``state = safetensors.torch.load_file(out / "model.safetensors")``):
   ``VisionTransformer(**config["model_args"]).load_state_dict(state)``.
 - hf_bert: ``BertModel.from_pretrained(out, add_pooling_layer=False)`` (there is no pooler; with
   the default the pooler alone is freshly initialised) and ``AutoTokenizer.from_pretrained(out)``.
+  The run's ``text.pooling`` says which feature of ``last_hidden_state`` it trained: [CLS]
+  (``[:, 0]``) or the mean over the attention mask.
 """
 
 from __future__ import annotations

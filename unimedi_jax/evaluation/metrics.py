@@ -123,6 +123,28 @@ def recall_at_k(
     return {f"R@{k}": float(np.mean(ahead < k)) for k in ks}
 
 
+def random_recall_at_k(positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Expected recall@k of a uniformly random ranking: the chance level of ``recall_at_k``.
+
+    A query with P positives among M gallery items misses them all in its top k with probability
+    C(M - P, k) / C(M, k) (hypergeometric), so duplicates such as repeated normal reports raise
+    the chance level above k / M; this says how far above chance a recall really is.
+    """
+    ks = _check_ks(ks)
+    positives = _check_binary(positives, "positives")
+    if positives.ndim != 2 or not positives.any(axis=1).all():
+        raise ValueError("positives must be a bool [N, M] mask with a positive in every row.")
+    n_gallery = positives.shape[1]
+    n_negative = n_gallery - positives.sum(axis=1)
+    out = {}
+    for k in ks:
+        # C(neg, k) / C(M, k) as a product of k ratios, exact in float and 0 once k > neg.
+        steps = np.arange(min(k, n_gallery))
+        miss = np.prod(np.clip(n_negative[:, None] - steps, 0, None) / (n_gallery - steps), axis=1)
+        out[f"R@{k}"] = float(np.mean(1.0 - miss))
+    return out
+
+
 def _group_ids(ids: np.ndarray | Sequence, n: int) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.shape != (n,):
@@ -141,7 +163,8 @@ def retrieval_metrics(
     Identical reports are common (e.g. 'No acute cardiopulmonary process.'), and retrieving a
     copy of the right report is not an error: pass `text_ids` (the report strings themselves or
     any hashable group ids) and every pair whose text shares the id counts as a positive, in both
-    directions. Keys: 'image_to_text/R@k' and 'text_to_image/R@k'.
+    directions. Keys: 'image_to_text/R@k', 'text_to_image/R@k' and their chance level under a
+    random ranking, 'chance/R@k' (the same both ways: the positives are symmetric).
     """
     image = _as_2d(image_emb, "image_emb")
     text = _as_2d(text_emb, "text_emb")
@@ -156,6 +179,8 @@ def retrieval_metrics(
     for name, query, gallery in (("image_to_text", image, text), ("text_to_image", text, image)):
         for key, value in recall_at_k(query, gallery, positives, ks).items():
             metrics[f"{name}/{key}"] = value
+    for key, value in random_recall_at_k(positives, ks).items():
+        metrics[f"chance/{key}"] = value
     return metrics
 
 

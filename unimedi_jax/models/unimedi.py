@@ -16,6 +16,25 @@ from unimedi_jax.models.vit import EncoderOutput, VisionTransformer
 
 # The sub-trees of the parameters that the EMA teacher holds.
 TEACHER_KEYS = ("vision", "dino_head")
+# How a report's hidden states become one feature: the [CLS] state (the paper, for a pretrained
+# BERT) or the mean over its tokens (padding excluded), for a tower trained from scratch.
+TEXT_POOLINGS = ("cls", "mean")
+
+
+def pool_text(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
+    """Hidden states [B, L, D] -> one feature per report [B, D] (``TEXT_POOLINGS``).
+
+    A from-scratch tower's [CLS] state starts out the same for every templated report (pairwise
+    cosine ~0.9999), which leaves CLIP at its collapsed start for hundreds of steps; the mean over
+    the report's own tokens differs from report to report from the first step.
+    """
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"text pooling {pooling!r}; valid: {TEXT_POOLINGS}")
+    weights = attention_mask.astype(jnp.float32)[..., None]
+    summed = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)
+    return (summed / jnp.maximum(weights.sum(axis=1), 1.0)).astype(hidden.dtype)
 
 
 class UniMedI(nn.Module):
@@ -28,6 +47,7 @@ class UniMedI(nn.Module):
     dino_bottleneck_dim: int = 256
     dino_out_dim: int = 8192
     init_temperature: float = 0.07
+    text_pooling: str = "cls"
     dtype: jnp.dtype | type = jnp.float32
 
     def setup(self):
@@ -57,9 +77,9 @@ class UniMedI(nn.Module):
     def embed_text(
         self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True
     ) -> jax.Array:
-        """Token ids -> L2-normalised shared-space embeddings of the report's [CLS]."""
+        """Token ids -> L2-normalised shared-space embeddings of the pooled report."""
         hidden = self.encode_text(input_ids, attention_mask, deterministic)
-        return self.text_proj(hidden[:, 0])
+        return self.text_proj(pool_text(hidden, attention_mask, self.text_pooling))
 
     def dino(self, tokens: jax.Array) -> jax.Array:
         """DINO head logits for [CLS] ([B, D]) or patch tokens ([B, N, D]), float32."""
@@ -116,6 +136,8 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         dino_bottleneck_dim=model_cfg.dino_bottleneck_dim,
         dino_out_dim=model_cfg.dino_out_dim,
         init_temperature=config.loss.init_temperature,
+        # Runs saved before text.pooling existed used the [CLS] state.
+        text_pooling=config.text.get("pooling", "cls"),
         dtype=dtype,
     )
 

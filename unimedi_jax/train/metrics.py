@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
@@ -17,6 +18,12 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def tensorboard_name(name: str) -> str:
+    """A metric name as TensorBoard accepts it ('retrieval_image/image_to_text/R@1' ->
+    '.../R_1'): tensorboardX makes the same change but logs a line per name and write."""
+    return re.sub(r"[^-/\w.]", "_", name)
 
 
 def _logged_step(line: str) -> int | None:
@@ -60,7 +67,7 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         for name, value in metrics.items():
-            self._tb.add_scalar(name, value, step)
+            self._tb.add_scalar(tensorboard_name(name), value, step)
         self._tb.flush()
 
     def close(self) -> None:
