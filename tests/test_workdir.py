@@ -49,11 +49,13 @@ def test_workdir_with_other_shapes_is_refused_naming_the_fields(tmp_path):
 def test_other_changes_resume_with_a_warning(tmp_path, caplog):
     _previous_run(tmp_path, get_config("tiny"))
     config = get_config("tiny")
-    config.train.learning_rate = 1e-4
+    previous = config.train.learning_rate
+    config.train.learning_rate = previous / 10
     with caplog.at_level(logging.WARNING):
         prepare_workdir(config, tmp_path)
-    assert "train.learning_rate 0.0003 -> 0.0001" in caplog.text
-    assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 1e-4
+    assert f"train.learning_rate {previous} -> {previous / 10}" in caplog.text
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["learning_rate"] == previous / 10
 
 
 def test_restart_moves_the_previous_run_aside(tmp_path):
