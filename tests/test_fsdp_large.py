@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import get_config
+from tests.fake_devices import fake_device_flags
 from unimedi_jax import sharding
 from unimedi_jax.benchmark import device_batch, text_tower
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
@@ -124,7 +125,7 @@ def check_fsdp_step() -> None:
 def test_vit_l16_bert_base_under_fsdp_and_fsdp_tp_on_8_devices():
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "XLA_FLAGS": fake_device_flags(DEVICES),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")])

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.fake_devices import fake_device_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "cpu_multiprocess.sh"
 STEPS = 4
@@ -96,7 +98,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     single_start = [sys.executable, "-m", "unimedi_jax.main", *FLAGS, phantoms]
     run(
         [*single_start, f"--workdir={single_dir}"],
-        {**env, "XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"},
+        {**env, "XLA_FLAGS": f"{env['XLA_FLAGS']} {fake_device_flags(4)}"},
     )
 
     multi, single = read_metrics(multi_dir), read_metrics(single_dir)

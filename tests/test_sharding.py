@@ -21,6 +21,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from tests.fake_devices import fake_device_flags
 from tests.tiny_models import TINY_VIT
 from unimedi_jax import sharding
 from unimedi_jax.models.vit import VisionTransformer
@@ -34,8 +35,7 @@ def check_process(call: str, devices: int = FAKE_DEVICES) -> subprocess.Popen:
     env = {
         **os.environ,
         # Fast, unoptimised CPU codegen: the models are tiny and compile time dominates.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-        "--xla_backend_optimization_level=0",
+        "XLA_FLAGS": f"{fake_device_flags(devices)} --xla_backend_optimization_level=0",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")])

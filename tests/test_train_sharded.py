@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.fake_devices import fake_device_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
@@ -47,7 +49,7 @@ SCRIPT = textwrap.dedent(
 def test_losses_equal_across_meshes():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": fake_device_flags(8),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
     }
