@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from unimedi_jax.models.layers import REMAT_POLICIES
-from unimedi_jax.models.unimedi import TEXT_POOLINGS
+from unimedi_jax.models.unimedi import TEXT_POOLINGS, text_pooling_of
 from unimedi_jax.precision import COMPUTE_DTYPES
 from unimedi_jax.selection import MODES
 from unimedi_jax.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
@@ -63,7 +63,7 @@ def check_training(config) -> None:
         ("masking.mode", config.masking.mode, MODES),
         ("train.on_nonfinite", config.train.on_nonfinite, ON_NONFINITE),
         ("on_shape_change", config.on_shape_change, ON_SHAPE_CHANGE),
-        ("text.pooling", config.text.get("pooling", "cls"), TEXT_POOLINGS),
+        ("text.pooling", text_pooling_of(config), TEXT_POOLINGS),
     ):
         if value not in valid:
             raise ConfigError(f"{field}={value!r}; valid: {valid}.")

@@ -138,7 +138,7 @@ def random_recall_at_k(positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)) ->
     n_negative = n_gallery - positives.sum(axis=1)
     out = {}
     for k in ks:
-        # C(neg, k) / C(M, k) as a product of k ratios, exact in float and 0 once k > neg.
+        # C(neg, k) / C(M, k) as a product of k ratios (no huge binomials); 0 once k > neg.
         steps = np.arange(min(k, n_gallery))
         miss = np.prod(np.clip(n_negative[:, None] - steps, 0, None) / (n_gallery - steps), axis=1)
         out[f"R@{k}"] = float(np.mean(1.0 - miss))

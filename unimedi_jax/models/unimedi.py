@@ -21,6 +21,11 @@ TEACHER_KEYS = ("vision", "dino_head")
 TEXT_POOLINGS = ("cls", "mean")
 
 
+def text_pooling_of(config) -> str:
+    """The config's ``text.pooling``; runs saved before the field existed used the [CLS] state."""
+    return config.text.get("pooling", "cls")
+
+
 def pool_text(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
     """Hidden states [B, L, D] -> one feature per report [B, D] (``TEXT_POOLINGS``).
 
@@ -136,8 +141,7 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         dino_bottleneck_dim=model_cfg.dino_bottleneck_dim,
         dino_out_dim=model_cfg.dino_out_dim,
         init_temperature=config.loss.init_temperature,
-        # Runs saved before text.pooling existed used the [CLS] state.
-        text_pooling=config.text.get("pooling", "cls"),
+        text_pooling=text_pooling_of(config),
         dtype=dtype,
     )
 
