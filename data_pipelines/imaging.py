@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from nibabel import orientations
-from PIL import Image
+from PIL import Image, ImageMode
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 PathLike = str | os.PathLike[str]
@@ -40,11 +40,20 @@ NOT_AXIAL = "not axial"
 TOO_SMALL = "too small"
 NO_PIXEL_DATA = "no pixel data"
 ABSURD_SIZE = "absurd size"
+CONSTANT = "constant image"
 
-# Header sizes beyond these are corrupt (no radiograph has 67M pixels, no chest CT 537M voxels);
-# they are refused before the pixels are read, since honouring them would exhaust memory.
-MAX_PIXELS_2D = 2**26
-MAX_VOXELS_3D = 2**29
+# Pixel data a header declares (pixels x bytes per pixel) beyond these is refused before it is
+# read, as "absurd size": honouring it could exhaust a worker's memory. 64 MiB is twice a
+# 4280 x 3520 16-bit detector image, 512 MiB a 512 x 512 x 1024 int16 CT, which peaks at about
+# 2.1 GiB in a reader (float32 copies; docs/data.md).
+MAX_BYTES_2D = 2**26
+MAX_BYTES_3D = 2**29
+# An X-ray whose shorter side is below this (the default training crop, 224 of a stored 256),
+# or below the stored size when that is smaller, is skipped as "too small"; one whose most
+# common grey level covers this fraction of it as "constant image" (what a JPEG whose header
+# claims more pixels than its data holds decodes to: a flat grey).
+MIN_XRAY_SIDE = 224
+CONSTANT_FRACTION = 0.99
 _PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 
@@ -100,7 +109,9 @@ def _read_pil_2d(path: PathLike) -> np.ndarray:
     """JPEG/PNG -> float [0, 1]; 16-bit and float images are scaled over their own range."""
     try:
         with Image.open(path) as img:
-            _check_size((img.height, img.width), MAX_PIXELS_2D, path)
+            mode = ImageMode.getmode(img.mode)
+            itemsize = np.dtype(mode.typestr).itemsize * len(mode.bands)
+            _check_size((img.height, img.width), itemsize, MAX_BYTES_2D, path)
             img.load()
             if img.mode == "L":
                 return np.asarray(img, dtype=np.float32) / 255.0
@@ -109,14 +120,30 @@ def _read_pil_2d(path: PathLike) -> np.ndarray:
             return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     except Image.DecompressionBombError as e:
         raise SkipImage(ABSURD_SIZE, path, str(e)) from e
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:  # KeyError: a mode ImageMode does not know
         raise SkipImage(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
 
 
-def _check_size(shape: Sequence[int], limit: int, path: PathLike, skip: type = SkipImage) -> None:
-    """Refuse a header size that is empty or above `limit` elements, before reading pixels."""
-    if min(shape, default=0) < 1 or math.prod(shape) > limit:
-        raise skip(ABSURD_SIZE, path, f"header shape {tuple(int(n) for n in shape)}")
+def _check_size(
+    shape: Sequence[int], itemsize: int, limit: int, path: PathLike, skip: type = SkipImage
+) -> None:
+    """Refuse a header shape that is empty or whose data (elements x `itemsize` bytes) is above
+    `limit` bytes, before reading it."""
+    shape = tuple(int(n) for n in shape)
+    size = math.prod(shape) * itemsize
+    if min(shape, default=0) < 1 or size > limit:
+        raise skip(ABSURD_SIZE, path, f"header shape {shape}: {size} bytes of data, limit {limit}")
+
+
+def check_xray(pixels: np.ndarray, path: PathLike, min_side: int = MIN_XRAY_SIDE) -> None:
+    """Raise SkipImage when a read X-ray is not worth storing: "too small" (shorter side under
+    `min_side`: it would be enlarged to fill a training crop) or "constant image" (one grey
+    level covers CONSTANT_FRACTION of it; `pixels` uint8)."""
+    if min(pixels.shape) < min_side:
+        raise SkipImage(TOO_SMALL, path, f"{pixels.shape[0]} x {pixels.shape[1]} pixels")
+    top = int(np.bincount(pixels.ravel(), minlength=256).max())
+    if top >= CONSTANT_FRACTION * pixels.size:
+        raise SkipImage(CONSTANT, path, f"{top} of its {pixels.size} pixels are one value")
 
 
 def _read_dicom_pixels(
@@ -130,10 +157,12 @@ def _read_dicom_pixels(
     if not any(tag in ds for tag in _PIXEL_DATA_TAGS):
         raise skip(NO_PIXEL_DATA, path, "the file has no PixelData element")
     if "Rows" in ds and "Columns" in ds:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        _check_size((rows, columns), MAX_PIXELS_2D, path, skip)
+        plane = (int(ds.Rows), int(ds.Columns))
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        itemsize = samples * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
+        _check_size(plane, itemsize, MAX_BYTES_2D, path, skip)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        _check_size((frames, rows, columns), MAX_VOXELS_3D, path, skip)
+        _check_size((frames, *plane), itemsize, MAX_BYTES_3D, path, skip)
     try:
         return ds, ds.pixel_array
     except Exception as e:  # pydicom raises many types for undecodable pixels
@@ -253,13 +282,17 @@ def read_volume(path: PathLike) -> Volume:
 def read_nifti(path: PathLike) -> Volume:
     """Read a NIfTI volume (scl_slope/inter applied) as float32 with its RAS+ affine.
 
-    The header's size is checked before the voxels are read ("absurd size").
+    Before the voxels are read, the data the header declares (voxels x bytes per voxel) is
+    checked against MAX_BYTES_3D ("absurd size"); of a .nii.gz nibabel decompresses only that
+    much. (The gzip trailer's size is not used: in a truncated download those 4 bytes are
+    arbitrary, and the file is unreadable, not absurd.)
     """
     try:
         img = nib.load(path)
+        itemsize = img.header.get_data_dtype().itemsize
     except _NIFTI_ERRORS as e:
         raise SkipVolume(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
-    _check_size(img.shape, MAX_VOXELS_3D, path, SkipVolume)
+    _check_size(img.shape, itemsize, MAX_BYTES_3D, path, SkipVolume)
     try:
         hu = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)

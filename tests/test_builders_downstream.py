@@ -58,6 +58,13 @@ def _image(path, value, shape=(20, 30)):
     Image.fromarray(np.full(shape, value, np.uint8)).save(path)
 
 
+def _xray(path, value, shape=(20, 30)):
+    """An image around grey `value` with a gradient: builders skip constant X-rays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ramp = np.add.outer(np.arange(shape[0]), np.arange(shape[1])) % 16
+    Image.fromarray((value + ramp).astype(np.uint8)).save(path)
+
+
 # ----------------------------------------------------------------------------------- CheXpert
 
 CHEXPERT_HEADER = [
@@ -108,7 +115,7 @@ def chexpert_root(tmp_path_factory):
         _write_csv(root / f"{split}.csv", CHEXPERT_HEADER, rows)
         for i, row in enumerate(rows):
             if "patient00004" not in row[0]:
-                _image(root.parent / row[0], 10 * i)
+                _xray(root.parent / row[0], 10 * i)
     return root
 
 
@@ -177,7 +184,7 @@ def covidx_root(tmp_path_factory):
         _split_file(root / f"{split}.txt", lines)
         for i, (_, name, _, _) in enumerate(lines):
             if name != "missing.png":
-                _image(root / split / name, 20 * i, (24, 20))
+                _xray(root / split / name, 20 * i, (24, 20))
     return root
 
 

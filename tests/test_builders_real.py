@@ -410,7 +410,9 @@ def test_split_that_keeps_nothing_fails_with_the_reasons(mimic_root, tmp_path):
     shutil.copytree(mimic_root, root)
     (root / "files" / "p10" / "p10001122" / "s50000005.txt").write_text(SHORT_REPORT)
     with pytest.raises(ValueError, match=r"split 'test' kept none of its 2 inputs .*short report"):
-        prepare.ensure_prepared("mimic_cxr_jpg", tmp_path / "data", str(root), **SERIAL)
+        prepare.ensure_prepared(
+            "mimic_cxr_jpg", tmp_path / "data", str(root), image_size=IMAGE_SIZE, **SERIAL
+        )
     assert not (tmp_path / "data" / "mimic_cxr_jpg" / "xray" / "1.0.0").exists()
 
 

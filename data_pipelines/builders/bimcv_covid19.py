@@ -9,7 +9,8 @@ labels: `labels` is an empty float32 vector, so readers that expect the field st
 
 There is no official split: subjects are split 90/5/5 into train/validation/test by a seeded
 permutation, so no subject is in two splits. Skipped sessions are counted per split and reason:
-missing/short/empty/unparseable report, missing translation, and the volume reasons of
+missing/short/empty/unparseable report, missing translation, unreadable report (every session
+of a subject whose sessions.tsv is empty, not UTF-8 or malformed), and the volume reasons of
 `data_pipelines.imaging` (not axial, unreadable file, too small, ...) of the largest run when
 no run is usable.
 """
@@ -67,7 +68,7 @@ class _Session:
 
     subject_id: str
     session_id: str
-    report: ReportResult
+    report: ReportResult | common.Skip
     runs: tuple[str, ...]
     volume_shape: tuple[int, int, int]
 
@@ -107,7 +108,10 @@ class BimcvCovid19(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         cfg = self.builder_config
         root = check_manual_dir(dl_manager.manual_dir)
-        translations = load_translations(cfg.translations) if cfg.translations else None
+        translations = None
+        if cfg.translations:
+            with common.utf8(cfg.translations):
+                translations = load_translations(cfg.translations)
         sessions = _sessions(root, translations, cfg.volume_shape)
         split_of = common.split_groups({s.subject_id for s in sessions}, HELD_OUT, cfg.seed)
         by_split = {split: [] for split in ("train", *HELD_OUT)}
@@ -139,6 +143,8 @@ def _sessions(
         if not runs:
             continue
         reports = _subject_reports(subject, translations)
+        if isinstance(reports, common.Skip):  # an unreadable sessions.tsv: each session skips
+            reports = dict.fromkeys(runs, reports)
         out += [
             _Session(
                 subject_id=subject.name,
@@ -152,12 +158,19 @@ def _sessions(
     return out
 
 
-def _subject_reports(subject: Path, translations: dict[str, str] | None) -> dict:
-    """session folder name -> cleaned report or skip reason; {} without a sessions.tsv."""
+def _subject_reports(subject: Path, translations: dict[str, str] | None) -> dict | common.Skip:
+    """session folder name -> cleaned report or skip reason; {} without a sessions.tsv; a Skip
+    naming the file when it cannot be read (empty, not UTF-8, no such columns, a session
+    twice): then none of the subject's reports is known."""
     tsv = subject / f"{subject.name}_sessions.tsv"
     if not tsv.is_file():
         return {}
-    return {_session_dir(k): v for k, v in bimcv_reports(tsv, translations).items()}
+    try:
+        reports = bimcv_reports(tsv, translations)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        detail = str(e) if str(tsv) in str(e) else f"{tsv}: {e}"
+        return common.Skip(common.UNREADABLE_REPORT, detail)
+    return {_session_dir(k): v for k, v in reports.items()}
 
 
 def _session_dir(session_id: str) -> str:
@@ -182,6 +195,8 @@ def superior_extent(path: str) -> int:
 
 def _load(session: _Session) -> dict | str:
     """The record of one session, or why it is skipped (runs in a worker)."""
+    if isinstance(session.report, common.Skip):
+        return session.report
     if not isinstance(session.report, CleanReport):
         return str(session.report)
     runs = sorted(session.runs, key=lambda p: (-superior_extent(p), p))
@@ -190,7 +205,7 @@ def _load(session: _Session) -> dict | str:
         try:
             volume = imaging.prepare_volume(imaging.read_nifti(path), session.volume_shape)
         except imaging.SkipVolume as e:
-            reasons.append(e.reason)
+            reasons.append(common.Skip.of(e))
             continue
         return {
             "volume": volume,

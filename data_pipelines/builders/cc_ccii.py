@@ -23,8 +23,9 @@ permutation; no patient is in two splits.
 
 Records: `volume` int16 [D, H, W], `label`, `patient_id`, `scan_id`, `num_slices` (before
 resizing) and `id` (CLASS/patient/scan). Skipped per split and reason: unnumbered slice (a
-slice file whose stem has no number), inconsistent series (slices of different sizes), and the
-image reasons (unreadable file, ...).
+slice file whose stem has no number), inconsistent series (slices of different sizes), absurd
+size (more slice pixels than `imaging.MAX_BYTES_3D` bytes), and the image reasons (unreadable
+file, ...).
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ def _load(scan: _Scan) -> dict | str:
         if isinstance(pixels, str):
             return pixels
         if images and pixels.shape != images[0].shape:
-            return imaging.INCONSISTENT_SERIES
+            return common.Skip(imaging.INCONSISTENT_SERIES, f"{path} ({pixels.shape})")
+        if len(scan.slices) * pixels.size > imaging.MAX_BYTES_3D:
+            detail = f"{len(scan.slices)} slices of {pixels.shape}"
+            return common.Skip(imaging.ABSURD_SIZE, f"{Path(path).parent} ({detail})")
         images.append(pixels)
     stack = imaging.resize_volume(np.stack(images).astype(np.float32), scan.volume_shape)
     return {

@@ -17,7 +17,8 @@ when the last patient has several); 'train' is the rest of train.csv.
 Records: `image` uint8 letterboxed to `image_size` (as pre-training stores X-rays), `labels`,
 `patient_id` (patient00001), `study_id` (study1), `view` (the AP/PA cell) and `id` (the Path
 cell). Only frontal images are kept; skipped per split and reason: lateral view, missing image,
-unreadable file.
+unreadable file, too small, constant image, path outside manual_dir (an absolute Path cell, or
+one whose `..` steps leave the folder; counted under 'train' or 'test' by its CSV).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines import imaging
 from data_pipelines.builders import common
 
 VERSION = "1.0.0"
@@ -103,11 +105,11 @@ def _load(image: _Image) -> dict | str:
     """The record of one row, or why it is skipped (runs in a worker)."""
     if not image.frontal:
         return LATERAL_VIEW
-    pixels = common.load_image(image.path, image.image_size)
+    pixels = common.load_xray(image.path, image.image_size)
     if isinstance(pixels, str):
         return pixels
     return {
-        "image": pixels,
+        "image": imaging.letterbox(pixels, image.image_size),
         "labels": np.asarray(image.labels, np.float32),
         "patient_id": image.patient_id,
         "study_id": image.study_id,
@@ -123,27 +125,38 @@ class Chexpert(common.EvalBuilder):
     TEXT = ("patient_id", "study_id", "view", "id")
     load = staticmethod(_load)
 
-    def _inputs(self, root: Path) -> dict[str, list[_Image]]:
+    def _inputs(self, root: Path) -> dict[str, list[_Image | common.Skip]]:
         cfg = self.builder_config
         check_manual_dir(root)
         uncertain = uncertain_values(cfg.uncertain)
         train, test = (_images(root, TABLES[s], uncertain, cfg.image_size) for s in TABLES)
-        held_out = _validation_patients(train, cfg.num_validation, cfg.seed)
+        images = [i for i in train if isinstance(i, _Image)]
+        held_out = _validation_patients(images, cfg.num_validation, cfg.seed)
         return {
-            "train": [i for i in train if i.patient_id not in held_out],
-            "validation": [i for i in train if i.patient_id in held_out],
+            "train": [
+                i for i in train if not isinstance(i, _Image) or i.patient_id not in held_out
+            ],
+            "validation": [i for i in images if i.patient_id in held_out],
             "test": test,
         }
 
 
-def _images(root: Path, table: str, uncertain: tuple[float, ...], image_size: int) -> list[_Image]:
-    """Every row of `table`, in its order, with its five labels mapped."""
-    out = []
+def _images(
+    root: Path, table: str, uncertain: tuple[float, ...], image_size: int
+) -> list[_Image | common.Skip]:
+    """Every row of `table`, in its order, with its five labels mapped; a Skip for a Path cell
+    that leads out of `root`."""
+    out: list[_Image | common.Skip] = []
     for line, row in enumerate(common.read_table(root / table, COLUMNS), start=2):
         cell = row["Path"].strip()
         parts = PurePosixPath(cell).parts
-        if parts and parts[0] not in ("train", "valid"):
+        if parts and parts[0] not in ("train", "valid", "/"):
             parts = parts[1:]  # CheXpert-v1.0-small/train/... -> train/...
+        path = common.within(root, *parts)
+        if path is None:
+            where = f"{root / table} line {line}: Path {cell!r}"
+            out.append(common.Skip(common.PATH_OUTSIDE, where))
+            continue
         if len(parts) != 4 or not parts[1].startswith("patient"):
             raise common.LayoutError(
                 f"{root / table} line {line}: Path {cell!r} is not "
@@ -155,7 +168,7 @@ def _images(root: Path, table: str, uncertain: tuple[float, ...], image_size: in
         )
         out.append(
             _Image(
-                path=str(root.joinpath(*parts)),
+                path=str(path),
                 patient_id=parts[1],
                 study_id=parts[2],
                 frontal=row["Frontal/Lateral"].strip() == "Frontal",

@@ -3,7 +3,10 @@
 Each real builder turns one input (an image, a CT session, a volume) into either a record or a
 skip reason, in a pure function of a picklable task. `generate` runs that function over a split,
 in worker processes when asked, keeps the records in input order and stores the skip counts in
-`metadata.json`, so a build always says how much it dropped and why.
+`metadata.json`, so a build always says how much it dropped and why. A skip reason that is a
+`Skip` also names its file (or table row); the first few of those per reason are stored too.
+Paths built from a table's fields go through `within`, so a row cannot make a build read a file
+outside manual_dir.
 
 The labelled evaluation datasets (CheXpert, RSNA Pneumonia, COVIDx, CC-CCII, LUNA16) subclass
 `EvalBuilder`: their records carry the label a linear probe reads as is (`label_features`) and
@@ -36,6 +39,10 @@ from data_pipelines.reports import SkipReason
 
 MISSING_IMAGE = "missing image"
 MISSING_VOLUME = "missing volume"
+PATH_OUTSIDE = "path outside manual_dir"
+UNREADABLE_REPORT = "unreadable report"
+# How many files `generate` stores per split and reason (metadata `skipped_files`).
+LISTED_SKIPS = 20
 # Skips that mean a damaged input, unlike filters (a lateral view, a short report, a sagittal
 # series): a split where too many inputs fail so stops the build (see `failure_limit`).
 FAILURE_REASONS = frozenset(
@@ -46,8 +53,11 @@ FAILURE_REASONS = frozenset(
         imaging.NAN_VOXELS,
         imaging.BAD_AFFINE,
         imaging.INCONSISTENT_SERIES,
+        imaging.CONSTANT,
         MISSING_IMAGE,
         MISSING_VOLUME,
+        PATH_OUTSIDE,
+        UNREADABLE_REPORT,
         SkipReason.MISSING,
         SkipReason.EMPTY,
         SkipReason.UNPARSEABLE,
@@ -62,6 +72,59 @@ TASKS = ("multilabel", "binary", "multiclass")
 
 class LayoutError(ValueError):
     """The manual_dir given to a real dataset lacks a file or folder the builder needs."""
+
+
+class Skip(str):
+    """A skip reason (the string, what `generate` counts) that also names where it happened:
+    the file, or the table, line and field of a bad row.
+
+    A str, so code that counts or compares reasons takes it as the plain reason.
+    """
+
+    file: str
+
+    def __new__(cls, reason: str, file: str | os.PathLike[str]) -> Skip:
+        skip = super().__new__(cls, reason)
+        skip.file = str(file)
+        return skip
+
+    def __reduce__(self) -> tuple:  # pickled to and from worker processes
+        return Skip, (str(self), self.file)
+
+    @classmethod
+    def of(cls, error: imaging.SkipImage) -> Skip:
+        """The skip a reader's SkipImage / SkipVolume stands for, with its file and detail."""
+        return cls(error.reason, error.path + (f" ({error.detail})" if error.detail else ""))
+
+
+def within(root: str | os.PathLike[str], *parts: str) -> Path | None:
+    """`root` joined with `parts` (fields read from the dataset's tables), normalised; None
+    when that path leaves `root`: a part is absolute, or its `..` steps climb out.
+
+    Judged on the text alone, not on where symlinks lead, so a symlink placed inside the
+    folder keeps working wherever it points. The result has its `..` steps removed, so the
+    file opened is the one judged.
+    """
+    base = os.path.normpath(root)
+    if any(os.path.isabs(part) for part in parts):
+        return None
+    joined = os.path.normpath(os.path.join(base, *parts))
+    if joined != base and not joined.startswith(os.path.join(base, "")):
+        return None
+    return Path(joined)
+
+
+@contextlib.contextmanager
+def utf8(path: str | os.PathLike[str], where: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """Turn a UnicodeDecodeError inside the block into a LayoutError naming `path` (and
+    `where()`, e.g. the last line read): for the tables a whole build depends on."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise LayoutError(
+            f"{path} is not UTF-8 text{where()} (byte 0x{e.object[e.start]:02x}); save it as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8) and rerun"
+        ) from e
 
 
 def require(path: Path, root: str | Path, layout: str) -> Path:
@@ -79,19 +142,21 @@ def read_table(
 ) -> Iterator[dict[str, str]]:
     """Rows of a CSV/TSV (gzip when the name ends in .gz), streamed: MIMIC's metadata has 377k.
 
-    The columns must all be there (checked when iteration starts).
+    The columns must all be there (checked when iteration starts); text that is not UTF-8 is
+    a LayoutError naming the file and the line.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, restval="")
-        found = list(reader.fieldnames or [])
-        missing = [c for c in columns if c not in found]
-        if missing:
-            raise LayoutError(
-                f"{path} has no column {', '.join(missing)}; columns found: "
-                f"{', '.join(found) or 'none (empty file)'}"
-            )
-        yield from reader
+        with utf8(path, lambda: f" after line {reader.line_num}"):
+            found = list(reader.fieldnames or [])
+            missing = [c for c in columns if c not in found]
+            if missing:
+                raise LayoutError(
+                    f"{path} has no column {', '.join(missing)}; columns found: "
+                    f"{', '.join(found) or 'none (empty file)'}"
+                )
+            yield from reader
 
 
 def parse_float(cell: str | None) -> float:
@@ -170,32 +235,52 @@ def generate(
     """Yield (index, record) for the tasks that give records; count the others by reason.
 
     A task gives a record, a skip reason, or a list of them (an input holding several records,
-    e.g. the nodule candidates of one CT). The counts go to the builder's metadata
-    (`skipped[split]`). A split that keeps nothing is an error that lists why every input was
-    dropped (TFDS would fail on it less clearly); so is one where more inputs failed
+    e.g. the nodule candidates of one CT); a task that is itself a `Skip` (a table row found
+    bad while listing the inputs) is counted as is. The counts go to the builder's metadata
+    (`skipped[split]`), and the files of the first LISTED_SKIPS `Skip`s per reason to
+    `skipped_files[split]`. A split that keeps nothing is an error that lists why every input
+    was dropped (TFDS would fail on it less clearly); so is one where more inputs failed
     (`FAILURE_REASONS`) than the current `failure_limit` allows.
     """
     skipped: Counter[str] = Counter()
+    files: dict[str, list[str]] = {}
+
+    def count(reason: str) -> None:
+        skipped[str(reason)] += 1
+        listed = files.setdefault(str(reason), [])
+        if isinstance(reason, Skip) and len(listed) < LISTED_SKIPS and reason.file not in listed:
+            listed.append(reason.file)  # once: a CT's candidates share its skip
+
+    for task in tasks:
+        if isinstance(task, Skip):
+            count(task)
+    todo = [task for task in tasks if not isinstance(task, Skip)]
     kept = 0
     workers = builder.builder_config.num_workers
-    for result in parallel_map(work, tasks, workers, chunksize):
+    for result in parallel_map(work, todo, workers, chunksize):
         for item in result if isinstance(result, list) else [result]:
             if isinstance(item, str):
-                skipped[item] += 1
+                count(item)
                 continue
             yield kept, item
             kept += 1
     builder.info.metadata["skipped"][split] = dict(skipped)
+    builder.info.metadata.setdefault("skipped_files", {})[split] = {
+        reason: listed for reason, listed in files.items() if listed
+    }
     if not kept:
         raise ValueError(
             f"{builder.name}: split {split!r} kept none of its {len(tasks)} inputs "
             f"(skipped: {dict(skipped) or 'none'})"
         )
+    failures = {reason: n for reason, n in skipped.items() if reason in FAILURE_REASONS}
+    first = "; ".join(f"{r}: {files[r][0]}" for r in sorted(failures) if files.get(r))
     (_FAILURE_LIMIT.get() or FailureLimit()).check(
         f"{builder.name}: split {split!r}",
-        {reason: n for reason, n in skipped.items() if reason in FAILURE_REASONS},
+        failures,
         kept + sum(skipped.values()),
-        "Check the raw files (a partial download, a wrong --manual_dir?) or, to build from "
+        (f"First of them: {first}. " if first else "")
+        + "Check the raw files (a partial download, a wrong --manual_dir?) or, to build from "
         "the rest anyway, raise --max_failure_fraction.",
     )
 
@@ -281,16 +366,29 @@ def dataset_info(
 # Labelled evaluation datasets
 
 
-def load_image(path: str | Path, size: int | None = None) -> np.ndarray | str:
-    """An X-ray (JPEG, PNG or DICOM) as pre-training stores it: uint8, letterboxed to `size`
-    when given (else as read); or why it is skipped (missing image, unreadable file, ...)."""
+def load_image(path: str | Path) -> np.ndarray | Skip:
+    """A 2D image (JPEG, PNG or DICOM) as read, uint8; or why it is skipped (missing image,
+    unreadable file, ...), naming the file."""
     if not Path(path).is_file():
-        return MISSING_IMAGE
+        return Skip(MISSING_IMAGE, path)
     try:
-        pixels = imaging.read_image_2d(path)
+        return imaging.read_image_2d(path)
     except imaging.SkipImage as e:
-        return e.reason
-    return pixels if size is None else imaging.letterbox(pixels, size)
+        return Skip.of(e)
+
+
+def load_xray(path: str | Path, size: int) -> np.ndarray | Skip:
+    """An X-ray as read (uint8, before `imaging.letterbox`) if it is worth storing at `size`;
+    else why not: `load_image`'s reasons, or `imaging.check_xray`'s (too small for the
+    training crop, which is at most `size`; a constant image)."""
+    pixels = load_image(path)
+    if isinstance(pixels, Skip):
+        return pixels
+    try:
+        imaging.check_xray(pixels, path, min(imaging.MIN_XRAY_SIDE, size))
+    except imaging.SkipImage as e:
+        return Skip.of(e)
+    return pixels
 
 
 def label_features(task: str, classes: Sequence[str]) -> dict[str, tfds.features.FeatureConnector]:

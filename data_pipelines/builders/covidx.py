@@ -14,7 +14,9 @@ train/). Patients are grouped by patient_id alone, across sources: ids that two 
 then stay together, which can only keep more images out of a leak, never fewer.
 
 Records: `image` uint8 letterboxed to `image_size`, `label`, `patient_id`, `source` and `id`
-(the file name). Skipped per split and reason: missing image, unreadable file.
+(the file name). Skipped per split and reason: missing image, unreadable file, too small,
+constant image, path outside manual_dir (a file name that is absolute or whose `..` steps leave
+the folder).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from data_pipelines import imaging
 from data_pipelines.builders import common
 
 VERSION = "1.0.0"
@@ -68,12 +71,15 @@ def check_manual_dir(manual_dir: str | Path) -> Path:
     return root
 
 
-def read_split_file(path: Path, folder: Path, image_size: int) -> list[_Image]:
+def read_split_file(path: Path, folder: Path, image_size: int) -> list[_Image | common.Skip]:
     """The images a split file lists, in its order; a label outside the three classes (or a
-    line that is not 'patient_id filename label source') is a LayoutError naming the line."""
+    line that is not 'patient_id filename label source') is a LayoutError naming the line, a
+    file name that leads out of manual_dir (the parent of `folder`) a Skip naming it."""
     index = {name.lower(): i for i, name in enumerate(CLASS_NAMES)}
-    out = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    out: list[_Image | common.Skip] = []
+    with common.utf8(path):
+        text = path.read_text(encoding="utf-8")
+    for line_number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -93,21 +99,22 @@ def read_split_file(path: Path, folder: Path, image_size: int) -> list[_Image]:
                     else ""
                 )
             )
-        out.append(
-            _Image(
-                str(folder / filename), filename, patient, source, index[label.lower()], image_size
-            )
-        )
+        image = common.within(folder.parent, folder.name, filename)
+        if image is None:
+            where = f"{path} line {line_number}: filename {filename!r}"
+            out.append(common.Skip(common.PATH_OUTSIDE, where))
+            continue
+        out.append(_Image(str(image), filename, patient, source, index[label.lower()], image_size))
     return out
 
 
 def _load(image: _Image) -> dict | str:
     """The record of one image, or why it is skipped (runs in a worker)."""
-    pixels = common.load_image(image.path, image.image_size)
+    pixels = common.load_xray(image.path, image.image_size)
     if isinstance(pixels, str):
         return pixels
     return {
-        "image": pixels,
+        "image": imaging.letterbox(pixels, image.image_size),
         "label": image.label,
         "patient_id": image.patient_id,
         "source": image.source,
@@ -122,7 +129,7 @@ class Covidx(common.EvalBuilder):
     TEXT = ("patient_id", "source", "id")
     load = staticmethod(_load)
 
-    def _inputs(self, root: Path) -> dict[str, list[_Image]]:
+    def _inputs(self, root: Path) -> dict[str, list[_Image | common.Skip]]:
         cfg = self.builder_config
         check_manual_dir(root)
         files = {
@@ -130,10 +137,13 @@ class Covidx(common.EvalBuilder):
             for s, f in (("train", cfg.train_file), ("test", cfg.test_file))
         }
         train = read_split_file(files["train"], root / "train", cfg.image_size)
-        split_of = common.split_groups((i.patient_id for i in train), HELD_OUT, cfg.seed)
+        images = [i for i in train if isinstance(i, _Image)]
+        split_of = common.split_groups((i.patient_id for i in images), HELD_OUT, cfg.seed)
         return {
-            "train": [i for i in train if split_of[i.patient_id] == "train"],
-            "validation": [i for i in train if split_of[i.patient_id] == "validation"],
+            "train": [
+                i for i in train if not isinstance(i, _Image) or split_of[i.patient_id] == "train"
+            ],
+            "validation": [i for i in images if split_of[i.patient_id] == "validation"],
             "test": read_split_file(files["test"], root / "test", cfg.image_size),
         }
 

@@ -12,7 +12,8 @@ is then outside [-1500, 500] HU is skipped ("implausible HU"): a rescale applied
 at all shows up there.
 
 Splits: CT-RATE's train set is 'train' minus a seeded 5% of its patients, which form
-'validation'; its valid set is 'test'. Skipped inputs are counted per split and reason.
+'validation'; its valid set is 'test'. Skipped inputs are counted per split and reason; a
+VolumeName that is absolute or climbs out of the folder is "path outside manual_dir".
 """
 
 from __future__ import annotations
@@ -143,23 +144,30 @@ class CtRate(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         root = check_manual_dir(dl_manager.manual_dir)
         train = _volumes(root, PARTS["train"], cfg.volume_shape)
-        split_of = common.split_groups({v.patient for v in train}, HELD_OUT, cfg.seed)
+        volumes = [v for v in train if isinstance(v, _Volume)]
+        split_of = common.split_groups({v.patient for v in volumes}, HELD_OUT, cfg.seed)
         by_split = {
-            split: [v for v in train if split_of[v.patient] == split]
+            split: [v for v in volumes if split_of[v.patient] == split]
             for split in ("train", *HELD_OUT)
         }
+        by_split["train"] += [v for v in train if isinstance(v, common.Skip)]
         by_split["test"] = _volumes(root, PARTS["valid"], cfg.volume_shape)
         return {split: self._generate_examples(split, tasks) for split, tasks in by_split.items()}
 
     def _generate_examples(
-        self, split: str, volumes: Sequence[_Volume]
+        self, split: str, volumes: Sequence[_Volume | common.Skip]
     ) -> Iterator[tuple[int, dict]]:
         return common.generate(self, split, volumes, _load)
 
 
-def _volumes(root: Path, part: _Part, volume_shape: tuple[int, int, int]) -> list[_Volume]:
-    """Every reconstruction of the part's reports CSV, in its order."""
-    reports = read_ct_rate_reports(_table(root, "reports", part))
+def _volumes(
+    root: Path, part: _Part, volume_shape: tuple[int, int, int]
+) -> list[_Volume | common.Skip]:
+    """Every reconstruction of the part's reports CSV, in its order; a Skip for a VolumeName
+    that leads out of `root`."""
+    table = _table(root, "reports", part)
+    with common.utf8(table):
+        reports = read_ct_rate_reports(table)
     metadata = {
         row["VolumeName"].strip(): row
         for row in common.read_table(
@@ -171,14 +179,18 @@ def _volumes(root: Path, part: _Part, volume_shape: tuple[int, int, int]) -> lis
         for row in common.read_table(_table(root, "labels", part), ("VolumeName", *ABNORMALITIES))
     }
     missing_labels = (math.nan,) * len(ABNORMALITIES)
-    out = []
+    out: list[_Volume | common.Skip] = []
     for file_name, report in reports.items():
         name = file_name.removesuffix(".nii.gz")
+        path = _volume_path(root, part, name)
+        if path is None:
+            out.append(common.Skip(common.PATH_OUTSIDE, f"{table}: VolumeName {file_name!r}"))
+            continue
         row = metadata.get(file_name, {})
         out.append(
             _Volume(
                 name=name,
-                path=str(_volume_path(root, part, name)),
+                path=str(path),
                 report=report,
                 rescale=(
                     common.parse_float(row.get("RescaleSlope")),
@@ -191,11 +203,12 @@ def _volumes(root: Path, part: _Part, volume_shape: tuple[int, int, int]) -> lis
     return out
 
 
-def _volume_path(root: Path, part: _Part, name: str) -> Path:
-    """train_12_a_1 -> dataset/train/train_12/train_12_a/train_12_a_1.nii.gz."""
+def _volume_path(root: Path, part: _Part, name: str) -> Path | None:
+    """train_12_a_1 -> dataset/train/train_12/train_12_a/train_12_a_1.nii.gz; None when the
+    name leads out of `root` (see `common.within`)."""
     patient_scan = name.rsplit("_", 1)[0]
     patient = patient_scan.rsplit("_", 1)[0]
-    return root / "dataset" / part.folder / patient / patient_scan / f"{name}.nii.gz"
+    return common.within(root, "dataset", part.folder, patient, patient_scan, f"{name}.nii.gz")
 
 
 def to_hu(path: str, rescale: tuple[float, float]) -> imaging.Volume:
@@ -219,15 +232,16 @@ def _load(item: _Volume) -> dict | str:
     if not isinstance(item.report, CleanReport):
         return str(item.report)
     if not Path(item.path).is_file():
-        return common.MISSING_VOLUME
+        return common.Skip(common.MISSING_VOLUME, item.path)
     try:
         volume = to_hu(item.path, item.rescale)
         stored = imaging.prepare_volume(volume, item.volume_shape)
     except imaging.SkipVolume as e:
-        return e.reason
+        return common.Skip.of(e)
     low, high = PLAUSIBLE_MEDIAN_HU
-    if not low <= float(np.median(stored)) <= high:
-        return IMPLAUSIBLE_HU
+    median = float(np.median(stored))
+    if not low <= median <= high:
+        return common.Skip(IMPLAUSIBLE_HU, f"{item.path} (median {median:g} HU)")
     return {
         "volume": stored,
         "report": item.report.text,

@@ -31,13 +31,15 @@ from annotations.csv; 0 when none) and `id` (seriesuid:row, the 0-based candidat
 `metadata.json` (`candidates`) counts nodule and non-nodule candidates per split and how many
 non-nodule ones were kept. Skipped per split and reason: outside volume (the crop misses the
 scan), the volume reasons of `data_pipelines.imaging` (unreadable file, not axial, too small,
-...), and, under the pseudo-split `none`, missing volume (a seriesuid with no .mhd under any
-subset folder).
+absurd size: more than `imaging.MAX_BYTES_3D` bytes of voxels, ...), path outside manual_dir (an
+.mhd whose ElementDataFile is absolute or climbs out of the folder), and, under the pseudo-split
+`none`, missing volume (a seriesuid with no .mhd under any subset folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import zlib
 from pathlib import Path
@@ -183,18 +185,33 @@ def _is_true(fields: dict[str, str], *keys: str) -> bool:
     return any(fields.get(k, "False").lower() == "true" for k in keys)
 
 
-def read_metaimage(path: str | Path) -> imaging.Volume:
+def read_metaimage(path: str | Path, root: str | Path | None = None) -> imaging.Volume:
     """Read a 3D MetaImage (.mhd + data file, or .mha) as float32 [z, y, x] with its RAS+
-    affine; raises SkipVolume naming the file."""
+    affine; raises SkipVolume naming the file.
+
+    The data file must lie in `root` (manual_dir; default the header's folder), judged as
+    `common.within` does; the voxel bytes (and, compressed, what they expand to) must stay
+    within `imaging.MAX_BYTES_3D`.
+    """
     header = read_meta_header(path)
+    count = int(np.prod(header.size))
+    nbytes = count * header.dtype.itemsize
+    if min(header.size) < 1 or nbytes > imaging.MAX_BYTES_3D:
+        detail = f"DimSize {header.size}: {nbytes} bytes, limit {imaging.MAX_BYTES_3D}"
+        raise imaging.SkipVolume(imaging.ABSURD_SIZE, path, detail)
+    folder = Path(path).parent
+    root = folder if root is None else Path(root)
     try:
         if header.data_file is None:
             data = Path(path).read_bytes()[_header_fields(path)[1] :]
         else:
-            data = (Path(path).parent / header.data_file).read_bytes()
+            data_file = common.within(root, os.path.relpath(folder, root), header.data_file)
+            if data_file is None:
+                detail = f"ElementDataFile {header.data_file!r}"
+                raise imaging.SkipVolume(common.PATH_OUTSIDE, path, detail)
+            data = data_file.read_bytes()
         if header.compressed:
-            data = zlib.decompress(data)
-        count = int(np.prod(header.size))
+            data = zlib.decompressobj().decompress(data, nbytes)  # no more than the header says
         voxels = np.frombuffer(data, header.dtype, count=count).reshape(header.size[::-1])
     except (OSError, ValueError, zlib.error) as e:
         raise imaging.SkipVolume(imaging.UNREADABLE, path, f"{type(e).__name__}: {e}") from e
@@ -220,6 +237,7 @@ class _Series:
 
     seriesuid: str
     path: str
+    root: str  # manual_dir, which the .mhd's data file must lie in
     subset: int
     candidates: tuple[_Candidate, ...]
     volume_shape: tuple[int, int, int]
@@ -244,9 +262,9 @@ def crop(volume: imaging.Volume, world: Any, crop_mm: Any, shape: Any) -> np.nda
 def _load(series: _Series) -> list[dict | str]:
     """The records of one scan's candidates, or why each is skipped (runs in a worker)."""
     try:
-        volume = imaging.canonicalize(read_metaimage(series.path))
+        volume = imaging.canonicalize(read_metaimage(series.path, series.root))
     except imaging.SkipVolume as e:
-        return [e.reason] * len(series.candidates)
+        return [common.Skip.of(e)] * len(series.candidates)
     out: list[dict | str] = []
     for candidate in series.candidates:
         stored = crop(volume, candidate.world, series.crop_mm, series.volume_shape)
@@ -324,8 +342,8 @@ class Luna16(common.EvalBuilder):
             for uid, candidate in kept:
                 by_series.setdefault(uid, []).append(candidate)
             out[split] = [
-                _Series(uid, series[uid][0], series[uid][1], tuple(c), cfg.volume_shape,
-                        cfg.crop_mm)
+                _Series(uid, series[uid][0], str(root), series[uid][1], tuple(c),
+                        cfg.volume_shape, cfg.crop_mm)
                 for uid, c in by_series.items()
             ]  # fmt: skip
         self.info.metadata["candidates"] = counts

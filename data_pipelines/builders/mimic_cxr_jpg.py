@@ -7,7 +7,9 @@ CheXpert labels of the study as float32: 1 positive, 0 negative, -1 uncertain, N
 (or a study without a CheXpert row). Splits are the official ones; 'validate' is 'validation'.
 
 Skipped images are counted per split and reason: lateral view, other view (no PA/AP position),
-missing/short/empty report, missing image, unreadable file.
+missing/short/empty report, unreadable report (not UTF-8), missing image, unreadable file, too
+small, constant image, and path outside manual_dir (a metadata row whose ids would lead out of
+the folder).
 """
 
 from __future__ import annotations
@@ -65,13 +67,10 @@ class _Image:
     subject_id: str
     study_id: str
     view: str
-    root: str
+    image: str  # files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg under the root
+    report: str  # files/pXX/pNNNNNNNN/sNNNNNNNN.txt under the root
     labels: tuple[float, ...]
     image_size: int
-
-    @property
-    def study_dir(self) -> Path:
-        return Path(self.root, "files", f"p{self.subject_id[:2]}", f"p{self.subject_id}")
 
 
 def check_manual_dir(manual_dir: str | Path) -> Path:
@@ -112,13 +111,16 @@ class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(
-        self, split: str, images: Sequence[_Image]
+        self, split: str, images: Sequence[_Image | common.Skip]
     ) -> Iterator[tuple[int, dict]]:
         return common.generate(self, split, images, _load, chunksize=16)
 
 
-def _images_by_split(root: Path, image_size: int) -> tuple[dict[str, list[_Image]], int]:
-    """Metadata rows grouped by official split (file order), and how many had no split."""
+def _images_by_split(
+    root: Path, image_size: int
+) -> tuple[dict[str, list[_Image | common.Skip]], int]:
+    """Metadata rows grouped by official split (file order), and how many had no split; a row
+    whose ids lead out of `root` is a Skip naming its line."""
     split_of = {
         row["dicom_id"]: SPLITS.get(row["split"], row["split"])
         for row in common.read_table(root / SPLIT, ("dicom_id", "split"))
@@ -126,25 +128,32 @@ def _images_by_split(root: Path, image_size: int) -> tuple[dict[str, list[_Image
     labels = _chexpert(root / CHEXPERT)
     missing_labels = (float("nan"),) * len(CHEXPERT_LABELS)
     columns = ("dicom_id", "subject_id", "study_id", "ViewPosition")
-    by_split: dict[str, list[_Image]] = {}
+    by_split: dict[str, list[_Image | common.Skip]] = {}
     unsplit = 0
-    for row in common.read_table(root / METADATA, columns):
+    for line, row in enumerate(common.read_table(root / METADATA, columns), start=2):
         split = split_of.get(row["dicom_id"])
         if split is None:
             unsplit += 1
             continue
-        key = (row["subject_id"], row["study_id"])
-        by_split.setdefault(split, []).append(
-            _Image(
-                dicom_id=row["dicom_id"],
-                subject_id=row["subject_id"],
-                study_id=row["study_id"],
+        subject, study, dicom = row["subject_id"], row["study_id"], row["dicom_id"]
+        study_dir = ("files", f"p{subject[:2]}", f"p{subject}")
+        image = common.within(root, *study_dir, f"s{study}", f"{dicom}.jpg")
+        report = common.within(root, *study_dir, f"s{study}.txt")
+        if image is None or report is None:
+            where = f"{root / METADATA} line {line}: subject_id, study_id, dicom_id"
+            item = common.Skip(common.PATH_OUTSIDE, f"{where} {subject!r}, {study!r}, {dicom!r}")
+        else:
+            item = _Image(
+                dicom_id=dicom,
+                subject_id=subject,
+                study_id=study,
                 view=row["ViewPosition"].strip(),
-                root=str(root),
-                labels=labels.get(key, missing_labels),
+                image=str(image),
+                report=str(report),
+                labels=labels.get((subject, study), missing_labels),
                 image_size=image_size,
             )
-        )
+        by_split.setdefault(split, []).append(item)
     return by_split, unsplit
 
 
@@ -171,18 +180,17 @@ def _load(image: _Image) -> dict | str:
     skip = view_skip(image.view)
     if skip:
         return skip
-    report = read_mimic_report(image.study_dir / f"s{image.study_id}.txt")
+    try:
+        report = read_mimic_report(image.report)
+    except (OSError, UnicodeDecodeError) as e:  # a latin-1 file, a folder, no permission
+        return common.Skip(common.UNREADABLE_REPORT, f"{image.report} ({e})")
     if not isinstance(report, CleanReport):
         return str(report)
-    path = image.study_dir / f"s{image.study_id}" / f"{image.dicom_id}.jpg"
-    if not path.is_file():
-        return common.MISSING_IMAGE
-    try:
-        pixels = imaging.letterbox(imaging.read_image_2d(path), image.image_size)
-    except imaging.SkipImage as e:
-        return e.reason
+    pixels = common.load_xray(image.image, image.image_size)
+    if isinstance(pixels, str):
+        return pixels
     return {
-        "image": pixels,
+        "image": imaging.letterbox(pixels, image.image_size),
         "report": report.text,
         "num_sentences": len(report.sentences),
         "labels": np.asarray(image.labels, np.float32),

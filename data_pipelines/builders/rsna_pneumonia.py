@@ -17,7 +17,8 @@ MGCA); each image is one patient, so no patient is in two splits.
 
 Records: `image` uint8 letterboxed to `image_size`, `label`, `mask`, `num_boxes`, `patient_id`
 (the patientId) and `id` (the same). Skipped per split and reason: missing image, unreadable
-file, unsupported image.
+file, unsupported image, too small, constant image, path outside manual_dir (a patientId that
+would name a file outside the folder; counted under 'train').
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def box_mask(shape: tuple[int, int], boxes: Any, image_size: int) -> np.ndarray:
 
 def _load(patient: _Patient) -> dict | str:
     """The record of one patient, or why it is skipped (runs in a worker)."""
-    pixels = common.load_image(patient.path)
+    pixels = common.load_xray(patient.path, patient.image_size)
     if isinstance(pixels, str):
         return pixels
     return {
@@ -104,18 +105,22 @@ class RsnaPneumonia(common.EvalBuilder):
             "num_boxes": tfds.features.Scalar(dtype=np.int32),
         }
 
-    def _inputs(self, root: Path) -> dict[str, list[_Patient]]:
+    def _inputs(self, root: Path) -> dict[str, list[_Patient | common.Skip]]:
         cfg = self.builder_config
-        patients = _patients(check_manual_dir(root), cfg.image_size)
+        listed = _patients(check_manual_dir(root), cfg.image_size)
+        patients = [p for p in listed if isinstance(p, _Patient)]
         split_of = common.split_groups((p.patient_id for p in patients), HELD_OUT, cfg.seed)
-        return {
+        out = {
             split: [p for p in patients if split_of[p.patient_id] == split]
             for split in ("train", *HELD_OUT)
         }
+        out["train"] += [p for p in listed if isinstance(p, common.Skip)]
+        return out
 
 
-def _patients(root: Path, image_size: int) -> list[_Patient]:
-    """One entry per patientId of the labels CSV (first-row order), its boxes gathered."""
+def _patients(root: Path, image_size: int) -> list[_Patient | common.Skip]:
+    """One entry per patientId of the labels CSV (first-row order), its boxes gathered; a Skip
+    for a patientId whose file would lie outside `root`."""
     table = root / LABELS
     rows: dict[str, tuple[int, list]] = {}
     for line, row in enumerate(common.read_table(table, ("patientId", *BOX, "Target")), 2):
@@ -135,10 +140,15 @@ def _patients(root: Path, image_size: int) -> list[_Patient]:
             )
         if positive:
             boxes.append(box)
-    return [
-        _Patient(p, str(root / IMAGES / f"{p}.dcm"), label, tuple(boxes), image_size)
-        for p, (label, boxes) in rows.items()
-    ]
+    out: list[_Patient | common.Skip] = []
+    for patient, (label, boxes) in rows.items():
+        path = common.within(root, IMAGES, f"{patient}.dcm")
+        out.append(
+            common.Skip(common.PATH_OUTSIDE, f"{table}: patientId {patient!r}")
+            if path is None
+            else _Patient(patient, str(path), label, tuple(boxes), image_size)
+        )
+    return out
 
 
 def make_builder(config_name: str, data_dir: str, **options: Any) -> RsnaPneumonia:
