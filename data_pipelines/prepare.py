@@ -4,8 +4,9 @@
     python -m data_pipelines.prepare NAME --data_dir=DIR --manual_dir=RAW_FILES
 
 Builds every config of NAME (or only NAME/CONFIG), shows TFDS's progress bars and ends with the
-records kept per split and the inputs skipped per reason. `ensure_prepared` is the same from
-Python, for the demo: it builds only what is missing and refuses data built at other sizes.
+records kept per split and the inputs skipped per reason, with the first files of each.
+`ensure_prepared` is the same from Python, for the demo: it builds only what is missing and
+refuses data built at other sizes.
 
 Run it from one process: TFDS writes into a temporary directory and renames it when done, but two
 processes building the same dataset at once would race on that rename.
@@ -25,7 +26,6 @@ import tensorflow_datasets as tfds
 
 from data_pipelines.builders import (
     DatasetSpec,
-    UnknownDatasetError,
     is_prepared,
     parse_name,
     prepared_dir,
@@ -50,8 +50,11 @@ class Summary:
     kept: dict[str, int]  # split -> records
     skipped: dict[str, dict[str, int]]  # split -> reason -> inputs dropped
     options: dict[str, Any]
+    skipped_files: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    # split -> reason -> the first files (or table rows) dropped for it
 
-    def format(self) -> str:
+    def format(self, files_per_reason: int = 3) -> str:
+        """The summary lines; under `skipped:`, one line per reason with its first files."""
         status = "built" if self.built else "already prepared"
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         kept = ", ".join(f"{split} {n}" for split, n in self.kept.items())
@@ -62,6 +65,12 @@ class Summary:
                 totals[reason] = totals.get(reason, 0) + n
         skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(totals.items()))
         lines.append(f"  skipped: {skipped or 'none'}")
+        for reason in sorted(totals):
+            files = [f for r in self.skipped_files.values() for f in r.get(reason, [])]
+            if files:
+                more = totals[reason] - min(len(files), files_per_reason)
+                shown = "; ".join(files[:files_per_reason]) + (f" (+{more} more)" if more else "")
+                lines.append(f"    {reason}: {shown}")
         return "\n".join(lines)
 
 
@@ -71,7 +80,13 @@ def summarize(name: str, path: Path, built: bool) -> Summary:
     kept = {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info["splits"]}
     metadata = read_metadata(path)
     return Summary(
-        name, path, built, kept, metadata.get("skipped", {}), metadata.get("options", {})
+        name,
+        path,
+        built,
+        kept,
+        metadata.get("skipped", {}),
+        metadata.get("options", {}),
+        metadata.get("skipped_files", {}),
     )
 
 
@@ -196,20 +211,24 @@ def _parser() -> argparse.ArgumentParser:
 _NOT_OPTIONS = ("name", "data_dir", "manual_dir", "max_failure_fraction")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _prepare(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
-    try:
-        limit = FailureLimit(args.max_failure_fraction)
-        summaries = ensure_prepared(args.name, args.data_dir, args.manual_dir, limit, **options)
-    except (UnknownDatasetError, PreparedDataMismatchError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+    limit = FailureLimit(args.max_failure_fraction)
+    summaries = ensure_prepared(args.name, args.data_dir, args.manual_dir, limit, **options)
     print("\nSummary")
     for summary in summaries:
         print(summary.format())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2, one paragraph, on a mistake to fix)."""
+    # The command's part only: the library above stays free of unimedi_jax.
+    from unimedi_jax.errors import exit_on_user_error
+
+    # The builders report a bad option (a value, a split file, a window) as ValueError.
+    return exit_on_user_error(also=(ValueError,))(_prepare)(argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 last complete checkpoint, which stays loadable; an unfinished save is never picked up."""
 
 import json
+import logging
+import os
 import time
 
 import jax
@@ -83,3 +85,40 @@ def test_training_run_reports_a_failed_checkpoint(tmp_path, monkeypatch):
     state = Checkpointer(workdir / "checkpoints", keep=3).restore_raw(2)
     assert int(state["step"]) == 2
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_kept(tmp_path, caplog):
+    writer = Checkpointer(tmp_path / "checkpoints", keep=3, clean_up=True)
+    for step in (1, 2, 3):
+        writer.save(step, {"w": jnp.arange(256.0) + step}, {"step": step})
+    writer.close()
+    for path in (tmp_path / "checkpoints" / "3").rglob("*"):
+        if path.parent.name == "d":  # the array files: cut short, as by a full disk
+            os.truncate(path, path.stat().st_size // 2)
+
+    reader = Checkpointer(tmp_path / "checkpoints", keep=3)
+    with caplog.at_level(logging.WARNING):
+        step, state = reader.restore_raw_newest()
+    assert step == 2
+    np.testing.assert_array_equal(state["w"], np.arange(256.0) + 2)
+    (line,) = [r.getMessage() for r in caplog.records if "step 3" in r.getMessage()]
+    assert line.startswith("checkpoint step 3 in ") and "OUT_OF_RANGE" in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+
+    # The training run restores onto its state's shardings and moves the damaged one aside.
+    resumed = Checkpointer(tmp_path / "checkpoints", keep=3, clean_up=True)
+    step, state, data_state = resumed.restore_newest(abstract_like({"w": jnp.zeros(256)}))
+    assert (step, data_state) == (2, {"step": 2})
+    np.testing.assert_array_equal(state["w"], np.arange(256.0) + 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    (moved,) = (tmp_path / "damaged-checkpoints").iterdir()
+    assert moved.name.startswith("3-")
+    resumed.save(3, {"w": jnp.zeros(256)}, {"step": 3})  # the step can be written again
+    resumed.close()
+
+
+def test_reader_of_a_missing_directory_creates_nothing(tmp_path):
+    reader = Checkpointer(tmp_path / "checkpoints", keep=3)
+    assert reader.restore_raw_newest() is None
+    reader.close()
+    assert list(tmp_path.iterdir()) == []

@@ -3,12 +3,8 @@
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax.config_checks import (
-    ConfigError,
-    check_batch_for_mesh,
-    check_config,
-    check_override_names,
-)
+from unimedi_jax.config_checks import ConfigError, check_batch_for_mesh, check_config
+from unimedi_jax.overrides import check_override_names
 
 
 def test_presets_pass():
@@ -28,6 +24,9 @@ def test_presets_pass():
         ("selection.k", 9, r"selection.k=9 must be between 1 and the volume depth"),
         ("selection.mode", "best", "selection.mode='best'"),
         ("masking.mode", "half", "masking.mode='half'"),
+        ("loss.pcl_tokens", "some", "loss.pcl_tokens='some'; valid: .'masked', 'all'"),
+        ("train.clip_mode", "per_layer", "train.clip_mode='per_layer'; valid: .'global'"),
+        ("selection.layers", "first", "selection.layers='first'; valid: .'all', 'last'"),
         ("masking.ratio", 1.0, r"masking.ratio=1.0 must be in \[0, 1\)"),
         ("precision.compute_dtype", "fp8", "precision.compute_dtype='fp8'"),
         ("text.path", "/nowhere/bert", "text.path='/nowhere/bert' is not a Hugging Face"),

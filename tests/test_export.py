@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -336,6 +337,7 @@ def test_cli_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, fmt):
     )
     fake = types.ModuleType("unimedi_jax.inference")
     fake.load = lambda path: run if path == "runs/x" else None
+    fake.resolve_run = lambda path: (Path(path), None)
     monkeypatch.setitem(sys.modules, "unimedi_jax.inference", fake)
     size = {"monai": ["--size=8,32,32"], "timm": ["--size=48,48", "--in_chans=3"]}
     export.main(["--workdir=runs/x", f"--format={fmt}", f"--out={tmp_path}", *size.get(fmt, [])])

@@ -92,7 +92,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     run(multi_start, env)
     assert saved_steps(multi_dir) == [2, STEPS]
 
-    # The same phantoms and vocabulary (a WordPiece vocabulary is not reproducible across runs).
+    # The same phantoms, and the vocabulary (a fresh build gives the same; copying saves time).
     shutil.copytree(multi_dir / "tokenizer", single_dir / "tokenizer")
     phantoms = f"--config.data.data_dir={multi_dir / 'data'}"
     single_start = [sys.executable, "-m", "unimedi_jax.main", *FLAGS, phantoms]

@@ -8,6 +8,10 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import flax
@@ -408,3 +412,94 @@ def test_wordpiece_round_trip(tmp_path):
         == trained(REPORTS[:3], padding="max_length", max_length=112)["input_ids"]
     )
     assert tokenizer("HEART Size")["input_ids"] == tokenizer("heart size")["input_ids"]
+
+
+def test_wordpiece_breaks_frequency_ties_by_token_strings(tmp_path):
+    # Words ab x3, abc, bc. Alphabet: a b c, then ##b ##c (characters seen inside a word).
+    # Merge 1: (a, ##b) occurs 4 times -> "ab". Then (ab, ##c) and (b, ##c) occur once each:
+    # the tie goes to the pair whose strings sort first, ("ab", "##c") -> "abc", and the
+    # 12-token budget stops there, so "bc" is left out.
+    tokenizer = train_wordpiece_tokenizer(["AB ab ab", "abc bc"], vocab_size=12, directory=tmp_path)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    expected = [*specials, "a", "b", "c", "##b", "##c", "ab", "abc"]
+    assert (tmp_path / "vocab.txt").read_text().splitlines() == expected
+    assert tokenizer.convert_ids_to_tokens(list(range(12))) == expected
+    assert tokenizer.tokenize("bc abc") == ["b", "##c", "abc"]
+
+
+def _naive_wordpiece(texts: list[str], vocab_size: int) -> list[str]:
+    """WordPiece training written out plainly: recount every pair before each merge and take
+    the most frequent, ties to the smallest (left, right) strings."""
+    counts = Counter(w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower()))
+    words = {w: [w[0], *(f"##{c}" for c in w[1:])] for w in counts}
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += sorted(set("".join(counts))) + sorted({p for w in words.values() for p in w[1:]})
+    while len(vocab) < vocab_size:
+        pairs = Counter()
+        for w, pieces in words.items():
+            for pair in pairwise(pieces):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        left, right = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merged = left + right.removeprefix("##")
+        if merged not in vocab:
+            vocab.append(merged)
+        for w, pieces in words.items():
+            out = []
+            for piece in pieces:
+                if out and (out[-1], piece) == (left, right):
+                    out[-1] = merged
+                else:
+                    out.append(piece)
+            words[w] = out
+    return vocab
+
+
+@pytest.mark.parametrize("vocab_size", [45, 90, 150, 1000])
+def test_wordpiece_matches_a_naive_trainer(tmp_path, vocab_size):
+    texts = [*REPORTS[:10], "Effusions: effusion, effused; pleural-effusion 4cm 44 mm."]
+    train_wordpiece_tokenizer(texts, vocab_size=vocab_size, directory=tmp_path)
+    assert (tmp_path / "vocab.txt").read_text().splitlines() == _naive_wordpiece(texts, vocab_size)
+
+
+def test_wordpiece_covers_every_report_word(tmp_path):
+    # A budget above what the corpus can fill merges every word into one token: then each word
+    # of the reports is in the vocabulary and tokenises to itself, never to [UNK].
+    tokenizer = train_wordpiece_tokenizer(REPORTS, vocab_size=5000, directory=tmp_path)
+    words = {w for text in REPORTS for w in re.findall(r"\w+|[^\w\s]", text.lower())}
+    assert words <= set(tokenizer.get_vocab())
+    for word in words:
+        assert tokenizer.tokenize(word) == [word]
+    # With a small budget, words split into sub-words that spell them out, again without [UNK].
+    small = train_wordpiece_tokenizer(REPORTS, vocab_size=60, directory=tmp_path / "small")
+    for word in words:
+        pieces = small.tokenize(word)
+        assert "[UNK]" not in pieces
+        assert "".join(p.removeprefix("##") for p in pieces) == word
+        assert all(p.startswith("##") for p in pieces[1:])
+
+
+BUILD_VOCABULARY = """
+import json, sys
+from unimedi_jax.models.text import train_wordpiece_tokenizer
+train_wordpiece_tokenizer(json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+"""
+
+
+def test_wordpiece_files_are_identical_across_processes(tmp_path):
+    # Frequency ties are common in reports; in separate processes with different string hash
+    # seeds (Python's and, per process, Rust's), every file written must be the same bytes.
+    texts = [*REPORTS, "Heart size and mediastinal contours are normal. Lungs clear."]
+    built = []
+    for seed in ("1", "2"):
+        directory = tmp_path / f"seed{seed}"
+        subprocess.run(
+            [sys.executable, "-c", BUILD_VOCABULARY, json.dumps(texts), "120", str(directory)],
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+        )
+        built.append({f.name: f.read_bytes() for f in sorted(directory.iterdir())})
+    assert set(built[0]) == {"vocab.txt", "tokenizer.json", "tokenizer_config.json"}
+    assert built[1] == built[0]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unimedi_jax.errors import exit_on_user_error
 from unimedi_jax.models.vit import VisionTransformer
 
 
@@ -37,6 +38,7 @@ def time_forward(
     return compile_s, times
 
 
+@exit_on_user_error()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_2d", type=int, default=8)

@@ -1,30 +1,27 @@
 """Config errors caught at start, before any data is read or anything is compiled.
 
 Each check raises ``ConfigError`` with one paragraph naming the field, the value and what to do;
-``main`` prints it without a traceback.
+``unimedi_jax.errors`` reports it without a traceback (exit 2).
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 from pathlib import Path
 
 import jax
-import ml_collections
 
+from unimedi_jax.errors import ConfigError
 from unimedi_jax.models.layers import REMAT_POLICIES
 from unimedi_jax.models.unimedi import TEXT_POOLINGS, text_pooling_of
+from unimedi_jax.models.vit import ATTENTION_LAYERS
 from unimedi_jax.precision import COMPUTE_DTYPES
 from unimedi_jax.selection import MODES
 from unimedi_jax.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
+from unimedi_jax.train.state import CLIP_MODES
+from unimedi_jax.train.step import PCL_TOKENS
 
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
 ON_SHAPE_CHANGE = ("refuse", "restart")  # on_shape_change (unimedi_jax.train.workdir)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which field and what to do."""
 
 
 def _check_divisible(field: str, size, patch, patch_field: str) -> None:
@@ -64,9 +61,22 @@ def check_training(config) -> None:
         ("train.on_nonfinite", config.train.on_nonfinite, ON_NONFINITE),
         ("on_shape_change", config.on_shape_change, ON_SHAPE_CHANGE),
         ("text.pooling", text_pooling_of(config), TEXT_POOLINGS),
+        ("selection.layers", config.selection.layers, ATTENTION_LAYERS),
+        ("loss.pcl_tokens", config.loss.pcl_tokens, PCL_TOKENS),
+        ("train.clip_mode", config.train.clip_mode, CLIP_MODES),
     ):
         if value not in valid:
             raise ConfigError(f"{field}={value!r}; valid: {valid}.")
+    if config.total_steps != -1 and config.total_steps < 1:
+        raise ConfigError(
+            f"total_steps={config.total_steps}: use a positive number of steps, or -1 to train "
+            f"for train.epochs={config.train.epochs} epochs of the 2D training set."
+        )
+    if config.total_steps == -1 and config.train.epochs < 1:
+        raise ConfigError(
+            f"train.epochs={config.train.epochs} with total_steps=-1 trains nothing; set "
+            "train.epochs to at least 1 or total_steps to a positive number of steps."
+        )
     if not 0.0 <= config.masking.ratio < 1.0:
         raise ConfigError(f"masking.ratio={config.masking.ratio} must be in [0, 1).")
     if not 0.0 <= config.data.max_failure_fraction <= 1.0:
@@ -146,43 +156,3 @@ def check_config(config) -> None:
     check_model(config)
     check_training(config)
     check_mesh(config, jax.device_count())
-
-
-def _load_config_file(spec: str):
-    """``path/to/config.py[:arg]`` -> its ``get_config(arg)``, as ml_collections loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_checked_config", path)
-    if module_spec is None or not Path(path).is_file():
-        raise ConfigError(f"--config={spec}: no config file at {path}.")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def _unknown_field(dotted: str, walked: list[str], name: str, valid: list[str]) -> ConfigError:
-    """The message for one unknown override: where it failed, the closest and all valid names."""
-    where = ".".join(walked)
-    close = difflib.get_close_matches(name, valid, n=3)
-    hint = f" Did you mean {', '.join('.'.join([*walked, c]) for c in close)}?" if close else ""
-    return ConfigError(
-        f"--config.{dotted}: {'.'.join([*walked, name])} is not a config field.{hint} "
-        f"Valid names{' under ' + where if where else ''}: {', '.join(valid)}."
-    )
-
-
-def check_override_names(argv: list[str]) -> None:
-    """Unknown ``--config.X=Y`` fields fail before anything starts, with the closest names."""
-    specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not specs or not overrides:
-        return
-    config = _load_config_file(specs[-1])
-    for dotted in overrides:
-        node, walked = config, []
-        for name in dotted.split("."):
-            is_section = isinstance(node, ml_collections.ConfigDict)
-            if not is_section or name not in node:
-                raise _unknown_field(
-                    dotted, walked, name, sorted(node.keys()) if is_section else []
-                )
-            node, walked = node[name], [*walked, name]

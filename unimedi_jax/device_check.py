@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from unimedi_jax.benchmark import (  # also defines the --config flag
     SCHEDULE_STEPS,
@@ -27,6 +27,7 @@ from unimedi_jax.benchmark import (  # also defines the --config flag
     checked_mesh_and_text,
     device_batch,
 )
+from unimedi_jax.errors import run_app
 from unimedi_jax.precision import compute_dtype
 from unimedi_jax.train.loop import build_trainer
 
@@ -95,4 +96,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

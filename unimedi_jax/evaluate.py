@@ -1,7 +1,8 @@
 """``python -m unimedi_jax.evaluate``: evaluate a checkpoint and write ``eval.json``.
 
 Pre-training evaluators, ``--workdir=W`` (or ``--checkpoint=W``): reads the run's saved config
-(``--config`` replaces it, ``--config.X=Y`` overrides fields), embeds the held-out split
+(``--config`` replaces it; ``--config.X=Y`` overrides fields of ``--config`` or, without it,
+of the saved config), embeds the held-out split
 (``eval_split``) and writes ``W/eval.json``: retrieval Recall@K, zero-shot AUROC, cross-modal
 mAP and the slice-selection hit rate, as the config's ``evals`` list asks.
 
@@ -13,17 +14,17 @@ Linear probe (paper Tables 1-2), ``--config=configs/probe.py:dataset=NAME[,fract
 from __future__ import annotations
 
 import json
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data_pipelines.pipeline import DataConfigError
 from unimedi_jax import inference
+from unimedi_jax.errors import parse_absl_flags, run_app
 from unimedi_jax.evaluation import downstream
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
-from unimedi_jax.evaluation.protocol import ProtocolError
+from unimedi_jax.overrides import apply_overrides, config_given, override_args
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or one of its checkpoint dirs).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -51,8 +52,15 @@ def _log_probe(results: dict) -> None:
         )
 
 
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parsing, except that without ``--config`` the ``--config.X=Y`` overrides are
+    passed on to ``main`` (after the positional arguments) for the run's saved config."""
+    overrides = [] if config_given(argv) else override_args(argv)
+    return [*parse_absl_flags([a for a in argv if a not in overrides]), *overrides]
+
+
 def main(argv: list[str]) -> None:
-    del argv
+    overrides = override_args(argv[1:])
     if _WORKDIR.value and _CHECKPOINT.value and _WORKDIR.value != _CHECKPOINT.value:
         raise app.UsageError("give --checkpoint or --workdir, not both")
     path = _CHECKPOINT.value or _WORKDIR.value
@@ -62,23 +70,23 @@ def main(argv: list[str]) -> None:
     kind = config.get("kind") if config is not None else None
     if kind == "finetune":
         raise app.UsageError("fine-tuning configs run with python -m unimedi_jax.finetune")
-    try:
-        if kind == "probe":
-            results = downstream.probe(config, path)
-            out_dir = _OUT_DIR.value or downstream.default_out_dir(config, path)
-            _log_probe(results)
-        else:
-            results = evaluate_checkpoint(path, config)
-            out_dir = _OUT_DIR.value or inference.resolve_run(path)[0]
-            width = max(map(len, results))
-            for name, value in sorted(results.items()):
-                logging.info("%-*s %.4f", width, name, value)
-    except (downstream.DownstreamError, DataConfigError, ProtocolError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    if kind == "probe":
+        results = downstream.probe(config, path)
+        out_dir = _OUT_DIR.value or downstream.default_out_dir(config, path)
+        _log_probe(results)
+    else:
+        workdir = inference.resolve_run(path)[0]
+        if overrides:
+            config = apply_overrides(inference.load_config(workdir), overrides)
+        results = evaluate_checkpoint(path, config)
+        out_dir = _OUT_DIR.value or workdir
+        width = max(map(len, results))
+        for name, value in sorted(results.items()):
+            logging.info("%-*s %.4f", width, name, value)
     written = downstream.write_eval_json(Path(out_dir), results)
     logging.info("wrote %s", written)
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    run_app(main, flags_parser=_parse_flags)

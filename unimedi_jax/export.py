@@ -38,8 +38,10 @@ import numpy as np
 import safetensors.numpy
 from flax import linen as nn
 
+from unimedi_jax.errors import exit_on_user_error
 from unimedi_jax.models.text import _EMBEDDING_SOURCES, _FILE_LEAVES, _LAYER_SOURCES, BertConfig
 from unimedi_jax.models.vit import VisionTransformer, resample_grid
+from unimedi_jax.run_folders import check_output, written_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -408,7 +410,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", required=True, help="run workdir or its checkpoints/<step>")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out", required=True, help="output directory, outside the run (written when complete)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --out"
+    )
     parser.add_argument(
         "--size",
         type=lambda s: tuple(int(v) for v in s.split(",")),
@@ -421,20 +428,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_on_user_error()
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: loads a run with ``unimedi_jax.inference.load`` and exports one format."""
     args = _parser().parse_args(argv)
-    from unimedi_jax.inference import load
+    from unimedi_jax.inference import load, resolve_run
 
+    check_output(args.out, resolve_run(args.workdir)[0], args.overwrite, is_dir=True)
     run = load(args.workdir)
     params = run.student if args.student else run.teacher
-    if args.format == "monai":
-        out = export_monai(params["vision"], run.model.vision, args.out, args.size)
-    elif args.format == "timm":
-        out = export_timm(params["vision"], run.model.vision, args.out, args.size, args.in_chans)
-    else:
-        out = export_hf_bert(params["text"], run.model.text.config, args.out, run.tokenizer)
-    print(f"wrote {out}")
+    with written_atomically(args.out, is_dir=True) as partial:
+        if args.format == "monai":
+            export_monai(params["vision"], run.model.vision, partial, args.size)
+        elif args.format == "timm":
+            export_timm(params["vision"], run.model.vision, partial, args.size, args.in_chans)
+        else:
+            export_hf_bert(params["text"], run.model.text.config, partial, run.tokenizer)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,11 @@ and ``workdir/metrics.jsonl``; see ``unimedi_jax/train/finetune.py``.
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines.pipeline import DataConfigError
-from unimedi_jax.evaluation.downstream import DownstreamError
-from unimedi_jax.evaluation.protocol import ProtocolError
+from unimedi_jax.errors import run_app
 from unimedi_jax.train.finetune import finetune
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/finetune.py:dataset=NAME")
@@ -34,12 +31,9 @@ def main(argv: list[str]) -> None:
     del argv
     if _CONFIG.value.get("kind") != "finetune":
         raise app.UsageError("--config must be configs/finetune.py:dataset=NAME")
-    try:
-        results = finetune(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value)
-    except (DownstreamError, DataConfigError, ProtocolError) as err:
-        raise SystemExit(f"error: {err}") from None
+    results = finetune(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value)
     print(json.dumps({k: results[k] for k in ("dataset", "encoder", "best_epoch", "test")}))
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    run_app(main)

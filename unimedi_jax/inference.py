@@ -25,21 +25,32 @@ from flax import linen as nn
 
 from unimedi_jax import selection
 from unimedi_jax.checkpoint import Checkpointer
+from unimedi_jax.errors import UserError
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.precision import compute_dtype
+from unimedi_jax.run_folders import PRETRAIN, describe, run_kind
 from unimedi_jax.text_setup import load_text_tower
 
 
+class RunNotFoundError(UserError, FileNotFoundError):
+    """A path that is not a pre-training run (or one of its checkpoints)."""
+
+
 def resolve_run(path: str | Path) -> tuple[Path, int | None]:
-    """(workdir, step) from a workdir (latest checkpoint) or a ``checkpoints/<step>`` dir."""
+    """(workdir, step) from a pre-training workdir (newest readable checkpoint: step None) or
+    a ``checkpoints/<step>`` dir; refuses folders of other kinds before anything is read."""
     path = Path(path)
-    if (path / "config.json").exists():
-        return path, None
+    workdir, step = path, None
     if path.parent.name == "checkpoints" and path.name.isdigit():
-        return path.parent.parent, int(path.name)
-    raise FileNotFoundError(
-        f"{path} is neither a run workdir (with config.json) nor a checkpoint directory "
-        "(<workdir>/checkpoints/<step>)"
+        workdir, step = path.parent.parent, int(path.name)
+    kind = run_kind(workdir)
+    if kind == PRETRAIN and (workdir / "config.json").exists():
+        return workdir, step
+    held = f"; it holds {describe(kind)}" if kind is not None else ""
+    raise RunNotFoundError(
+        f"{path} is neither a pre-training run's workdir (with its config.json) nor one of its "
+        f"checkpoints (<workdir>/checkpoints/<step>){held}. Pass the folder given to "
+        "unimedi_jax.main as --workdir."
     )
 
 
@@ -187,7 +198,8 @@ def _fresh_vision_params(model: UniMedI, config, seed: int = 0) -> dict:
 def load(
     path: str | Path, batch_size: int = 16, random_init: bool = False, seed: int = 0
 ) -> UniMedIInference:
-    """Loads the latest (or the given) checkpoint of a run for inference on the local device.
+    """Loads the newest readable (or the given) checkpoint of a run for inference on the local
+    device; a damaged newest checkpoint is skipped with a logged line. Creates nothing.
 
     ``random_init``: replace the vision tower (student and teacher) by fresh weights from
     ``seed``, keeping the checkpoint's architecture, as a baseline for downstream evaluation.
@@ -197,11 +209,16 @@ def load(
     text = load_text_tower(config, workdir)
     model = build_unimedi(config, text.config, compute_dtype(config.precision.compute_dtype))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    step = step if step is not None else checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    state = checkpointer.restore_raw(step)
-    checkpointer.close()
+    try:
+        restored = checkpointer.restore_raw_newest(step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise RunNotFoundError(
+            f"no checkpoint in {workdir / 'checkpoints'}: the run has not saved one yet. Train "
+            "it further (checkpoint_every_steps sets how often it saves)."
+        )
+    step, state = restored
     params = jax.tree.map(jnp.asarray, state["params"])
     teacher = jax.tree.map(jnp.asarray, state["teacher"])
     if random_init:

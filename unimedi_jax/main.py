@@ -9,30 +9,11 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from data_pipelines.builders import UnknownDatasetError
-from data_pipelines.failure_limit import TooManyFailuresError
-from data_pipelines.pipeline import DataConfigError
-from data_pipelines.prepare import PreparedDataMismatchError
-from unimedi_jax.checkpoint import CheckpointWriteError
-from unimedi_jax.config_checks import ConfigError, check_override_names
-from unimedi_jax.models.text import TextModelError
-from unimedi_jax.train.loop import NonFiniteLossError, Preempted, train
-
-# Errors whose message says what to fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (
-    ConfigError,
-    DataConfigError,
-    TextModelError,
-    PreparedDataMismatchError,
-    UnknownDatasetError,
-    NonFiniteLossError,
-    TooManyFailuresError,
-    CheckpointWriteError,
-    FileNotFoundError,
-)
+from unimedi_jax.errors import run_app
+from unimedi_jax.train.loop import Preempted, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
@@ -84,18 +65,10 @@ def main(argv: list[str]) -> None:
     maybe_initialize_distributed()
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except USER_ERRORS as err:
-        # Something the user can fix: one paragraph, no traceback wall.
-        logging.error("%s: %s", type(err).__name__, err)
-        sys.exit(2)
     except Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(143)
 
 
 if __name__ == "__main__":
-    try:
-        check_override_names(sys.argv)
-    except ConfigError as err:
-        sys.exit(f"ConfigError: {err}")
-    sys.exit(app.run(main))
+    run_app(main)

@@ -2,7 +2,8 @@
 
 From scratch (``text.path`` empty, as in the demo), the WordPiece vocabulary is built once from
 the training reports and kept in ``workdir/tokenizer`` so a resumed run and the exported model
-tokenise exactly as training did.
+tokenise exactly as training did. The build is deterministic: two fresh runs of one config get
+the same vocabulary, byte for byte.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def prepare_text_tower(config, workdir: Path) -> TextTower:
         module, params = load_hf_bert(text_cfg.path)
         return TextTower(module.config, load_tokenizer(text_cfg.path), params)
     tokenizer_dir = Path(workdir) / "tokenizer"
-    # WordPiece training is not reproducible across processes (ties break differently), so
-    # process 0 builds the one vocabulary and the others read it from the shared workdir.
+    # Every process would build the same vocabulary (train_wordpiece_tokenizer is a function of
+    # the reports alone); process 0 alone writes it so no two processes write the same files.
     if jax.process_index() == 0 and not (tokenizer_dir / "tokenizer.json").exists():
         train_wordpiece_tokenizer(
             report_texts(config), text_cfg.vocab_size or SCRATCH_VOCAB_SIZE, tokenizer_dir

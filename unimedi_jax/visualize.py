@@ -32,8 +32,10 @@ from matplotlib.patches import Patch, Rectangle
 
 from data_pipelines.pipeline import eval_batches, open_source, parse_sources
 from unimedi_jax import inference, selection
+from unimedi_jax.errors import exit_on_user_error
 from unimedi_jax.evaluation.evaluators import build_eval_set
 from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.run_folders import check_output, written_atomically
 
 SELECTED_COLOR = "gold"
 LESION_COLOR = "red"
@@ -424,6 +426,7 @@ def run_tsne(model: inference.UniMedIInference, split: str, num: int) -> Figure:
 FIGURES = {"slices": run_slices, "masking": run_masking, "tsne": run_tsne}
 
 
+@exit_on_user_error()
 def main(argv: Sequence[str] | None = None) -> Path:
     """The CLI: load a run, draw one figure, write it as PNG; returns the file written."""
     parser = argparse.ArgumentParser(
@@ -431,7 +434,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     parser.add_argument("figure", choices=sorted(FIGURES))
     parser.add_argument("--workdir", required=True, help="run directory or a checkpoint dir")
-    parser.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="PNG file to write, outside the run's folder"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
         "--num",
         type=int,
@@ -442,9 +448,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     num = args.num or DEFAULT_NUM[args.figure]
     if num < 1:
         parser.error("--num must be positive")
+    check_output(args.out, inference.resolve_run(args.workdir)[0], args.overwrite, is_dir=False)
     figure = FIGURES[args.figure](inference.load(args.workdir), args.split, num)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
+    with written_atomically(args.out, is_dir=False) as partial:
+        figure.savefig(partial, dpi=110)
     print(f"wrote {args.out}")
     return args.out
 

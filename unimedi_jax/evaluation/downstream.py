@@ -24,6 +24,7 @@ from absl import logging
 
 from data_pipelines import builders, pipeline
 from unimedi_jax import inference
+from unimedi_jax.errors import UserError
 from unimedi_jax.evaluation import linear_probe, protocol
 from unimedi_jax.train.metrics import format_duration
 
@@ -31,7 +32,7 @@ ROLES = ("train", "val", "test")  # the keys of a config's `splits`
 _LOG_SECONDS = 30.0
 
 
-class DownstreamError(ValueError):
+class DownstreamError(UserError, ValueError):
     """A checkpoint, dataset or setting a downstream evaluation cannot use, and what to do."""
 
 

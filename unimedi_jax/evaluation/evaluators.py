@@ -16,6 +16,7 @@ import numpy as np
 from data_pipelines import builders, pipeline
 from data_pipelines.pipeline import eval_batches, parse_sources
 from unimedi_jax import inference
+from unimedi_jax.errors import ConfigError
 from unimedi_jax.evaluation import downstream, linear_probe, metrics, protocol
 
 # Zero-shot prompts per dataset: finding -> (positive, negative), worded like the reports.
@@ -185,7 +186,9 @@ def run_evaluators(model, config, names, split: str = "test", limit: int = 200) 
     """Runs the named evaluators on one embedded held-out set."""
     unknown = sorted(set(names) - set(EVALUATORS))
     if unknown:
-        raise ValueError(f"unknown evaluators {unknown}; valid: {sorted(EVALUATORS)}")
+        raise ConfigError(
+            f"evals={tuple(names)} names unknown evaluators {unknown}; valid: {sorted(EVALUATORS)}."
+        )
     data = build_eval_set(model, config, split, limit)
     results: dict[str, float] = {}
     for name in names:

@@ -12,11 +12,12 @@ import dataclasses
 
 from data_pipelines import builders
 from data_pipelines.builders.common import TASKS
+from unimedi_jax.errors import UserError
 
 FRACTIONS = (0.01, 0.1, 1.0)  # the paper's label fractions (Tables 1 and 2)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError, ValueError):
     """A probe or fine-tuning request that names something that does not exist."""
 
 

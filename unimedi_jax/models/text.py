@@ -10,8 +10,12 @@ the bottom do file I/O; the modules above them never do.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
+import pickle
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import serialization, traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from unimedi_jax.errors import UserError
 from unimedi_jax.models.layers import ones_init, scanned, zeros_init
 
 if TYPE_CHECKING:
@@ -40,8 +45,19 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-class TextModelError(ValueError):
+class TextModelError(UserError, ValueError):
     """A text-tower problem a person can fix (bad path, config or checkpoint)."""
+
+
+_POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +78,10 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        for name in _POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TextModelError(f"{name}={value!r} must be positive (a whole number)")
         if self.hidden_size % self.num_attention_heads:
             raise TextModelError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -298,6 +318,11 @@ def read_bert_config(directory: Path) -> BertConfig:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise TextModelError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise TextModelError(
+            f"{config_file} holds a JSON {type(raw).__name__.replace('dict', 'object')}, not an "
+            "object; a Hugging Face config.json is one object of fields (hidden_size, ...)"
+        )
     # Old conversions (BioClinicalBERT among them) have no model_type; those are BERT.
     model_type = raw.get("model_type", "bert")
     if model_type != "bert":
@@ -319,7 +344,15 @@ def _read_torch(weights_file: Path) -> dict[str, np.ndarray]:
             f"{weights_file} needs torch to read; install torch or convert the checkpoint to "
             "model.safetensors"
         ) from e
-    state = torch.load(weights_file, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(weights_file, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # Not chained: torch's message suggests loading unsafely, which we never do.
+        raise TextModelError(
+            f"{weights_file} cannot be read as a plain tensor checkpoint ({type(e).__name__}: "
+            "torch.load with weights_only=True refused it or it is damaged); convert it to "
+            "model.safetensors (saved from a trusted copy) and put that file in its place"
+        ) from None
     if not isinstance(state, Mapping):
         raise TextModelError(f"{weights_file} does not hold a state dict of tensors")
     tensors = {}
@@ -345,11 +378,16 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, np.ndarray], bool]:
     weights_file = found[0]
     if weights_file.name == "model.safetensors":
         # The flax reader handles bfloat16, which numpy cannot; keep the arrays on the host.
-        with (
-            jax.default_device(jax.devices("cpu")[0]),
-            safe_open(weights_file, framework="flax") as f,
-        ):
-            tensors = {key: np.asarray(f.get_tensor(key)) for key in f.keys()}  # noqa: SIM118
+        try:
+            with (
+                jax.default_device(jax.devices("cpu")[0]),
+                safe_open(weights_file, framework="flax") as f,
+            ):
+                tensors = {key: np.asarray(f.get_tensor(key)) for key in f.keys()}  # noqa: SIM118
+        except SafetensorError as e:
+            raise TextModelError(
+                f"{weights_file} is truncated or damaged ({e}); copy or download it again"
+            ) from e
         return weights_file, tensors, False
     if weights_file.name == "flax_model.msgpack":
         tree = serialization.msgpack_restore(weights_file.read_bytes())
@@ -472,27 +510,99 @@ def load_tokenizer(path: str | Path) -> BertTokenizerFast:
 def train_wordpiece_tokenizer(
     texts: Iterable[str], vocab_size: int, directory: str | Path
 ) -> BertTokenizerFast:
-    """Trains a lower-cased WordPiece vocabulary on report texts for the from-scratch demo.
+    """Builds a lower-cased WordPiece vocabulary from report texts for the from-scratch demo.
 
-    Writes vocab.txt, tokenizer.json and tokenizer_config.json into ``directory`` and returns
-    ``load_tokenizer(directory)``. Special tokens take ids 0-4 ([PAD] = 0). The vocabulary may
-    come out smaller than ``vocab_size`` on a small corpus: size the model with ``len(tokenizer)``.
+    The same texts and ``vocab_size`` give the same files, byte for byte, in any process on any
+    machine, so two runs of one config train the same model. Writes vocab.txt, tokenizer.json and
+    tokenizer_config.json into ``directory`` and returns ``load_tokenizer(directory)``. Ids: the
+    special tokens 0-4 ([PAD] = 0), the characters and the word-continuing ones (``##x``), each
+    sorted, then the merged sub-words in the order they were learned. The vocabulary may come out
+    smaller than ``vocab_size`` on a small corpus: size the model with ``len(tokenizer)``.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertTokenizerFast
-
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    wordpiece.train_from_iterator(texts, trainer=trainer)
-    vocab = wordpiece.get_vocab()
+    # Words are split exactly as the tokenizer written below will split them.
+    backend = _bert_tokenizer(SPECIAL_TOKENS).backend_tokenizer
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        words = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+        word_counts.update(word for word, _ in words)
+    tokens = _wordpiece_vocabulary(word_counts, vocab_size)
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512).save_pretrained(
-        directory
-    )
-    tokens = sorted(vocab, key=vocab.__getitem__)
+    _bert_tokenizer(tokens).save_pretrained(directory)
     (directory / "vocab.txt").write_text("".join(f"{token}\n" for token in tokens))
     return load_tokenizer(directory)
+
+
+def _bert_tokenizer(tokens: Iterable[str]) -> BertTokenizerFast:
+    """transformers' lower-casing BERT tokenizer over ``tokens`` (id = position)."""
+    from transformers import BertTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
+
+
+def _wordpiece_vocabulary(word_counts: Mapping[str, int], vocab_size: int) -> list[str]:
+    """Special tokens, characters, word-continuing characters (``##x``), then sub-words merged
+    from the most frequent adjacent pair until ``vocab_size`` tokens (tokenizers' WordPieceTrainer).
+
+    That trainer breaks ties between equally frequent pairs in hash-map order, which differs from
+    process to process; here the pair whose (left, right) strings sort first wins, so the result
+    depends on the counts alone, not on the order they come in.
+    """
+    words = [[word[0], *(f"##{char}" for char in word[1:])] for word in word_counts]
+    counts = list(word_counts.values())
+    tokens = [*SPECIAL_TOKENS]
+    tokens += sorted({char for word in word_counts for char in word})
+    tokens += sorted({piece for word in words for piece in word[1:]})
+    known = set(tokens)
+
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = {}  # the words a pair occurs in (or once did)
+    for index, (word, count) in enumerate(zip(words, counts, strict=True)):
+        for pair in pairwise(word):
+            pair_counts[pair] += count
+            where.setdefault(pair, set()).add(index)
+    # A min-heap on (-count, pair): the most frequent pair first, then the smallest strings.
+    # Entries go stale as counts change; a popped one whose count moved is pushed back anew.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while heap and len(tokens) < vocab_size:
+        negative_count, pair = heapq.heappop(heap)
+        count = pair_counts[pair]
+        if count != -negative_count:
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        left, right = pair
+        merged = left + right.removeprefix("##")
+        if merged not in known:
+            tokens.append(merged)
+            known.add(merged)
+        grown = set()
+        for index in where.pop(pair):
+            new_word = _merge_pair(words[index], pair, merged)
+            change = Counter(pairwise(new_word))
+            change.subtract(pairwise(words[index]))
+            for changed, times in change.items():
+                pair_counts[changed] += times * counts[index]
+                if times > 0:
+                    where.setdefault(changed, set()).add(index)
+                    grown.add(changed)
+            words[index] = new_word
+        for changed in grown:
+            heapq.heappush(heap, (-pair_counts[changed], changed))
+    return tokens
+
+
+def _merge_pair(word: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    """``word`` with each occurrence of ``pair``, left to right, replaced by ``merged``."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out

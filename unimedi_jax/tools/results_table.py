@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from unimedi_jax.errors import exit_on_user_error
 from unimedi_jax.evaluation.protocol import FRACTIONS
 
 _PERCENT = {0.01: "1%", 0.1: "10%", 1.0: "100%"}
@@ -159,6 +160,7 @@ def render(results: Sequence[tuple[Path, dict[str, Any]]]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+@exit_on_user_error()
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -166,10 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("paths", nargs="+", help="run workdirs, probe dirs or eval.json files")
     args = parser.parse_args(argv)
-    try:
-        results = find_results(args.paths)
-    except FileNotFoundError as err:
-        parser.exit(2, f"error: {err}\n")
+    results = find_results(args.paths)
     if not results:
         parser.exit(2, f"error: no probe or fine-tuning eval.json under {', '.join(args.paths)}\n")
     print(render(results), end="")

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from unimedi_jax.checkpoint import Checkpointer
+from unimedi_jax.errors import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = (sys.executable, "-m", "unimedi_jax.main")
@@ -137,7 +138,7 @@ def complete_checkpoints(workdir: Path) -> list[int]:
 
 def share_inputs(reference: Path, workdir: Path, args: Sequence[str]) -> list[str]:
     """Arguments for a run in ``workdir`` that reads the reference's demo data, and a copy of
-    its from-scratch vocabulary (WordPiece training differs between processes)."""
+    its from-scratch vocabulary (the same as a fresh build; copied to save building it)."""
     if (reference / "tokenizer").is_dir() and not (workdir / "tokenizer").exists():
         shutil.copytree(reference / "tokenizer", workdir / "tokenizer")
     sets_data = any(a.startswith("--config.data.data_dir=") for a in args)
@@ -295,6 +296,7 @@ def soak(
     }
 
 
+@exit_on_user_error()
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)

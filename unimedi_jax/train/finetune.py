@@ -8,8 +8,9 @@ parameters of the epoch with the lowest validation loss are kept on the host; th
 The head has the linear probe's layout, so validation and test reuse its metrics
 (``linear_probe.evaluate_linear_probe``): AUROC, plus accuracy for multiclass.
 
-Writes ``workdir/eval.json`` (test metrics, the per-epoch history) and ``workdir/metrics.jsonl``
-(one line per epoch, also to TensorBoard). One process; no resume (a run is minutes to hours).
+Writes ``workdir/config.json`` (the fine-tuning config, ``kind: finetune``), ``workdir/eval.json``
+(test metrics, the per-epoch history) and ``workdir/metrics.jsonl`` (one line per epoch, also to
+TensorBoard). One process; no resume (a run is minutes to hours).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from unimedi_jax import sharding
 from unimedi_jax.evaluation import downstream, linear_probe
 from unimedi_jax.inference import UniMedIInference
 from unimedi_jax.models.vit import VisionTransformer
+from unimedi_jax.run_folders import FINETUNE, check_new_run
 from unimedi_jax.train.metrics import MetricWriter, format_duration
 from unimedi_jax.train.state import learning_rate_schedule, make_optimizer
 
@@ -251,7 +253,12 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tunes the checkpoint's encoder on ``config.dataset``; writes and returns eval.json's
     content: {'kind': 'finetune', dataset/encoder fields as a probe's, 'test': {metrics},
-    'best_epoch', 'epochs', 'splits', 'train' (the settings), 'history': [per epoch]}."""
+    'best_epoch', 'epochs', 'splits', 'train' (the settings), 'history': [per epoch]}.
+
+    ``workdir`` may be new or an earlier fine-tuning run's (which this one replaces), never a
+    folder holding another kind of run: that is refused before anything is read or written."""
+    workdir = Path(workdir)
+    check_new_run(workdir, FINETUNE)
     run = _setup(config, checkpoint)
     task, _, sources, model = run.setup
     logging.info(
@@ -262,8 +269,8 @@ def finetune(
         config.train.batch_size,
         run.mesh.size,
     )
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = MetricWriter(workdir)
     try:
         history, best_epoch, best_params = _fit(run, writer)

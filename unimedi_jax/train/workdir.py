@@ -21,7 +21,9 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from unimedi_jax.checkpoint import DAMAGED_DIR
 from unimedi_jax.config_checks import ConfigError
+from unimedi_jax.run_folders import PRETRAIN
 
 # Config fields that decide the shapes of the train state.
 SHAPE_FIELDS = (
@@ -46,7 +48,15 @@ SHAPE_FIELDS = (
     "text.intermediate_size",
 )
 # What a run writes and a restart moves aside (the demo's data/ stays).
-RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "tensorboard", "tokenizer", "eval.json")
+RUN_FILES = (
+    "checkpoints",
+    DAMAGED_DIR,
+    "config.json",
+    "metrics.jsonl",
+    "tensorboard",
+    "tokenizer",
+    "eval.json",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -85,7 +95,8 @@ def shape_changes(workdir: Path, config_json: dict) -> dict[str, tuple[Any, Any]
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         return {}
-    changes = changed_fields(json.loads(saved_path.read_text()), config_json)
+    saved = {"kind": PRETRAIN, **json.loads(saved_path.read_text())}  # older runs lack it
+    changes = changed_fields(saved, config_json)
     shape = {field: change for field, change in changes.items() if field in SHAPE_FIELDS}
     other = {field: change for field, change in changes.items() if field not in SHAPE_FIELDS}
     if other and not shape:
