@@ -95,6 +95,19 @@ def test_clip_logit_scale_cap_and_gradient():
     assert jax.grad(lambda p: losses.clip_loss(image, text, p)[0])(jnp.float32(1.0)) != 0.0
 
 
+def test_clip_logit_scale_gradient_flows_at_the_cap():
+    """The step clamps the parameter to log(cap) after each update; there the gradient must be
+    the uncapped one, or the temperature could never come down from the cap."""
+    image, text = _unit(_rand(4, 4, 8)), _unit(_rand(5, 4, 8))
+    at_cap = jnp.float32(math.log(100.0))
+    grad = jax.grad(lambda p: losses.clip_loss(image, text, p, 100.0)[0])(at_cap)
+    eps = 1e-4  # central difference of the naive loss in the parameter p, scale = exp(p)
+    up, down = (
+        _naive_clip(image, text, math.exp(float(at_cap) + d), [True] * 4) for d in (eps, -eps)
+    )
+    np.testing.assert_allclose(grad, (up - down) / (2 * eps), rtol=1e-3)
+
+
 def test_dino_cls_loss_matches_naive_reference():
     student, teacher, center = _rand(6, 3, 7), _rand(7, 3, 7), _rand(8, 7)
     got = jax.jit(losses.dino_cls_loss)(student, teacher, center, 0.05, 0.2)

@@ -3,6 +3,7 @@ inside the compiled step and counts the skip; ``stop`` names the step, the terms
 good checkpoint."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,6 +39,29 @@ def test_skip_keeps_the_state_on_a_nan_batch_and_counts_it():
     assert not np.array_equal(
         after.params["vision"]["cls_token"], before.params["vision"]["cls_token"]
     )
+
+
+def test_after_a_skip_the_learning_rate_applied_is_the_one_of_the_step():
+    """The schedule follows ``state.step`` (which advances on a skip), not the optimizer's own
+    count (which a skip rolls back): with a learning rate that is nonzero at step 2 only, the
+    update at step 2 moves the params and the one at step 3 does not."""
+    config = get_config("tiny")
+    config.train.on_nonfinite = "skip"
+    state, step = build(config, lr=lambda count: jnp.where(count == 2, 1e-3, 0.0))
+    good = tiny_batch(config, ("image", "volume"))
+    bad = {**good, "volume": good["volume"].copy()}
+    bad["volume"][0, 0, 0, 0] = np.nan
+    state, _ = step(state, good)  # step 0: learning rate 0
+    state, metrics = step(state, bad)  # step 1: skipped
+    assert int(metrics["nonfinite_skips"]) == 1
+    before = jax.device_get(state.params)
+    state, metrics = step(state, good)  # step 2
+    assert float(metrics["learning_rate"]) == pytest.approx(1e-3)
+    moved = jax.device_get(state.params)
+    assert not np.array_equal(moved["vision"]["cls_token"], before["vision"]["cls_token"])
+    state, metrics = step(state, good)  # step 3
+    assert float(metrics["learning_rate"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), moved)
 
 
 @pytest.mark.parametrize("bad", ["loss_pcl", "grad_norm"])

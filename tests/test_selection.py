@@ -117,6 +117,26 @@ def test_attentive_mask_keeps_top_attention_tokens(mask_ratio):
     np.testing.assert_array_equal(mask.sum(axis=1), TOKENS - keep)
 
 
+@pytest.mark.parametrize("mode", ["attentive", "random"])
+def test_per_part_mask_applies_the_ratio_to_each_part(mode):
+    """``parts``: the 3D tokens and the slice tokens each keep round((1 - ratio) * n) of their
+    own, even where one part's attention dwarfs the other's (one top-k over both would mask the
+    weaker part entirely)."""
+    attention = _attention(6, batch=4, tokens=10)
+    attention[:, :4] += 10.0  # the first part (4 tokens) dominates
+    mask = np.asarray(selection.token_mask(attention, 0.5, mode, jax.random.key(0), parts=(4, 6)))
+    np.testing.assert_array_equal(mask[:, :4].sum(1), 2)
+    np.testing.assert_array_equal(mask[:, 4:].sum(1), 3)
+    if mode == "attentive":
+        expected = np.ones_like(mask)
+        for start, n in ((0, 4), (4, 6)):
+            for b, order in enumerate(np.argsort(-attention[:, start : start + n], axis=1)):
+                expected[b, start + order[: round(0.5 * n)]] = False
+        np.testing.assert_array_equal(mask, expected)
+    with pytest.raises(ValueError, match="parts"):
+        selection.token_mask(attention, 0.5, mode, jax.random.key(0), parts=(4, 5))
+
+
 def test_attentive_mask_ties_are_deterministic():
     mask = selection.attentive_token_mask(jnp.ones((2, 6)), 0.5)
     np.testing.assert_array_equal(mask, [[False] * 3 + [True] * 3] * 2)
@@ -128,8 +148,10 @@ def test_random_mask_exact_count_and_rng():
     mask = np.asarray(fn(attention, mask_ratio=0.7, mode="random", rng=jax.random.key(5)))
     np.testing.assert_array_equal(mask.sum(axis=1), 7)
     assert len({row.tobytes() for row in mask}) > 1  # samples differ
-    again = selection.random_token_mask(jax.random.key(5), 8, 10, 0.7)
+    again = selection.token_mask(attention, 0.7, "random", jax.random.key(5))
     np.testing.assert_array_equal(mask, again)
+    other = selection.token_mask(attention, 0.7, "random", jax.random.key(6))
+    assert not np.array_equal(mask, other)
 
 
 def test_mask_ratio_out_of_range():

@@ -3,16 +3,20 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
+from scipy.special import logsumexp
 
 from configs.pretrain import get_config
+from tests.test_selection import _naive_slice_scores
 from unimedi_jax.models.text import BertConfig
-from unimedi_jax.models.unimedi import build_unimedi, init_inputs
+from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.train.state import (
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
+    teacher_subtree,
     weight_decay_mask,
 )
 from unimedi_jax.train.step import make_schedules, make_train_step
@@ -37,10 +41,14 @@ def tiny_batch(config, modalities, seed=0):
     return batch
 
 
-def build(config, total_steps=10):
+def tiny_model(config):
     text = BertConfig.from_scratch(VOCAB, 32, 1, 4, 64, max_position_embeddings=32)
-    model = build_unimedi(config, text, jnp.float32)
-    lr = learning_rate_schedule(1e-3, 1e-8, 0.0, 2, total_steps)
+    return build_unimedi(config, text, jnp.float32)
+
+
+def build(config, total_steps=10, lr=None):
+    model = tiny_model(config)
+    lr = lr or learning_rate_schedule(1e-3, 1e-8, 0.0, 2, total_steps)
     tx = make_optimizer(config.train, lr)
     variables = model.init(jax.random.key(0), *init_inputs(config))
     state = init_train_state(
@@ -133,3 +141,175 @@ def test_report_embedding_pools_hidden_states_as_configured(pooling):
     expected = projected / np.linalg.norm(projected, axis=1, keepdims=True)
     found = model.apply({"params": params}, ids, mask, method=type(model).embed_text)
     np.testing.assert_allclose(found, expected, atol=1e-5)
+
+
+def test_logit_scale_is_clamped_after_the_update_and_can_come_back_down():
+    """Above the cap exp(p) is capped, so p gets no gradient and would stay there for good;
+    the step clamps p to log(cap) after the update (as CLIP does), from where it can move."""
+    config = get_config("tiny")
+    state, step = build(config)
+    cap = config.loss.max_logit_scale
+    above = jnp.float32(np.log(cap) + 0.5)
+    state = state.replace(params={**state.params, "logit_scale": {"value": above}})
+    batch = tiny_batch(config, ("image", "volume"))
+    state, metrics = step(state, batch)
+    assert float(metrics["logit_scale"]) == pytest.approx(cap)
+    assert float(state.params["logit_scale"]["value"]) == pytest.approx(np.log(cap), abs=1e-6)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert float(np.exp(state.params["logit_scale"]["value"])) < 0.999 * cap
+
+
+def _np_keep_top(scores, ratio, parts):
+    """Mask (True = masked): in each run of ``parts`` tokens, all but the round((1 - ratio) * n)
+    highest scores, ties to the lower index."""
+    mask = np.ones(scores.shape, bool)
+    start = 0
+    for n in parts:
+        order = np.argsort(-scores[:, start : start + n], axis=1, kind="stable")
+        for b, kept in enumerate(order[:, : round((1 - ratio) * n)]):
+            mask[b, start + kept] = False
+        start += n
+    return mask
+
+
+def _np_distill(student, teacher, center, teacher_temp, student_temp):
+    """-sum_k p_teacher log p_student per position, with explicit softmaxes."""
+    t = (teacher - center) / teacher_temp
+    p = np.exp(t - t.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    s = student / student_temp
+    return -np.sum(p * (s - logsumexp(s, axis=-1, keepdims=True)), axis=-1)
+
+
+@pytest.mark.parametrize("variant", ["defaults", "per_part+all_tokens+last_layer"])
+def test_teacher_not_student_selects_slices_masks_and_gives_unmasked_targets(variant):
+    """With a teacher unlike the student (as after many EMA steps), slices and masks follow the
+    teacher's Eq. 1 attention, the targets are the teacher's logits on the unmasked sequence, and
+    L_icl, L_pcl and the centers match a reference built from separate model calls."""
+    config = get_config("tiny")
+    per_part = variant != "defaults"
+    if per_part:
+        config.masking.per_part = True
+        config.loss.pcl_tokens = "all"
+        config.selection.layers = "last"
+    model = tiny_model(config)
+    state, step = build(config)
+    other = nn.unbox(model.init(jax.random.key(7), *init_inputs(config))["params"])
+    state = state.replace(teacher=teacher_subtree(other))
+    batch = tiny_batch(config, ("image", "volume"))
+    new_state, metrics = step(state, batch)
+
+    def run(params, x, slices=None, mask=None):
+        out = model.apply({"params": params}, x, slices, mask, method=UniMedI.encode_vision)
+        logits = model.apply({"params": params}, out.tokens, method=UniMedI.dino)
+        return np.asarray(out.cls_attention, np.float64), np.asarray(logits, np.float64)
+
+    volume, k = batch["volume"], config.selection.k
+    grid = tuple(s // p for s, p in zip(volume.shape[1:], config.model.patch_3d, strict=True))
+
+    def eq2_slices(params):
+        scores = _naive_slice_scores(run(params, volume)[0], grid, volume.shape[1])
+        return np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+
+    chosen = eq2_slices(state.teacher)
+    assert not np.array_equal(chosen, eq2_slices(state.params))  # the student would differ
+    inputs = {
+        "image": (batch["image"],),
+        "volume": (volume, volume[np.arange(len(volume))[:, None], chosen]),
+    }
+    ratio, teacher_logits, masks, student_logits = config.masking.ratio, {}, {}, {}
+    for m, args in inputs.items():
+        attention, teacher_logits[m] = run(state.teacher, *args)
+        n3 = int(np.prod(grid)) if m == "volume" else attention.shape[1]
+        parts = (n3, attention.shape[1] - n3) if per_part else (attention.shape[1],)
+        masks[m] = _np_keep_top(attention, ratio, parts)
+        student_attention = run(state.params, *args)[0]
+        assert not np.array_equal(masks[m], _np_keep_top(student_attention, ratio, parts))
+        student_logits[m] = run(state.params, *args, mask=masks[m])[1]
+
+    temp, s_temp = config.loss.warmup_teacher_temp, config.loss.student_temp  # step 0
+    cls = {m: (student_logits[m][:, 0], teacher_logits[m][:, 0]) for m in inputs}
+    loss_icl = np.mean(
+        _np_distill(
+            np.concatenate([s for s, _ in cls.values()]),
+            np.concatenate([t for _, t in cls.values()]),
+            0.0,
+            temp,
+            s_temp,
+        )
+    )
+    per_sample = []
+    for m in inputs:
+        ce = _np_distill(student_logits[m][:, 1:], teacher_logits[m][:, 1:], 0.0, temp, s_temp)
+        weights = np.ones_like(masks[m]) if per_part else masks[m]
+        per_sample.append((ce * weights).sum(1) / np.maximum(weights.sum(1), 1))
+    loss_pcl = np.mean(np.concatenate(per_sample))
+    np.testing.assert_allclose(metrics["loss_icl"], loss_icl, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss_pcl"], loss_pcl, rtol=1e-4)
+    momentum = config.loss.center_momentum
+    all_cls = np.concatenate([t for _, t in cls.values()])
+    all_patches = np.concatenate(
+        [teacher_logits[m][:, 1:].reshape(-1, all_cls.shape[1]) for m in inputs]
+    )
+    np.testing.assert_allclose(
+        new_state.center_cls, (1 - momentum) * all_cls.mean(0), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        new_state.center_patch, (1 - momentum) * all_patches.mean(0), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_per_param_clipping_clips_each_parameter_and_each_scanned_layer():
+    """``train.clip_mode=per_param``: DINO's clip_gradients, each parameter's gradient scaled to
+    norm <= grad_clip_norm when above; a scanned leaf [depth, ...] holds depth parameters."""
+    config = get_config("tiny")
+    config.train.clip_mode = "per_param"
+    config.train.grad_clip_norm = 1.0
+    rng = np.random.default_rng(0)
+    params = {
+        "vision": {"encoder": {"blocks": {"fc1": {"kernel": rng.normal(size=(3, 4, 5))}}}},
+        "dino_head": {"last_layer": rng.normal(size=(4, 6))},
+        "logit_scale": {"value": np.float32(2.0)},
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    grads["vision"]["encoder"]["blocks"]["fc1"]["kernel"] *= np.array([0.01, 1.0, 5.0])[
+        :, None, None
+    ]  # layer 0 under the cap, layers 1 and 2 over it
+    grads["logit_scale"]["value"] = jnp.float32(0.3)  # under the cap
+
+    def dino_clip(g, axes):
+        norm = np.sqrt(np.sum(np.square(np.asarray(g, np.float64)), axis=axes, keepdims=True))
+        coef = 1.0 / (norm + 1e-6)
+        return np.where(coef < 1, g * coef, g)
+
+    expected_grads = {
+        "vision": {
+            "encoder": {
+                "blocks": {
+                    "fc1": {
+                        "kernel": dino_clip(
+                            grads["vision"]["encoder"]["blocks"]["fc1"]["kernel"], (1, 2)
+                        )
+                    }
+                }
+            }
+        },
+        "dino_head": {"last_layer": dino_clip(grads["dino_head"]["last_layer"], None)},
+        "logit_scale": {"value": np.asarray(grads["logit_scale"]["value"])},
+    }
+    train = config.train
+    reference = optax.adamw(
+        1e-3, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay, mask=weight_decay_mask
+    )
+    expected, _ = reference.update(
+        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), expected_grads),
+        reference.init(params),
+        params,
+    )
+    tx = make_optimizer(train, optax.constant_schedule(1e-3))
+    found, _ = tx.update(grads, tx.init(params), params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), found, expected
+    )

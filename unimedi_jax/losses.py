@@ -22,6 +22,17 @@ def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def cap_logit_scale(logit_scale_param: jax.Array, max_logit_scale: float) -> jax.Array:
+    """The log logit scale limited to log(max_logit_scale).
+
+    The step applies it to the parameter after each update (CLIP clamps the same way): a cap on
+    exp(param) alone has no gradient above the cap, so a parameter past it would stay there and
+    pin the temperature at 1 / max_logit_scale. At the cap itself the gradient passes.
+    """
+    cap = math.log(max_logit_scale)
+    return jnp.where(logit_scale_param > cap, cap, logit_scale_param)
+
+
 def clip_loss(
     image_emb: jax.Array,
     text_emb: jax.Array,
@@ -31,14 +42,14 @@ def clip_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE over N image-report pairs (pair i is the positive of row/column i).
 
-    Embeddings [N, E] must be L2-normalised. The learnable scale is exp(param) capped at
-    max_logit_scale, as in CLIP, so the temperature cannot collapse. `valid` [N] bool drops
-    padding pairs from both the negatives and the mean. Returns (loss, metrics) with top-1
-    accuracies 'i2t_acc', 't2i_acc' and the effective 'logit_scale'.
+    Embeddings [N, E] must be L2-normalised. The learnable scale is exp(param) with the param
+    capped at log(max_logit_scale) (``cap_logit_scale``), so the temperature cannot collapse.
+    `valid` [N] bool drops padding pairs from both the negatives and the mean. Returns (loss,
+    metrics) with top-1 accuracies 'i2t_acc', 't2i_acc' and the effective 'logit_scale'.
     """
     n = image_emb.shape[0]
     valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
-    scale = jnp.minimum(jnp.exp(jnp.asarray(logit_scale_param, jnp.float32)), max_logit_scale)
+    scale = jnp.exp(cap_logit_scale(jnp.asarray(logit_scale_param, jnp.float32), max_logit_scale))
     logits = scale * (image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T)
     logits = jnp.where(valid[:, None] & valid[None, :], logits, _MASKED_LOGIT)
 

@@ -12,6 +12,8 @@ zi * pd ... zi * pd + pd - 1.
 Under jit, grid, depth, k, mask_ratio and mode are static (they fix output shapes or branches).
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 
@@ -106,17 +108,33 @@ def attentive_token_mask(attention: jax.Array, mask_ratio: float) -> jax.Array:
     return ~visible
 
 
-def random_token_mask(rng: jax.Array, batch: int, num_tokens: int, mask_ratio: float) -> jax.Array:
-    """Ablation: uniform random mask [B, P] with the same per-sample count as the attentive one."""
-    return attentive_token_mask(jax.random.uniform(rng, (batch, num_tokens)), mask_ratio)
-
-
 def token_mask(
-    attention: jax.Array, mask_ratio: float, mode: str = "attentive", rng: jax.Array | None = None
+    attention: jax.Array,
+    mask_ratio: float,
+    mode: str = "attentive",
+    rng: jax.Array | None = None,
+    parts: tuple[int, ...] | None = None,
 ) -> jax.Array:
-    """Student-input mask [B, P] by mode 'attentive' (keep high attention) or 'random'."""
+    """Student-input mask [B, P] by mode 'attentive' (keep high attention) or 'random' (the
+    ablation: uniform scores, so the same per-sample count as the attentive mask).
+
+    ``parts`` (token counts summing to P, e.g. a volume's 3D tokens then its slice tokens)
+    applies the ratio within each run of tokens separately (``masking.per_part``): one top-k over
+    the whole sequence can mask a part whose attention is low almost entirely.
+    """
     _check_mode(mode)
-    if mode == "attentive":
-        return attentive_token_mask(attention, mask_ratio)
     batch, num_tokens = attention.shape
-    return random_token_mask(_require_rng(rng, "token masking"), batch, num_tokens, mask_ratio)
+    if mode == "random":
+        attention = jax.random.uniform(_require_rng(rng, "token masking"), (batch, num_tokens))
+    if parts is None:
+        return attentive_token_mask(attention, mask_ratio)
+    if sum(parts) != num_tokens:
+        raise ValueError(f"mask parts {parts} do not add up to the {num_tokens} tokens.")
+    bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
+    return jnp.concatenate(
+        [
+            attentive_token_mask(attention[:, start:end], mask_ratio)
+            for start, end in itertools.pairwise(bounds)
+        ],
+        axis=1,
+    )

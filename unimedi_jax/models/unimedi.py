@@ -132,6 +132,8 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         unroll_layers=unroll,
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,
+        # Runs saved before selection.layers existed averaged Eq. 1 over all layers.
+        attention_layers=config.selection.get("layers", "all"),
     )
     return UniMedI(
         vision=vision,

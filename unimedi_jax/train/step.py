@@ -1,16 +1,18 @@
 """The one compiled UniMedI train step (DESIGN "One train step"; paper sections 3.2-3.4).
 
 teacher pass for slice selection -> teacher pass on the full 2D and 3D+slice sequences ->
-attention-guided masks -> student pass on the masked sequences -> text pass -> losses -> AdamW ->
-EMA teacher -> centers; with ``train.on_nonfinite=skip`` a step whose loss or gradients are not
-finite leaves the learned state as it was (and counts it). A batch holds X-rays, volumes or
-both, each with its report tokens: ``image [B2, H, W]``, ``image_text_ids``/``image_text_mask``
+attention-guided masks -> student pass on the masked sequences -> text pass -> losses -> AdamW
+(its schedule at ``state.step``) -> logit-scale clamp -> EMA teacher -> centers; with
+``train.on_nonfinite=skip`` a step whose loss or gradients are not finite leaves the learned
+state as it was (and counts it). A batch holds X-rays, volumes or both, each with its report
+tokens: ``image [B2, H, W]``, ``image_text_ids``/``image_text_mask``
 [B2, L]; ``volume [B3, D, H, W]``, ``volume_text_ids``/``volume_text_mask`` [B3, L]. Which of
 the two is present is static.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,6 +26,7 @@ from unimedi_jax.models.vit import EncoderOutput
 from unimedi_jax.train.state import TrainState, teacher_subtree
 
 MODALITIES = ("image", "volume")
+PCL_TOKENS = ("masked", "all")  # loss.pcl_tokens: the patch positions L_pcl averages over
 
 
 class StepSchedules(NamedTuple):
@@ -64,9 +67,11 @@ def make_train_step(
     """Builds the pure step function; the caller jits it with shardings and donation."""
     k = config.selection.k
     patch_3d = tuple(config.model.patch_3d)
+    per_part = config.masking.per_part
     self_distill = config.loss.self_distill
     skip_nonfinite = config.train.on_nonfinite == "skip"
     loss_cfg = config.loss
+    max_logit_scale = loss_cfg.max_logit_scale
 
     def vision(params, x, slices=None, mask=None) -> EncoderOutput:
         return model.apply({"params": params}, x, slices, mask, method=UniMedI.encode_vision)
@@ -74,12 +79,23 @@ def make_train_step(
     def dino(params, tokens):
         return model.apply({"params": params}, tokens, method=UniMedI.dino)
 
+    def grid_3d(volumes) -> tuple[int, int, int]:
+        return tuple(s // p for s, p in zip(volumes.shape[1:], patch_3d, strict=True))
+
     def select(teacher, volumes, rng):
         """Teacher's Eq. 1 over the volume's own tokens -> Eq. 2 scores -> k slices."""
         attention = vision(teacher, volumes).cls_attention
-        grid = tuple(s // p for s, p in zip(volumes.shape[1:], patch_3d, strict=True))
-        _, slices = selection.select_slices(attention, volumes, grid, k, config.selection.mode, rng)
+        mode = config.selection.mode
+        _, slices = selection.select_slices(attention, volumes, grid_3d(volumes), k, mode, rng)
         return slices
+
+    def mask_parts(m, volumes, num_tokens):
+        """``masking.per_part``: a volume's 3D tokens and its slice tokens are each masked at
+        the ratio (None: one top-k over the sequence)."""
+        if not per_part or m != "volume":
+            return None
+        num_3d = math.prod(grid_3d(volumes))
+        return (num_3d, num_tokens - num_3d)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         modalities = present_modalities(batch)
@@ -103,6 +119,7 @@ def make_train_step(
                     config.masking.ratio,
                     config.masking.mode,
                     mask_rngs[m],
+                    mask_parts(m, batch[m], out.cls_attention.shape[1]),
                 )
         text_ids = jnp.concatenate([batch[f"{m}_text_ids"] for m in modalities])
         text_mask = jnp.concatenate([batch[f"{m}_text_mask"] for m in modalities])
@@ -128,7 +145,7 @@ def make_train_step(
             if loss_cfg.get("contrast", "joint") == "per_modality":
                 groups = tuple(batch[m].shape[0] for m in modalities)
             loss_vl, clip_metrics = losses.grouped_clip_loss(
-                image_emb, text_emb, logit_scale, loss_cfg.max_logit_scale, groups
+                image_emb, text_emb, logit_scale, max_logit_scale, groups
             )
             terms = {"loss_vl": loss_vl, **clip_metrics}
             total = loss_cfg.w_vl * loss_vl
@@ -144,8 +161,10 @@ def make_train_step(
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
+        logit_scale = losses.cap_logit_scale(params["logit_scale"]["value"], max_logit_scale)
+        params = {**params, "logit_scale": {"value": logit_scale}}
         momentum = schedules.teacher_momentum(state.step)
         new_teacher = losses.ema_update(teacher, teacher_subtree(params), momentum)
         center_cls, center_patch = state.center_cls, state.center_patch
@@ -194,8 +213,11 @@ def keep_finite_update(finite: jax.Array, new: TrainState, old: TrainState) -> T
 
 
 def distillation_losses(student_logits, teacher_logits, masks, state, teacher_temp, loss_cfg):
-    """L_icl on [CLS] over all samples; L_pcl on masked patches, averaged over all samples."""
+    """L_icl on [CLS] over all samples; L_pcl on the masked patches (``loss.pcl_tokens=masked``,
+    iBOT) or on all of them (``all``: the paper's "all local patch tokens"), averaged over all
+    samples."""
     modalities = tuple(student_logits)
+    on_all = loss_cfg.pcl_tokens == "all"
     loss_icl = losses.dino_cls_loss(
         jnp.concatenate([student_logits[m][:, 0] for m in modalities]),
         jnp.concatenate([teacher_logits[m][:, 0] for m in modalities]),
@@ -209,7 +231,7 @@ def distillation_losses(student_logits, teacher_logits, masks, state, teacher_te
         * losses.ibot_patch_loss(
             student_logits[m][:, 1:],
             teacher_logits[m][:, 1:],
-            masks[m],
+            jnp.ones_like(masks[m]) if on_all else masks[m],
             state.center_patch,
             teacher_temp,
             loss_cfg.student_temp,
