@@ -1,28 +1,48 @@
 """Input-pipeline throughput: samples/s of the 2D and 3D streams for several worker counts.
 
-    python -m data_pipelines.benchmark [--data_dir=DIR] [--workers=0,1,2] [--runs=3]
+    python -m data_pipelines.benchmark [--config=configs/pretrain.py[:preset]] [--data_dir=DIR]
+        [--workers=0,1,2] [--runs=3] [--steps=8] [--config.batch.size_2d=32 ...]
 
-Prepares phantoms at the paper's stored sizes (256x256 X-rays, 32x128x128 CT) into `data_dir`
-on first use, then times TrainStream with 224x224 crops: each run starts a fresh stream, skips
-its first batch (worker start-up) and times the next `--steps` batches. Prints the median of
-the runs. The tokenizer is a whole-word vocabulary of the phantom reports, so tokenising costs
-what a WordPiece vocabulary costs.
+Reads the trainer's own config (default: the paper's, ``configs/pretrain.py``), so every data
+field a run uses (crop and volume sizes, HU window, report length, batch sizes, failure limit,
+...) reaches the streams timed here; only the sources (phantoms), ``data.data_dir`` and
+``data.worker_count`` are replaced. Prepares phantoms with X-rays stored at --stored_image_size
+(the paper stores 256 and crops ``model.image_size``) and CTs of ``model.volume_size`` into
+--data_dir on first use, then times TrainStream: each run starts a fresh stream, skips its first
+batch (worker start-up) and times the next --steps batches. Prints the median of the runs, and
+for in-process streams (0 workers) the samples per CPU-second of this process, i.e. per core.
+The tokenizer is a whole-word vocabulary of the phantom reports, so tokenising costs what a
+WordPiece vocabulary costs.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 from transformers import BertTokenizerFast
 
 from data_pipelines import pipeline, prepare
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The trainer's config, e.g. configs/pretrain.py:demo (default: the paper's)"
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", str(Path(tempfile.gettempdir()) / "unimedi_bench"), "Where phantoms are prepared."
+)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 256, "Phantoms per modality.")
+_STORED = flags.DEFINE_integer("stored_image_size", 256, "Stored X-ray side (>= the crop).")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to time.")
+_RUNS = flags.DEFINE_integer("runs", 3, "Fresh streams per setting; the median is printed.")
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed batches per run, after the first.")
 
 
 def word_tokenizer(texts: list[str], directory: Path) -> BertTokenizerFast:
@@ -36,72 +56,90 @@ def word_tokenizer(texts: list[str], directory: Path) -> BertTokenizerFast:
     return BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
 
 
-def make_config(
-    data_dir: str, modality: str, workers: int, batch: int
+def stream_config(
+    config: ml_collections.ConfigDict, data_dir: str, modality: str, workers: int
 ) -> ml_collections.ConfigDict:
-    """The fields TrainStream reads, at the paper's sizes, with one modality switched on."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.data = ml_collections.ConfigDict(
-        {
-            "data_dir": data_dir,
-            "sources_2d": "phantoms" if modality == "2d" else "",
-            "sources_3d": "phantoms" if modality == "3d" else "",
-            "worker_count": workers,
-            "hu_window": (-1000.0, 1000.0),
-        }
-    )
-    c.batch = ml_collections.ConfigDict({"size_2d": batch, "size_3d": batch})
-    c.model = ml_collections.ConfigDict({"image_size": (224, 224), "volume_size": (32, 128, 128)})
-    c.text = ml_collections.ConfigDict({"max_length": 112})
+    """The trainer's config reading phantoms from `data_dir`, with one modality switched on
+    ("2d", "3d"; "" switches both on); every other field is the trainer's."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.data_dir = data_dir
+    c.data.sources_2d = "phantoms" if modality in ("2d", "") else ""
+    c.data.sources_3d = "phantoms" if modality in ("3d", "") else ""
+    c.data.worker_count = workers
     return c
 
 
-def time_stream(config: ml_collections.ConfigDict, tokenizer, steps: int) -> float:
-    """Samples/s of one fresh stream over `steps` batches after the first."""
+def time_stream(config: ml_collections.ConfigDict, tokenizer, steps: int) -> tuple[float, float]:
+    """(samples per second, samples per CPU-second of this process) of one fresh stream over
+    `steps` batches after the first."""
     stream = pipeline.TrainStream(config, tokenizer)
     try:
         next(stream)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         rows = sum(len(next(iter(next(stream).values()))) for _ in range(steps))
-        return rows / (time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        return rows / wall, rows / max(cpu, 1e-9)
     finally:
         stream.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.benchmark")
-    parser.add_argument("--data_dir", default=str(Path(tempfile.gettempdir()) / "unimedi_bench"))
-    parser.add_argument("--num_train", type=int, default=256, help="phantoms per modality")
-    parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch_2d", type=int, default=32)
-    parser.add_argument("--batch_3d", type=int, default=8)
-    args = parser.parse_args()
-
+def run(
+    config: ml_collections.ConfigDict,
+    data_dir: str,
+    *,
+    workers: list[int],
+    runs: int,
+    steps: int,
+    num_train: int,
+    stored_image_size: int,
+) -> list[str]:
+    """Prepares the phantoms if needed, times every (modality, workers) and returns one printed
+    line each."""
     for summary in prepare.ensure_prepared(
         "phantoms",
-        args.data_dir,
-        image_size=256,
-        volume_shape=(32, 128, 128),
-        num_train=args.num_train,
+        data_dir,
+        image_size=stored_image_size,
+        volume_shape=tuple(int(n) for n in config.model.volume_size),
+        num_train=num_train,
         num_validation=0,
         num_test=0,
     ):
         print(summary.format())
-    texts = pipeline.report_texts(make_config(args.data_dir, "2d", 0, 1))
+    texts = pipeline.report_texts(stream_config(config, data_dir, "", 0))
     tokenizer = word_tokenizer(texts, Path(tempfile.mkdtemp()))
-    for modality, batch in (("2d", args.batch_2d), ("3d", args.batch_3d)):
-        for workers in (int(w) for w in args.workers.split(",")):
-            config = make_config(args.data_dir, modality, workers, batch)
-            rates = [time_stream(config, tokenizer, args.steps) for _ in range(args.runs)]
-            print(
-                f"{modality} batch {batch} workers {workers}: {statistics.median(rates):8.1f} "
-                f"samples/s (runs: {', '.join(f'{r:.1f}' for r in rates)})",
-                flush=True,
+    lines = []
+    for modality in ("2d", "3d"):
+        batch = int(config.batch[f"size_{modality}"])
+        for count in workers:
+            c = stream_config(config, data_dir, modality, count)
+            rates, cpu_rates = zip(
+                *(time_stream(c, tokenizer, steps) for _ in range(runs)), strict=True
             )
+            per_core = f"{statistics.median(cpu_rates):8.1f}" if count == 0 else "     n/a"
+            line = (
+                f"{modality} batch {batch} workers {count}: {statistics.median(rates):8.1f} "
+                f"samples/s, {per_core} samples/CPU-s "
+                f"(runs: {', '.join(f'{r:.1f}' for r in rates)})"
+            )
+            print(line, flush=True)
+            lines.append(line)
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    run(
+        _CONFIG.value,
+        _DATA_DIR.value,
+        workers=[int(w) for w in _WORKERS.value],
+        runs=_RUNS.value,
+        steps=_STEPS.value,
+        num_train=_NUM_TRAIN.value,
+        stored_image_size=_STORED.value,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    from unimedi_jax.errors import run_app  # the command's part: one handler for every command
+
+    run_app(main, default_config=_DEFAULT_CONFIG)

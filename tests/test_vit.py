@@ -64,8 +64,9 @@ def np_patchify(x, patch, kernel, bias):
     return np.stack(tokens, axis=1)
 
 
-def np_encoder(seq, enc):
-    """Naive pre-LN encoder: explicit [B, H, N, N] attention; returns tokens and Eq. 1."""
+def np_encoder(seq, enc, layers="all"):
+    """Naive pre-LN encoder: explicit [B, H, N, N] attention; returns tokens and Eq. 1 (over
+    all layers, or the last one's)."""
     blocks = enc["blocks"]
     depth = blocks["norm1"]["scale"].shape[0]
     eq1 = []
@@ -91,10 +92,10 @@ def np_encoder(seq, enc):
         h = h @ p["fc1"]["kernel"] + p["fc1"]["bias"]
         h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
         x = x + h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-    return np_layer_norm(x, enc["norm"]), np.mean(eq1, axis=0)
+    return np_layer_norm(x, enc["norm"]), np.mean(eq1, axis=0) if layers == "all" else eq1[-1]
 
 
-def np_vit(params, x, slices=None, mask=None):
+def np_vit(params, x, slices=None, mask=None, layers="all"):
     e2, e3 = params["embed_2d"], params["embed_3d"]
     if x.ndim == 3:
         tokens = np_patchify(x, (8, 8), e2["proj"]["kernel"], e2["proj"]["bias"])
@@ -118,7 +119,9 @@ def np_vit(params, x, slices=None, mask=None):
         tokens = np.where(mask[..., None], np.asarray(params["mask_token"]), tokens)
     tokens = tokens + pos
     cls = np.broadcast_to(np.asarray(params["cls_token"]), (x.shape[0], 1, 32))
-    return np_encoder(np.concatenate([cls, tokens], 1), jax.tree.map(np.asarray, params["encoder"]))
+    return np_encoder(
+        np.concatenate([cls, tokens], 1), jax.tree.map(np.asarray, params["encoder"]), layers
+    )
 
 
 @pytest.mark.parametrize("kind", ["image", "volume", "volume+slices", "masked image"])
@@ -141,6 +144,21 @@ def test_encoder_and_eq1_match_naive_reference(tiny, kind):
     np.testing.assert_allclose(out.tokens, ref_tokens, atol=2e-4, rtol=2e-4)
     np.testing.assert_allclose(out.cls_attention, ref_eq1, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(out.cls_attention).sum(-1), 1.0, atol=1e-5)
+
+
+def test_eq1_of_the_last_layer_only(tiny):
+    """``attention_layers='last'`` (A-CLIP's choice): the last block's [CLS] attention, not the
+    mean over blocks; the tokens are unchanged."""
+    _, params, _, volumes, slices = tiny
+    out = VisionTransformer(**TINY, attention_layers="last").apply(
+        {"params": params}, volumes, slices
+    )
+    ref_tokens, ref_last = np_vit(params, volumes, slices, layers="last")
+    np.testing.assert_allclose(out.tokens, ref_tokens, atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(out.cls_attention, ref_last, atol=1e-5, rtol=1e-4)
+    assert not np.allclose(ref_last, np_vit(params, volumes, slices)[1], atol=1e-3)
+    with pytest.raises(ValueError, match="attention_layers"):
+        VisionTransformer(**TINY, attention_layers="first").apply({"params": params}, volumes)
 
 
 def test_volume_sequence_has_cls_3d_and_slice_tokens(tiny):
@@ -247,3 +265,17 @@ def test_projection_is_unit_norm_and_dino_head_shapes():
     h /= np.linalg.norm(h, axis=-1, keepdims=True)
     w = np.asarray(params["last_layer"])
     np.testing.assert_allclose(logits, h @ (w / np.linalg.norm(w, axis=0)), atol=1e-5)
+
+
+def test_dino_head_last_layer_cosines_in_float32_under_bfloat16():
+    """Under bfloat16 the MLP runs in bfloat16, but the last layer's cosines (divided by a
+    teacher temperature of 0.04) are computed in float32: bfloat16 would err by ~0.002."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, 32))
+    head = DINOHead(hidden_dim=64, bottleneck_dim=32, out_dim=128, dtype=jnp.bfloat16)
+    params = nn.unbox(head.init(jax.random.key(1), x)["params"])
+    logits, state = head.apply({"params": params}, x, capture_intermediates=True)
+    assert logits.dtype == jnp.float32
+    bottleneck = np.asarray(state["intermediates"]["mlp_2"]["__call__"][0], np.float64)
+    h = bottleneck / np.linalg.norm(bottleneck, axis=-1, keepdims=True)
+    w = np.asarray(params["last_layer"], np.float64)
+    np.testing.assert_allclose(logits, h @ (w / np.linalg.norm(w, axis=0)), atol=2e-5)

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from unimedi_jax import sharding
 from unimedi_jax.config_checks import check_batch_for_mesh, check_mesh, check_model
+from unimedi_jax.errors import run_app
 from unimedi_jax.precision import compute_dtype
 from unimedi_jax.text_setup import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
 from unimedi_jax.train.loop import build_trainer, count_params
@@ -257,4 +257,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    run_app(main)

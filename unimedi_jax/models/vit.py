@@ -19,6 +19,8 @@ from flax import linen as nn
 from unimedi_jax.models.layers import dense_init, ones_init, scanned, zeros_init
 
 Dtype = jnp.dtype | type
+# Which layers' [CLS] attention Eq. 1 averages (config ``selection.layers``).
+ATTENTION_LAYERS = ("all", "last")
 
 
 def layer_norm(name: str, eps: float = 1e-6) -> nn.LayerNorm:
@@ -175,7 +177,11 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The shared backbone: ``depth`` scanned blocks and a final LayerNorm."""
+    """The shared backbone: ``depth`` scanned blocks and a final LayerNorm.
+
+    ``attention_layers`` picks the layers whose [CLS] attention makes Eq. 1: 'all' averages them
+    (the paper), 'last' takes the last block's (A-CLIP).
+    """
 
     width: int
     depth: int
@@ -184,6 +190,7 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     unroll_layers: bool = False
+    attention_layers: str = "all"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> EncoderOutput:
@@ -195,7 +202,12 @@ class Encoder(nn.Module):
             self.width, self.num_heads, self.mlp_dim, self.dtype, name="blocks"
         )
         x, cls_attention = blocks(x)
-        return EncoderOutput(layer_norm("norm")(x), cls_attention.mean(axis=0))
+        if self.attention_layers not in ATTENTION_LAYERS:
+            raise ValueError(
+                f"attention_layers={self.attention_layers!r}; valid: {ATTENTION_LAYERS}"
+            )
+        eq1 = cls_attention.mean(axis=0) if self.attention_layers == "all" else cls_attention[-1]
+        return EncoderOutput(layer_norm("norm")(x), eq1)
 
 
 class VisionTransformer(nn.Module):
@@ -205,7 +217,7 @@ class VisionTransformer(nn.Module):
     optionally followed by the tokens of ``slices`` [B, k, h, w] (the 2D tokenizer). ``mask``
     [B, N] (True = masked) replaces those patch embeddings by the learned [MASK] embedding before
     position embeddings are added, as in iBOT. Inputs are in [0, 1]; both tokenizers standardise
-    them with ``pixel_mean`` / ``pixel_std`` (see PatchEmbed).
+    them with ``pixel_mean`` / ``pixel_std`` (see PatchEmbed). ``attention_layers``: see Encoder.
     """
 
     width: int = 768
@@ -222,6 +234,7 @@ class VisionTransformer(nn.Module):
     unroll_layers: bool = False
     pixel_mean: float = 0.0
     pixel_std: float = 1.0
+    attention_layers: str = "all"
 
     def setup(self):
         self.embed_2d = PatchEmbed(
@@ -260,6 +273,7 @@ class VisionTransformer(nn.Module):
             self.dtype,
             self.remat,
             self.unroll_layers,
+            self.attention_layers,
         )
 
     def patch_tokens(

@@ -23,10 +23,12 @@ from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import sharding
 from unimedi_jax.checkpoint import Checkpointer, abstract_like
 from unimedi_jax.config_checks import check_batch_for_mesh, check_config
+from unimedi_jax.errors import UserError
 from unimedi_jax.evaluation.evaluators import run_evaluators
 from unimedi_jax.inference import UniMedIInference
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.precision import compute_dtype
+from unimedi_jax.run_folders import PRETRAIN, check_new_run
 from unimedi_jax.text_setup import TextTower, prepare_text_tower
 from unimedi_jax.train.metrics import MetricWriter, format_duration
 from unimedi_jax.train.preemption import StopRequest
@@ -44,7 +46,7 @@ class Preempted(RuntimeError):  # noqa: N818 (a stop, not a fault)
     """The run stopped cleanly on SIGTERM/SIGINT after checkpointing."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A NaN or Inf loss or gradient: the run stops and the last good checkpoint is kept."""
 
 
@@ -134,6 +136,7 @@ def train(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     is_chief = jax.process_index() == 0
     check_config(config)
+    check_new_run(workdir, PRETRAIN)
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
     prepare_demo_data(config, workdir)
@@ -153,12 +156,12 @@ def train(config, workdir: str | Path) -> dict:
         keep_every=config.keep_checkpoint_every_steps,
         clean_up=True,
     )
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, data_state = checkpointer.restore(start, abstract_like(state))
+    start = 0
+    restored = checkpointer.restore_newest(abstract_like(state))  # skips damaged ones
+    if restored is not None:
+        start, state, data_state = restored
         data.set_state(data_state)
         logging.info("Resumed from %s at step %d", checkpointer.directory, start)
-    start = start or 0
 
     log_run_layout(state.params, mesh)
     writer = MetricWriter(workdir, enabled=is_chief, resume_step=start)
