@@ -32,17 +32,23 @@ from data_pipelines import pipeline, prepare
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The trainer's config, e.g. configs/pretrain.py:demo (default: the paper's)"
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", str(Path(tempfile.gettempdir()) / "unimedi_bench"), "Where phantoms are prepared."
-)
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 256, "Phantoms per modality.")
-_STORED = flags.DEFINE_integer("stored_image_size", 256, "Stored X-ray side (>= the crop).")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to time.")
-_RUNS = flags.DEFINE_integer("runs", 3, "Fresh streams per setting; the median is printed.")
-_STEPS = flags.DEFINE_integer("steps", 8, "Timed batches per run, after the first.")
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a command: importing this module for
+    `run` or `stream_config` beside another command's module then defines no second --config."""
+    config_flags.DEFINE_config_file(
+        "config", None, "The trainer's config, e.g. configs/pretrain.py:demo (default: the paper's)"
+    )
+    flags.DEFINE_string(
+        "data_dir",
+        str(Path(tempfile.gettempdir()) / "unimedi_bench"),
+        "Where phantoms are prepared.",
+    )
+    flags.DEFINE_integer("num_train", 256, "Phantoms per modality.")
+    flags.DEFINE_integer("stored_image_size", 256, "Stored X-ray side (>= the crop).")
+    flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to time.")
+    flags.DEFINE_integer("runs", 3, "Fresh streams per setting; the median is printed.")
+    flags.DEFINE_integer("steps", 8, "Timed batches per run, after the first.")
 
 
 def word_tokenizer(texts: list[str], directory: Path) -> BertTokenizerFast:
@@ -128,18 +134,20 @@ def run(
 
 def main(argv: list[str]) -> None:
     del argv
+    given = flags.FLAGS
     run(
-        _CONFIG.value,
-        _DATA_DIR.value,
-        workers=[int(w) for w in _WORKERS.value],
-        runs=_RUNS.value,
-        steps=_STEPS.value,
-        num_train=_NUM_TRAIN.value,
-        stored_image_size=_STORED.value,
+        given.config,
+        given.data_dir,
+        workers=[int(w) for w in given.workers],
+        runs=given.runs,
+        steps=given.steps,
+        num_train=given.num_train,
+        stored_image_size=given.stored_image_size,
     )
 
 
 if __name__ == "__main__":
     from unimedi_jax.errors import run_app  # the command's part: one handler for every command
 
+    define_flags()
     run_app(main, default_config=_DEFAULT_CONFIG)

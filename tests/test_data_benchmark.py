@@ -53,3 +53,13 @@ def test_stream_config_keeps_every_trainer_field():
     assert {k: v for k, v in c.to_dict().items() if k != "data"} == {
         k: v for k, v in config.to_dict().items() if k != "data"
     }
+
+
+def test_importing_it_beside_the_trainer_benchmark_defines_no_second_flag():
+    """Both benchmark modules in one process, as a test session imports them: the input
+    benchmark defines its flags only when it runs as a command (no DuplicateFlagError)."""
+    code = "import unimedi_jax.benchmark, data_pipelines.benchmark"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
