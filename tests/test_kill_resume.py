@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
+from tests.tiny_runs import fast_compile_env
 from unimedi_jax.checkpoint import Checkpointer
 from unimedi_jax.tools.soak import (
     compare_runs,
     complete_checkpoints,
     log_tail,
     logged_steps,
-    run_env,
     run_to_end,
     share_inputs,
     start_run,
@@ -36,10 +36,7 @@ TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = run_env(tmp_path_factory.mktemp("jax_cache"))
-    # LLVM at -O0 halves XLA's compile time on CPU; every run here compiles with it.
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return env
+    return fast_compile_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")

