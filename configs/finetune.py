@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from unimedi_jax.evaluation import protocol
+from unimedi_jax.evaluation import tasks
 
 FILE = "configs/finetune.py"
 DATASET_EPOCHS = {"luna16": 100}  # the paper's appendix (7.1); 50 otherwise
@@ -22,8 +22,8 @@ DATASET_EPOCHS = {"luna16": 100}  # the paper's appendix (7.1); 50 otherwise
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``finetune.py:dataset=NAME`` -> the fine-tuning config of that 3D dataset."""
-    args = protocol.parse_arg(arg, FILE, ("dataset",))
-    dataset = protocol.resolve(args["dataset"], modality="3d", field=f"{FILE}: dataset").name
+    args = tasks.parse_arg(arg, FILE, ("dataset",))
+    dataset = tasks.resolve(args["dataset"], modality="3d", field=f"{FILE}: dataset").name
     c = ml_collections.ConfigDict()
     c.kind = "finetune"
     c.dataset = dataset

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from unimedi_jax.evaluation import protocol
+from unimedi_jax.evaluation import tasks
 
 FILE = "configs/probe.py"
 # The paper's appendix (7.1): lr 5e-3 for COVIDx, batch 8 for CC-CCII.
@@ -25,12 +25,12 @@ DATASET_PROBE = {"covidx": {"learning_rate": 5e-3}, "cc_ccii": {"batch_size": 8}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``probe.py:dataset=NAME[,fraction=F]`` -> the probe config of that dataset."""
-    args = protocol.parse_arg(arg, FILE, ("dataset", "fraction"))
-    dataset = protocol.resolve(args["dataset"], field=f"{FILE}: dataset").name
+    args = tasks.parse_arg(arg, FILE, ("dataset", "fraction"))
+    dataset = tasks.resolve(args["dataset"], field=f"{FILE}: dataset").name
     c = ml_collections.ConfigDict()
     c.kind = "probe"
     c.dataset = dataset
-    c.fractions = protocol.parse_fractions(args.get("fraction"), FILE)
+    c.fractions = tasks.parse_fractions(args.get("fraction"), FILE)
     c.seed = 0  # label-fraction sampling, head init and batch order
     c.random_init = False  # True: the checkpoint's architecture, fresh weights (Random Init)
 

@@ -147,7 +147,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from unimedi_jax.errors import run_app  # the command's part: one handler for every command
+    from unimedi_jax.core.errors import run_app  # the command's part: one handler for every command
 
     define_flags()
     run_app(main, default_config=_DEFAULT_CONFIG)

@@ -35,6 +35,7 @@ from absl import flags
 
 from data_pipelines import builders, imaging
 from data_pipelines.failure_limit import FailureLimit
+from data_pipelines.transforms import tokenize
 
 # Why a record was replaced; TrainStream.skipped counts "<source>: <reason>".
 UNDECODABLE = "undecodable record"
@@ -257,21 +258,6 @@ class _LoadBatch:
             "skipped": dict(Counter(label for _, _, labels in rows for label in labels)),
             "reads": dict(reads),
         }
-
-
-def tokenize(reports: Sequence[str], tokenizer, max_length: int, prefix: str) -> dict:
-    """Padded, truncated token ids and attention mask as int32 `<prefix>_text_{ids,mask}`."""
-    encoded = tokenizer(
-        list(reports),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="np",
-    )
-    return {
-        f"{prefix}_text_ids": encoded["input_ids"].astype(np.int32),
-        f"{prefix}_text_mask": encoded["attention_mask"].astype(np.int32),
-    }
 
 
 _COUNTS = ("skipped", "reads")

@@ -225,7 +225,7 @@ def _prepare(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2, one paragraph, on a mistake to fix)."""
     # The command's part only: the library above stays free of unimedi_jax.
-    from unimedi_jax.errors import exit_on_user_error
+    from unimedi_jax.core.errors import exit_on_user_error
 
     # The builders report a bad option (a value, a split file, a window) as ValueError.
     return exit_on_user_error(also=(ValueError,))(_prepare)(argv)

@@ -3,8 +3,8 @@
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax.config_checks import ConfigError, check_batch_for_mesh, check_config
-from unimedi_jax.overrides import check_override_names
+from unimedi_jax.config.checks import ConfigError, check_batch_for_mesh, check_config
+from unimedi_jax.config.overrides import check_override_names
 
 
 def test_presets_pass():

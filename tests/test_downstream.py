@@ -13,15 +13,15 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import probe as probe_config
-from data_pipelines import imaging, phantoms, pipeline
+from data_pipelines import imaging, pipeline, synthetic_phantoms
 from data_pipelines.prepare import ensure_prepared
 from tests import test_visualize
 from tests.test_builders_downstream import _image
 from unimedi_jax import inference
 from unimedi_jax.evaluation import downstream, linear_probe
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
-from unimedi_jax.evaluation.protocol import ProtocolError
-from unimedi_jax.train.finetune import finetune, random_flips
+from unimedi_jax.evaluation.tasks import ProtocolError
+from unimedi_jax.train.finetuning import finetune, random_flips
 
 ROOT = Path(__file__).resolve().parents[1]
 run = test_visualize.run  # the tiny trained run (a module-scoped fixture), reused
@@ -161,7 +161,7 @@ def test_cli_writes_eval_json_under_the_run(run, data_dir):
     results = json.loads(out.read_text())
     assert results["kind"] == "probe" and results["encoder"] == "random_init"
     assert results["dataset"] == "phantoms/ct" and results["task"] == "multilabel"
-    assert results["classes"] == list(phantoms.FINDINGS)
+    assert results["classes"] == list(synthetic_phantoms.FINDINGS)
     assert results["checkpoint"] == str(run.resolve()) and results["metric"] == "auroc"
     (found,) = results["fractions"].values()
     assert list(results["fractions"]) == ["0.1"] and found["n_train"] >= 4

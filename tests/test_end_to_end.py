@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax import inference, selection
+from unimedi_jax import inference
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
+from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.train.loop import train
+from unimedi_jax.train.pretraining import train
 
 
 @pytest.fixture(scope="module")

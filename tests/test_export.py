@@ -283,7 +283,7 @@ def test_timm_model_loads_export(tmp_path, vision):
 
 def test_timm_export_refuses_bad_sizes(vision):
     model, params = vision
-    with pytest.raises(ValueError, match="not a multiple of the patch"):
+    with pytest.raises(ValueError, match="not divisible by the patch"):
         export.timm_vit_state(params, model, image_size=(36, 32))
     with pytest.raises(ValueError, match="not expressible"):
         export.timm_vit_kwargs(VisionTransformer(**{**TINY_VIT, "width": 28, "mlp_dim": 61}))

@@ -11,8 +11,7 @@ import sys
 import pytest
 
 from tests.tiny_runs import fast_compile_env
-from unimedi_jax.checkpoint import Checkpointer
-from unimedi_jax.tools.soak import (
+from unimedi_jax.soak import (
     compare_runs,
     complete_checkpoints,
     log_tail,
@@ -22,6 +21,7 @@ from unimedi_jax.tools.soak import (
     start_run,
     wait_for,
 )
+from unimedi_jax.train.checkpoint import Checkpointer
 
 ARGS = [
     "--config=configs/pretrain.py:tiny",

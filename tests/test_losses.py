@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from unimedi_jax import losses
+from unimedi_jax.method import losses
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

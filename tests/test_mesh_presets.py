@@ -4,8 +4,8 @@ import jax
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax import sharding
-from unimedi_jax.config_checks import ConfigError, check_mesh
+from unimedi_jax.config.checks import ConfigError, check_mesh
+from unimedi_jax.core import sharding
 
 
 def mesh_config(preset: str, data: int = 0, fsdp: int = 0, tensor: int = 0):

@@ -9,8 +9,8 @@ import pytest
 
 from configs.pretrain import get_config
 from tests.test_train_step import build, tiny_batch
-from unimedi_jax.checkpoint import Checkpointer
-from unimedi_jax.train.loop import NonFiniteLossError, check_finite
+from unimedi_jax.train.checkpoint import Checkpointer
+from unimedi_jax.train.pretraining import NonFiniteLossError, check_finite
 
 LEARNED = ("params", "teacher", "opt_state", "center_cls", "center_patch")
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from data_pipelines import phantoms as P
+from data_pipelines import synthetic_phantoms as P
 
 DEMO = P.PhantomConfig(image_size=64, volume_shape=(16, 64, 64))
 SMALL_CT = (16, 32, 32)  # enough for report tests, where only the text matters

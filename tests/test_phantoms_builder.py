@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import phantoms, prepare
+from data_pipelines import prepare, synthetic_phantoms
 
 SIZES = {"image_size": 16, "volume_shape": (8, 16, 16)}
 COUNTS = {"num_train": 6, "num_validation": 3, "num_test": 2}
@@ -45,18 +45,18 @@ def test_array_record_files_and_recorded_sizes(built):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_records_equal_generator_output(built, split):
     data_dir, _ = built
-    cfg = phantoms.PhantomConfig(image_size=16, volume_shape=(8, 16, 16), split=split)
+    cfg = synthetic_phantoms.PhantomConfig(image_size=16, volume_shape=(8, 16, 16), split=split)
     xrays = tfds.builder_from_directory(_version_dir(data_dir, "xray")).as_data_source(split)
     cts = tfds.builder_from_directory(_version_dir(data_dir, "ct")).as_data_source(split)
     assert len(xrays) == len(cts) == COUNTS[f"num_{split}"]
     for i in range(len(xrays)):
-        want, got = phantoms.make_xray(i, cfg), xrays[i]
+        want, got = synthetic_phantoms.make_xray(i, cfg), xrays[i]
         assert got["image"].dtype == np.uint8
         np.testing.assert_array_equal(got["image"], want["image"])
         np.testing.assert_array_equal(got["labels"], want["labels"])
         assert got["report"].decode() == want["report"]
         assert got["id"].decode() == f"xray-{split}-{i:06d}"
-        want, got = phantoms.make_ct(i, cfg), cts[i]
+        want, got = synthetic_phantoms.make_ct(i, cfg), cts[i]
         assert got["volume"].dtype == np.int16
         np.testing.assert_array_equal(got["volume"], want["volume"])
         np.testing.assert_array_equal(got["lesion_slices"], want["lesion_slices"])

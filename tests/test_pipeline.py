@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.pretrain import get_config
-from data_pipelines import imaging, pipeline, prepare
+from data_pipelines import imaging, pipeline, prepare, transforms
 from tests.damaged_records import damage_train_records
 from unimedi_jax.models.text import train_wordpiece_tokenizer
 
@@ -94,7 +94,7 @@ def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
     config = _config(data_dir)
     volumes, images = _records(data_dir, "ct"), _records(data_dir, "xray")
     stored_volumes = [imaging.transform_3d(volumes[i]["volume"]) for i in range(N_TRAIN)]
-    encode = lambda r: pipeline.tokenize([r["report"].decode()], tokenizer, MAX_LENGTH, "x")
+    encode = lambda r: transforms.tokenize([r["report"].decode()], tokenizer, MAX_LENGTH, "x")
     image_ids = [encode(images[i])["x_text_ids"][0] for i in range(N_TRAIN)]
     seen_volumes, seen_images = [], []
     for batch in _take(pipeline.TrainStream(config, tokenizer), N_TRAIN // 8):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from unimedi_jax.tools import results_table
+from unimedi_jax import results_table
 
 
 def _probe(dataset, metric, fractions, encoder="pretrained", run="/runs/paper", step=1000):

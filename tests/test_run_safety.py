@@ -15,10 +15,11 @@ import safetensors.numpy
 
 from configs import finetune as finetune_config
 from tests.tiny_runs import tiny_run_config
-from unimedi_jax import export, inference, run_folders, visualize
-from unimedi_jax.checkpoint import Checkpointer, CheckpointReadError
-from unimedi_jax.train.finetune import finetune
-from unimedi_jax.train.loop import train
+from unimedi_jax import export, inference, visualize
+from unimedi_jax.core import run_folders
+from unimedi_jax.train.checkpoint import Checkpointer, CheckpointReadError
+from unimedi_jax.train.finetuning import finetune
+from unimedi_jax.train.pretraining import train
 
 
 def _config(data_dir: Path):

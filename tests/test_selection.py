@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimedi_jax import selection
+from unimedi_jax.method import selection
 
 GRID = (4, 2, 3)  # gd, gh, gw
 DEPTH = 8  # pd = 2

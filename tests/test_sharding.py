@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests.fake_devices import fake_device_flags
 from tests.tiny_models import TINY_VIT
-from unimedi_jax import sharding
+from unimedi_jax.core import sharding
 from unimedi_jax.models.vit import VisionTransformer
 
 HERE = Path(__file__).resolve().parent

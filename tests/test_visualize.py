@@ -7,7 +7,7 @@ from PIL import Image
 from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import inference, visualize
-from unimedi_jax.train.loop import train
+from unimedi_jax.train.pretraining import train
 
 
 @pytest.fixture(scope="module")

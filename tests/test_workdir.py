@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax.checkpoint import Checkpointer
-from unimedi_jax.config_checks import ConfigError, check_config
-from unimedi_jax.train.metrics import MetricWriter, rewind_jsonl
+from unimedi_jax.config.checks import ConfigError, check_config
+from unimedi_jax.train.checkpoint import Checkpointer
+from unimedi_jax.train.metric_writer import MetricWriter, rewind_jsonl
 from unimedi_jax.train.workdir import prepare_workdir
 
 

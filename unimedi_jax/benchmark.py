@@ -29,12 +29,12 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from unimedi_jax import sharding
-from unimedi_jax.config_checks import check_batch_for_mesh, check_mesh, check_model
-from unimedi_jax.errors import run_app
-from unimedi_jax.precision import compute_dtype
-from unimedi_jax.text_setup import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
-from unimedi_jax.train.loop import build_trainer, count_params
+from unimedi_jax.config.checks import check_batch_for_mesh, check_mesh, check_model
+from unimedi_jax.core import sharding
+from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.precision import compute_dtype
+from unimedi_jax.core.text_tower import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
+from unimedi_jax.train.pretraining import build_trainer, count_params
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unimedi_jax.errors import exit_on_user_error
+from unimedi_jax.core.errors import exit_on_user_error
 from unimedi_jax.models.vit import VisionTransformer
 
 

@@ -27,9 +27,9 @@ from unimedi_jax.benchmark import (  # also defines the --config flag
     checked_mesh_and_text,
     device_batch,
 )
-from unimedi_jax.errors import run_app
-from unimedi_jax.precision import compute_dtype
-from unimedi_jax.train.loop import build_trainer
+from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.precision import compute_dtype
+from unimedi_jax.train.pretraining import build_trainer
 
 _OUT = flags.DEFINE_string("out", None, "Where to write this run's losses (JSON).")
 _REFERENCE = flags.DEFINE_string("reference", None, "Losses of a reference run (JSON).")

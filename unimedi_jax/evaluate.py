@@ -21,10 +21,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unimedi_jax import inference
-from unimedi_jax.errors import parse_absl_flags, run_app
+from unimedi_jax.config.overrides import apply_overrides, config_given, override_args
+from unimedi_jax.core.errors import parse_absl_flags, run_app
 from unimedi_jax.evaluation import downstream
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
-from unimedi_jax.overrides import apply_overrides, config_given, override_args
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or one of its checkpoint dirs).")
 _CHECKPOINT = flags.DEFINE_string(

@@ -38,10 +38,10 @@ import numpy as np
 import safetensors.numpy
 from flax import linen as nn
 
-from unimedi_jax.errors import exit_on_user_error
+from unimedi_jax.core.errors import exit_on_user_error
+from unimedi_jax.core.run_folders import check_output, written_atomically
 from unimedi_jax.models.text import _EMBEDDING_SOURCES, _FILE_LEAVES, _LAYER_SOURCES, BertConfig
-from unimedi_jax.models.vit import VisionTransformer, resample_grid
-from unimedi_jax.run_folders import check_output, written_atomically
+from unimedi_jax.models.vit import VisionTransformer, resample_grid, token_grid
 
 if TYPE_CHECKING:
     import torch
@@ -119,13 +119,6 @@ def _backbone(encoder: Mapping[str, Any], names: Mapping[str, str]) -> Tensors:
     return tensors
 
 
-def _grid(size: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
-    """Token grid of an export size; like PatchEmbed.grid_of, refuses sizes not divisible."""
-    if len(size) != len(patch) or any(s % p for s, p in zip(size, patch, strict=True)):
-        raise ValueError(f"export size {tuple(size)} is not a multiple of the patch {tuple(patch)}")
-    return tuple(s // p for s, p in zip(size, patch, strict=True))
-
-
 def _conv_weight(kernel: np.ndarray) -> np.ndarray:
     """Flax conv kernel [*patch, C, D] -> torch ConvNd weight [D, C, *patch]."""
     rank = kernel.ndim - 2
@@ -155,7 +148,7 @@ def monai_vit_kwargs(
 ) -> dict[str, Any]:
     """Arguments of ``monai.networks.nets.ViT`` for the 3D path (the user adds num_classes)."""
     volume_size = tuple(volume_size or vision.volume_size)
-    _grid(volume_size, vision.patch_3d)
+    token_grid(volume_size, vision.patch_3d)
     return {
         "in_channels": 1,
         "img_size": list(volume_size),
@@ -187,7 +180,7 @@ def monai_vit_state(
     """
     p = _host(params)
     embed = p["embed_3d"]
-    grid = _grid(tuple(volume_size or vision.volume_size), vision.patch_3d)
+    grid = token_grid(tuple(volume_size or vision.volume_size), vision.patch_3d)
     weight, bias = _projection(embed, vision)
     tensors = {
         "cls_token": p["cls_token"].reshape(1, 1, -1),
@@ -207,7 +200,7 @@ def timm_vit_kwargs(
 ) -> dict[str, Any]:
     """Arguments of timm's ``VisionTransformer`` for the 2D path (features only: no head)."""
     image_size = tuple(image_size or vision.image_size)
-    _grid(image_size, vision.patch_2d)
+    token_grid(image_size, vision.patch_2d)
     mlp_ratio = vision.mlp_dim / vision.width
     if int(vision.width * mlp_ratio) != vision.mlp_dim:  # timm sizes the MLP this way
         raise ValueError(f"mlp_dim {vision.mlp_dim} is not expressible as width * mlp_ratio")
@@ -243,7 +236,7 @@ def timm_vit_state(
     """
     p = _host(params)
     embed = p["embed_2d"]
-    grid = _grid(tuple(image_size or vision.image_size), vision.patch_2d)
+    grid = token_grid(tuple(image_size or vision.image_size), vision.patch_2d)
     weight, bias = _projection(embed, vision)
     if weight.shape[1] != in_chans:
         if weight.shape[1] != 1:

@@ -4,7 +4,7 @@
         --checkpoint=runs/paper --workdir=runs/paper/finetune/cc_ccii
 
 Writes ``workdir/eval.json`` (test accuracy and AUROC of the best-validation epoch, the history)
-and ``workdir/metrics.jsonl``; see ``unimedi_jax/train/finetune.py``.
+and ``workdir/metrics.jsonl``; see ``unimedi_jax/train/finetuning.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from unimedi_jax.errors import run_app
-from unimedi_jax.train.finetune import finetune
+from unimedi_jax.core.errors import run_app
+from unimedi_jax.train.finetuning import finetune
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/finetune.py:dataset=NAME")
 _CHECKPOINT = flags.DEFINE_string(

@@ -23,13 +23,15 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from unimedi_jax import selection
-from unimedi_jax.checkpoint import Checkpointer
-from unimedi_jax.errors import UserError
+from data_pipelines.transforms import tokenize
+from unimedi_jax.core.errors import UserError
+from unimedi_jax.core.precision import compute_dtype
+from unimedi_jax.core.run_folders import PRETRAIN, describe, run_kind
+from unimedi_jax.core.text_tower import load_text_tower
+from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
-from unimedi_jax.precision import compute_dtype
-from unimedi_jax.run_folders import PRETRAIN, describe, run_kind
-from unimedi_jax.text_setup import load_text_tower
+from unimedi_jax.models.vit import token_grid
+from unimedi_jax.train.checkpoint import Checkpointer
 
 
 class RunNotFoundError(UserError, FileNotFoundError):
@@ -67,8 +69,7 @@ def as_float(x) -> np.ndarray:
 def _select(model: UniMedI, params, volumes, k: int):
     """Eq. 1 of the volume alone -> Eq. 2 slice scores -> top-k slices (sorted)."""
     attention = model.apply({"params": params}, volumes, method=UniMedI.encode_vision).cls_attention
-    patch = model.vision.patch_3d
-    grid = tuple(s // p for s, p in zip(volumes.shape[1:], patch, strict=True))
+    grid = token_grid(volumes.shape[1:], model.vision.patch_3d)
     scores = selection.slice_scores(attention, grid, volumes.shape[1])
     return selection.top_k_slices(scores, k), scores
 
@@ -166,15 +167,8 @@ class UniMedIInference:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of report texts."""
-        encoded = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.config.text.max_length,
-            return_tensors="np",
-        )
-        ids = encoded["input_ids"].astype(np.int32)
-        mask = encoded["attention_mask"].astype(np.int32)
+        encoded = tokenize(texts, self.tokenizer, self.config.text.max_length, "text")
+        ids, mask = encoded["text_text_ids"], encoded["text_text_mask"]
         return self._batched(
             lambda rows: _embed_text(
                 self.model,

@@ -12,8 +12,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.errors import run_app
-from unimedi_jax.train.loop import Preempted, train
+from unimedi_jax.core.errors import run_app
+from unimedi_jax.train.pretraining import Preempted, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True

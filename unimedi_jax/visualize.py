@@ -31,11 +31,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from data_pipelines.pipeline import eval_batches, open_source, parse_sources
-from unimedi_jax import inference, selection
-from unimedi_jax.errors import exit_on_user_error
+from unimedi_jax import inference
+from unimedi_jax.core.errors import exit_on_user_error
+from unimedi_jax.core.run_folders import check_output, written_atomically
 from unimedi_jax.evaluation.evaluators import build_eval_set
+from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.run_folders import check_output, written_atomically
+from unimedi_jax.models.vit import token_grid
 
 SELECTED_COLOR = "gold"
 LESION_COLOR = "red"
@@ -401,9 +403,7 @@ def run_masking(model: inference.UniMedIInference, split: str, num: int) -> Figu
     """The masking figure of ``num`` held-out X-rays, with the run's mask ratio."""
     config = model.config
     batch = held_out(config, "2d", split, num)
-    grid = tuple(
-        s // p for s, p in zip(config.model.image_size, config.model.patch_2d, strict=True)
-    )
+    grid = token_grid(config.model.image_size, config.model.patch_2d)
     attention = image_attention(model, batch["image"])
     return masking_figure(batch["image"], attention, grid, config.masking.ratio, batch["report"])
 

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import phantoms
+from data_pipelines import synthetic_phantoms
 from data_pipelines.builders import common
 from data_pipelines.reports import CleanReport, clean_report
 
 VERSION = "1.0.0"
 # Labelled like the evaluation sets, so a linear probe reads them the same way.
 TASK = "multilabel"
-CLASS_NAMES = phantoms.FINDINGS
+CLASS_NAMES = synthetic_phantoms.FINDINGS
 # The options each config records: the ones that change what it stores.
 _RECORDED = {
     "xray": ("image_size", "num_train", "num_validation", "num_test", "seed"),
@@ -64,11 +64,13 @@ class Phantoms(tfds.core.GeneratorBasedBuilder):
         features = {
             **arrays,
             "report": tfds.features.Text(),
-            "labels": tfds.features.Tensor(shape=(len(phantoms.FINDINGS),), dtype=np.float32),
+            "labels": tfds.features.Tensor(
+                shape=(len(synthetic_phantoms.FINDINGS),), dtype=np.float32
+            ),
             "id": tfds.features.Text(),
         }
         return common.dataset_info(
-            self, __doc__, features, _RECORDED[cfg.name], findings=list(phantoms.FINDINGS)
+            self, __doc__, features, _RECORDED[cfg.name], findings=list(synthetic_phantoms.FINDINGS)
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
@@ -78,13 +80,13 @@ class Phantoms(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
-        gen_cfg = phantoms.PhantomConfig(
+        gen_cfg = synthetic_phantoms.PhantomConfig(
             image_size=cfg.image_size,
             volume_shape=tuple(cfg.volume_shape),
             seed=cfg.seed,
             split=split,
         )
-        make = phantoms.make_xray if cfg.name == "xray" else phantoms.make_ct
+        make = synthetic_phantoms.make_xray if cfg.name == "xray" else synthetic_phantoms.make_ct
         skipped: Counter[str] = Counter()
         for index in range(count):
             sample = make(index, gen_cfg)
@@ -115,7 +117,7 @@ def make_builder(config_name: str, data_dir: str, **options: Any) -> Phantoms:
     """A builder for `config_name` ('xray' or 'ct') with the given sizes (see OPTIONS)."""
     options = common.check_options("phantoms", options, OPTIONS)
     # Fail here, with the generator's message, rather than inside a half-written build.
-    phantoms.PhantomConfig(
+    synthetic_phantoms.PhantomConfig(
         **{k: options[k] for k in ("image_size", "volume_shape", "seed") if k in options}
     )
     return common.array_record_builder(Phantoms, PhantomsConfig, config_name, data_dir, options)

@@ -5,7 +5,7 @@ architecture with fresh weights), reads the dataset's splits through the pipelin
 transforms at the sizes of the checkpoint's own config, extracts frozen final-norm [CLS]
 features and trains one linear head per label fraction (``linear_probe.run_probe``).
 
-Fine-tuning (``unimedi_jax/train/finetune.py``) shares the rest: ``open_downstream`` (the eval
+Fine-tuning (``unimedi_jax/train/finetuning.py``) shares the rest: ``open_downstream`` (the eval
 config, the checks that the prepared data exists and fits the checkpoint, loading the encoder),
 feature extraction and ``eval.json``. Errors a person can act on are ``DownstreamError``, one
 paragraph each.
@@ -24,9 +24,9 @@ from absl import logging
 
 from data_pipelines import builders, pipeline
 from unimedi_jax import inference
-from unimedi_jax.errors import UserError
-from unimedi_jax.evaluation import linear_probe, protocol
-from unimedi_jax.train.metrics import format_duration
+from unimedi_jax.core.errors import UserError
+from unimedi_jax.evaluation import linear_probe, tasks
+from unimedi_jax.train.metric_writer import format_duration
 
 ROLES = ("train", "val", "test")  # the keys of a config's `splits`
 _LOG_SECONDS = 30.0
@@ -39,7 +39,7 @@ class DownstreamError(UserError, ValueError):
 class DownstreamSetup(NamedTuple):
     """A downstream run's inputs, checked: the task, its data and the encoder."""
 
-    task: protocol.Downstream
+    task: tasks.Downstream
     eval_config: ml_collections.ConfigDict  # the checkpoint's config, reading the dataset
     sources: dict[str, pipeline.Source]  # by role: train, val, test
     model: inference.UniMedIInference
@@ -56,7 +56,7 @@ def open_downstream(
 
     The data is checked before the weights load, so a missing dataset is reported at once.
     """
-    task = protocol.resolve(config.dataset, modality)
+    task = tasks.resolve(config.dataset, modality)
     path = Path(checkpoint)
     if not path.exists():
         raise DownstreamError(
@@ -82,7 +82,7 @@ def open_downstream(
 
 
 def _open_split(
-    task: protocol.Downstream,
+    task: tasks.Downstream,
     config: ml_collections.ConfigDict,
     split: str,
     checkpoint: Path,
@@ -133,7 +133,7 @@ def _open_split(
 def extract_features(
     model: inference.UniMedIInference,
     eval_config: ml_collections.ConfigDict,
-    task: protocol.Downstream,
+    task: tasks.Downstream,
     source: pipeline.Source,
     limit: int = 0,
     with_slices: bool = False,
@@ -185,7 +185,7 @@ def probe(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[str
     {'0.01': {'auroc', 'loss', ['accuracy'], 'n_train', 'best_epoch', 'epochs'}, ...}}.
     """
     with_slices = bool(config.features.with_slices)
-    if with_slices and protocol.resolve(config.dataset).modality != "3d":
+    if with_slices and tasks.resolve(config.dataset).modality != "3d":
         raise DownstreamError(
             f"features.with_slices=True adds selected CT slices, but {config.dataset} is 2D: "
             "leave it False"
@@ -221,7 +221,7 @@ def probe(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[str
 
 
 def describe(
-    task: protocol.Downstream, random_init: bool, checkpoint: str | Path, step: int | None
+    task: tasks.Downstream, random_init: bool, checkpoint: str | Path, step: int | None
 ) -> dict[str, Any]:
     """What an eval.json says about the dataset and the encoder it measured."""
     workdir, _ = inference.resolve_run(checkpoint)

@@ -16,8 +16,8 @@ import numpy as np
 from data_pipelines import builders, pipeline
 from data_pipelines.pipeline import eval_batches, parse_sources
 from unimedi_jax import inference
-from unimedi_jax.errors import ConfigError
-from unimedi_jax.evaluation import downstream, linear_probe, metrics, protocol
+from unimedi_jax.core.errors import ConfigError
+from unimedi_jax.evaluation import downstream, linear_probe, metrics, tasks
 
 # Zero-shot prompts per dataset: finding -> (positive, negative), worded like the reports.
 ZERO_SHOT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
@@ -156,7 +156,7 @@ def frozen_probe(model, data: EvalSet) -> dict[str, float]:
     for key, name in data.sources.items():
         modality = "2d" if key == "image" else "3d"
         spec, stored, _ = builders.resolve(name, modality)
-        task = protocol.resolve(name if len(spec.modalities) == 1 else f"{spec.name}/{stored}")
+        task = tasks.resolve(name if len(spec.modalities) == 1 else f"{spec.name}/{stored}")
         features = {
             role: downstream.extract_features(
                 model,

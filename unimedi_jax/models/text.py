@@ -26,7 +26,7 @@ from flax import linen as nn
 from flax import serialization, traverse_util
 from safetensors import SafetensorError, safe_open
 
-from unimedi_jax.errors import UserError
+from unimedi_jax.core.errors import UserError
 from unimedi_jax.models.layers import ones_init, scanned, zeros_init
 
 if TYPE_CHECKING:

@@ -45,6 +45,20 @@ def resample_grid(table: jax.Array, grid: Sequence[int]) -> jax.Array:
     return jax.image.resize(table, (*grid, table.shape[-1]), method="linear", antialias=False)
 
 
+def token_grid(spatial_shape: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
+    """Token grid of an input of ``spatial_shape`` cut into ``patch`` blocks: the one place the
+    grid is computed (tokenizers, slice selection, masks, figures, exports). Fails clearly when a
+    side is not a multiple of the patch."""
+    if len(spatial_shape) != len(patch) or any(
+        s % p for s, p in zip(spatial_shape, patch, strict=True)
+    ):
+        raise ValueError(
+            f"input of spatial shape {tuple(spatial_shape)} is not divisible by the patch "
+            f"size {tuple(patch)}; set the image/volume size to a multiple of the patch"
+        )
+    return tuple(s // p for s, p in zip(spatial_shape, patch, strict=True))
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> linear embedding, plus a learned position table.
 
@@ -90,14 +104,7 @@ class PatchEmbed(nn.Module):
         )
 
     def grid_of(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        """Token grid of an input; fails clearly when a side is not a multiple of the patch."""
-        for side, p in zip(spatial_shape, self.patch, strict=True):
-            if side % p:
-                raise ValueError(
-                    f"input of spatial shape {tuple(spatial_shape)} is not divisible by the patch "
-                    f"size {self.patch}; set the image/volume size to a multiple of the patch"
-                )
-        return tuple(s // p for s, p in zip(spatial_shape, self.patch, strict=True))
+        return token_grid(spatial_shape, self.patch)
 
     def tokens(self, x: jax.Array) -> jax.Array:
         """[B, *spatial] or [B, *spatial, C] -> patch embeddings [B, N, D] (no position)."""

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unimedi_jax import losses, selection
+from unimedi_jax.method import losses, selection
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.models.vit import EncoderOutput
+from unimedi_jax.models.vit import EncoderOutput, token_grid
 from unimedi_jax.train.state import TrainState, teacher_subtree
 
 MODALITIES = ("image", "volume")
@@ -80,7 +80,7 @@ def make_train_step(
         return model.apply({"params": params}, tokens, method=UniMedI.dino)
 
     def grid_3d(volumes) -> tuple[int, int, int]:
-        return tuple(s // p for s, p in zip(volumes.shape[1:], patch_3d, strict=True))
+        return token_grid(volumes.shape[1:], patch_3d)
 
     def select(teacher, volumes, rng):
         """Teacher's Eq. 1 over the volume's own tokens -> Eq. 2 scores -> k slices."""

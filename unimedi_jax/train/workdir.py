@@ -21,9 +21,9 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from unimedi_jax.checkpoint import DAMAGED_DIR
-from unimedi_jax.config_checks import ConfigError
-from unimedi_jax.run_folders import PRETRAIN
+from unimedi_jax.config.checks import ConfigError
+from unimedi_jax.core.run_folders import PRETRAIN
+from unimedi_jax.train.checkpoint import DAMAGED_DIR
 
 # Config fields that decide the shapes of the train state.
 SHAPE_FIELDS = (

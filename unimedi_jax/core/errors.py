@@ -88,7 +88,7 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     flag mistakes (unknown flag, missing required flag, bad value) reported with exit 2."""
     from absl import flags
 
-    from unimedi_jax.overrides import check_override_names
+    from unimedi_jax.config.overrides import check_override_names
 
     if "config" in flags.FLAGS:
         check_override_names(argv, default=flags.FLAGS["config"].value)
@@ -105,7 +105,7 @@ def run_app(
     with a default would apply the overrides while its module is imported, out of reach here)."""
     from absl import app
 
-    from unimedi_jax.overrides import config_given
+    from unimedi_jax.config.overrides import config_given
 
     def parse(argv: Sequence[str]) -> list[str]:
         if default_config is not None and not config_given(argv):

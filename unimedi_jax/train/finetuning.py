@@ -30,12 +30,12 @@ import optax
 from absl import logging
 
 from data_pipelines import imaging
-from unimedi_jax import sharding
+from unimedi_jax.core import sharding
+from unimedi_jax.core.run_folders import FINETUNE, check_new_run
 from unimedi_jax.evaluation import downstream, linear_probe
 from unimedi_jax.inference import UniMedIInference
 from unimedi_jax.models.vit import VisionTransformer
-from unimedi_jax.run_folders import FINETUNE, check_new_run
-from unimedi_jax.train.metrics import MetricWriter, format_duration
+from unimedi_jax.train.metric_writer import MetricWriter, format_duration
 from unimedi_jax.train.state import learning_rate_schedule, make_optimizer
 
 

@@ -12,7 +12,7 @@ import dataclasses
 
 from data_pipelines import builders
 from data_pipelines.builders.common import TASKS
-from unimedi_jax.errors import UserError
+from unimedi_jax.core.errors import UserError
 
 FRACTIONS = (0.01, 0.1, 1.0)  # the paper's label fractions (Tables 1 and 2)
 

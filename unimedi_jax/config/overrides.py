@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from unimedi_jax.errors import ConfigError
+from unimedi_jax.core.errors import ConfigError
 
 
 def _load_config_file(spec: str) -> ml_collections.ConfigDict:

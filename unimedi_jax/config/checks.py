@@ -1,7 +1,7 @@
 """Config errors caught at start, before any data is read or anything is compiled.
 
 Each check raises ``ConfigError`` with one paragraph naming the field, the value and what to do;
-``unimedi_jax.errors`` reports it without a traceback (exit 2).
+``unimedi_jax.core.errors`` reports it without a traceback (exit 2).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import jax
 
-from unimedi_jax.errors import ConfigError
+from unimedi_jax.core.errors import ConfigError
+from unimedi_jax.core.precision import COMPUTE_DTYPES
+from unimedi_jax.core.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
+from unimedi_jax.method.selection import MODES
 from unimedi_jax.models.layers import REMAT_POLICIES
 from unimedi_jax.models.unimedi import TEXT_POOLINGS, text_pooling_of
 from unimedi_jax.models.vit import ATTENTION_LAYERS
-from unimedi_jax.precision import COMPUTE_DTYPES
-from unimedi_jax.selection import MODES
-from unimedi_jax.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
 from unimedi_jax.train.state import CLIP_MODES
 from unimedi_jax.train.step import PCL_TOKENS
 

@@ -20,17 +20,17 @@ from jax.experimental import multihost_utils
 
 from data_pipelines.pipeline import TrainStream
 from data_pipelines.prepare import ensure_prepared
-from unimedi_jax import sharding
-from unimedi_jax.checkpoint import Checkpointer, abstract_like
-from unimedi_jax.config_checks import check_batch_for_mesh, check_config
-from unimedi_jax.errors import UserError
+from unimedi_jax.config.checks import check_batch_for_mesh, check_config
+from unimedi_jax.core import sharding
+from unimedi_jax.core.errors import UserError
+from unimedi_jax.core.precision import compute_dtype
+from unimedi_jax.core.run_folders import PRETRAIN, check_new_run
+from unimedi_jax.core.text_tower import TextTower, prepare_text_tower
 from unimedi_jax.evaluation.evaluators import run_evaluators
 from unimedi_jax.inference import UniMedIInference
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
-from unimedi_jax.precision import compute_dtype
-from unimedi_jax.run_folders import PRETRAIN, check_new_run
-from unimedi_jax.text_setup import TextTower, prepare_text_tower
-from unimedi_jax.train.metrics import MetricWriter, format_duration
+from unimedi_jax.train.checkpoint import Checkpointer, abstract_like
+from unimedi_jax.train.metric_writer import MetricWriter, format_duration
 from unimedi_jax.train.preemption import StopRequest
 from unimedi_jax.train.state import (
     TrainState,

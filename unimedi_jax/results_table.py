@@ -1,4 +1,4 @@
-"""``python -m unimedi_jax.tools.results_table DIRS...``: downstream results as the paper's tables.
+"""``python -m unimedi_jax.results_table DIRS...``: downstream results as the paper's tables.
 
 Finds the ``eval.json`` files that ``python -m unimedi_jax.evaluate`` (linear probe) and
 ``python -m unimedi_jax.finetune`` write under the given directories (or the files themselves)
@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from unimedi_jax.errors import exit_on_user_error
-from unimedi_jax.evaluation.protocol import FRACTIONS
+from unimedi_jax.core.errors import exit_on_user_error
+from unimedi_jax.evaluation.tasks import FRACTIONS
 
 _PERCENT = {0.01: "1%", 0.1: "10%", 1.0: "100%"}
 _METRIC = {"auroc": "AUROC", "accuracy": "ACC"}
@@ -164,7 +164,7 @@ def render(results: Sequence[tuple[Path, dict[str, Any]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m unimedi_jax.tools.results_table", description=__doc__.splitlines()[0]
+        prog="python -m unimedi_jax.results_table", description=__doc__.splitlines()[0]
     )
     parser.add_argument("paths", nargs="+", help="run workdirs, probe dirs or eval.json files")
     args = parser.parse_args(argv)

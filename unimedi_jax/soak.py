@@ -1,6 +1,6 @@
 """Soak test of exact resume: a run SIGKILLed N times in a row ends where an uninterrupted one does.
 
-    python -m unimedi_jax.tools.soak --root=/tmp/soak --kills=10 -- \\
+    python -m unimedi_jax.soak --root=/tmp/soak --kills=10 -- \\
         --config=configs/pretrain.py:demo --config.total_steps=60 --config.eval_every_steps=0
 
 Arguments after ``--`` go to ``python -m unimedi_jax.main`` (without ``--workdir``). The tool
@@ -40,8 +40,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from unimedi_jax.checkpoint import Checkpointer
-from unimedi_jax.errors import exit_on_user_error
+from unimedi_jax.core.errors import exit_on_user_error
+from unimedi_jax.train.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = (sys.executable, "-m", "unimedi_jax.main")
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m unimedi_jax.tools.soak", description=__doc__.split("\n\n")[0]
+        prog="python -m unimedi_jax.soak", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--root", required=True, type=Path, help="directory for both runs")
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs in a row")

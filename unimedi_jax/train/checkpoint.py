@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from unimedi_jax.errors import UserError
+from unimedi_jax.core.errors import UserError
 
 _policies = ocp.checkpoint_managers
 DAMAGED_DIR = "damaged-checkpoints"  # beside checkpoints/: where a training run moves them

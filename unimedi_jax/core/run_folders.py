@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from unimedi_jax.errors import UserError
+from unimedi_jax.core.errors import UserError
 
 PRETRAIN, FINETUNE, PROBE, EXPORT = "pretrain", "finetune", "probe", "export"
 _DESCRIPTIONS = {

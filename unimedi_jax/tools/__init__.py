@@ -1,1 +1,0 @@
-"""Command-line tools that drive whole runs (soak tests, ...), not imported by training."""
