@@ -85,8 +85,8 @@ def _cls_features(model: UniMedI, params, x, k: int):
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _project_image(model: UniMedI, params, features):
-    return model.apply({"params": params}, features, method=UniMedI.embed_image)
+def _project_vision(model: UniMedI, params, features):
+    return model.apply({"params": params}, features, method=UniMedI.project_vision)
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -150,12 +150,12 @@ class UniMedIInference:
     def embed_images(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of X-rays."""
         features = self.image_features(images, use_teacher)
-        return np.asarray(_project_image(self.model, self._params(use_teacher), features))
+        return np.asarray(_project_vision(self.model, self._params(use_teacher), features))
 
     def embed_volumes(self, volumes: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """Embeddings of volumes with attentive slice selection and the joint pass, as trained."""
         features = self.volume_features(volumes, with_slices=True, use_teacher=use_teacher)
-        return np.asarray(_project_image(self.model, self._params(use_teacher), features))
+        return np.asarray(_project_vision(self.model, self._params(use_teacher), features))
 
     def select_slices(
         self, volumes: np.ndarray, k: int | None = None, use_teacher: bool = True

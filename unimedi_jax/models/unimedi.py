@@ -69,8 +69,8 @@ class UniMedI(nn.Module):
         """Images [B, H, W] or volumes [B, D, H, W] (+ slices [B, k, h, w]) -> tokens, Eq. 1."""
         return self.vision(x, slices, mask)
 
-    def embed_image(self, cls_features: jax.Array) -> jax.Array:
-        """Vision [CLS] features -> L2-normalised shared-space embeddings."""
+    def project_vision(self, cls_features: jax.Array) -> jax.Array:
+        """[CLS] features of X-rays or CT volumes -> L2-normalised shared-space embeddings."""
         return self.image_proj(cls_features)
 
     def encode_text(
@@ -102,8 +102,8 @@ class UniMedI(nn.Module):
         out_2d = self.encode_vision(images)
         out_3d = self.encode_vision(volumes, slices)
         return {
-            "image_embedding": self.embed_image(out_2d.tokens[:, 0]),
-            "volume_embedding": self.embed_image(out_3d.tokens[:, 0]),
+            "image_embedding": self.project_vision(out_2d.tokens[:, 0]),
+            "volume_embedding": self.project_vision(out_3d.tokens[:, 0]),
             "text_embedding": self.embed_text(input_ids, attention_mask),
             "dino_2d": self.dino(out_2d.tokens),
             "dino_3d": self.dino(out_3d.tokens),

@@ -130,7 +130,7 @@ def make_train_step(
             image_emb = model.apply(
                 {"params": params},
                 jnp.concatenate([student[m].tokens[:, 0] for m in modalities]),
-                method=UniMedI.embed_image,
+                method=UniMedI.project_vision,
             )
             text_emb = model.apply(
                 {"params": params},
