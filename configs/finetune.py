@@ -3,6 +3,8 @@
     python -m unimedi_jax.finetune --config=configs/finetune.py:dataset=cc_ccii \
         --checkpoint=runs/paper --workdir=runs/paper/finetune/cc_ccii
 
+(``python -m unimedi_jax.main`` with the same flags does the same: it dispatches on ``kind``.)
+
 ``dataset`` is a labelled 3D dataset prepared under ``data.data_dir`` (cc_ccii, luna16,
 phantoms/ct). The paper gives AdamW, batch 8, random flips and 50 epochs (CC-CCII) or 100
 (LUNA16); the learning rate, weight decay and the cosine schedule's warm-up are not in the paper
@@ -36,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.hu_window = (-1000.0, 1000.0)
     c.data.read_threads = 8  # threads reading and windowing training volumes
 
-    c.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
+    c.splits = ml_collections.ConfigDict(tasks.SPLITS)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = DATASET_EPOCHS.get(dataset, 50)
@@ -50,5 +52,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.grad_clip_norm = 1.0  # 0 disables
-    c.train.flip_axes = (0, 1, 2)  # volume axes (D, H, W) each flipped with probability 1/2
+    c.train.flip_axes = (0, 1, 2)  # volume axes (D, H, W) each flipped with probability 1/2 (host)
     return c

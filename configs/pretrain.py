@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from unimedi_jax.evaluation import settings
+
 
 def paper_config() -> ml_collections.ConfigDict:
     """The paper's setup; every other preset starts from it and changes only what differs."""
@@ -29,12 +31,17 @@ def paper_config() -> ml_collections.ConfigDict:
     c.total_steps = -1  # -1: derived from train.epochs and the 2D training set size
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
-    c.eval_every_steps = 0  # 0: no in-loop evaluation; >0: also at the last step
-    # retrieval | zero_shot | cross_modal | slice_hit_rate | linear_probe
+    # The evaluators to run: retrieval | zero_shot | cross_modal | slice_hit_rate | linear_probe
     c.evals = ("retrieval",)
+    # Their defaults: in-loop every N steps (0: never; >0: also at the last step), split, records
+    # per modality. `evaluate` runs them all, whatever their schedule.
+    c.eval_every_steps = 0
     c.eval_split = "validation"
-    c.eval_limit = 500  # records per modality
+    c.eval_limit = 500
     c.probe_train_limit = 2000  # training records of the in-loop linear probe, per modality
+    # Per evaluator, replacing a default: every_steps (-1: eval_every_steps), split ('':
+    # eval_split), limit (-1: eval_limit); e.g. --config.eval_settings.linear_probe.every_steps=5000
+    c.eval_settings = ml_collections.ConfigDict(settings.inherit_defaults())
     c.keep_checkpoints = 3  # the latest K ...
     c.keep_checkpoint_every_steps = 0  # ... plus every step divisible by M (0: none)
     # A workdir whose checkpoints have other shapes (model, text sizes): refuse (stop at start)

@@ -38,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.data_dir = "/data/tfds"
     c.data.hu_window = (-1000.0, 1000.0)  # 3D: HU range mapped to [0, 1]
 
-    c.splits = ml_collections.ConfigDict({"train": "train", "val": "validation", "test": "test"})
-    c.limit = ml_collections.ConfigDict({"train": 0, "val": 0, "test": 0})  # records; 0: all
+    c.splits = ml_collections.ConfigDict(tasks.SPLITS)
+    c.limit = ml_collections.ConfigDict(dict.fromkeys(tasks.ROLES, 0))  # records; 0: all
 
     c.features = ml_collections.ConfigDict()
     c.features.with_slices = False  # 3D: add the attentively selected slices, as in training

@@ -2,8 +2,9 @@
 
 Two cost regimes. Reading, reorienting and resizing are done once, by the TFDS builders, and
 produce compact arrays: a 256x256 uint8 letterboxed X-ray and a 32x128x128 int16 HU volume.
-The per-sample transforms the Grain pipeline runs on those arrays (crops, HU window, flip) are
-a few vectorised numpy passes, so they stay far below a millisecond per sample.
+The per-sample operations on those arrays (crops, HU window) are a few vectorised numpy passes,
+so they stay far below a millisecond per sample; `transforms` composes them into what each
+reader applies.
 
 Inputs a builder should skip raise `SkipImage` (2D) or `SkipVolume` (3D); `reason` is a short
 category ("unreadable file", "not axial", ...) to count skips by, and the message names the file.
@@ -231,20 +232,9 @@ def letterbox(image: np.ndarray, size: int = 256) -> np.ndarray:
     return out
 
 
-def train_transform_2d(
-    image: np.ndarray, rng: np.random.Generator, crop_size: int = 224
-) -> np.ndarray:
-    """Random `crop_size` square crop of a stored uint8 image -> float32 [0, 1]."""
-    return _crop_unit(image, crop_size, rng)
-
-
-def eval_transform_2d(image: np.ndarray, crop_size: int = 224) -> np.ndarray:
-    """Centre `crop_size` square crop of a stored uint8 image -> float32 [0, 1]."""
-    return _crop_unit(image, crop_size, None)
-
-
-def _crop_unit(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Square crop at a random (rng) or the central offset, scaled by 1/255 in one pass."""
+def crop_unit(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Square `size` crop of a uint8 image at a random (`rng`) or the central offset, scaled to
+    float32 [0, 1] in one pass."""
     h, w = image.shape
     if size > min(h, w):
         raise ValueError(f"crop size {size} exceeds image shape {image.shape}")
@@ -480,22 +470,3 @@ def window_hu(hu: np.ndarray, window: tuple[float, float] = (-1000.0, 1000.0)) -
     out = np.asarray(hu, dtype=np.float32) - np.float32(low)
     out *= np.float32(1.0 / (high - low))
     return np.clip(out, 0.0, 1.0, out=out)
-
-
-def transform_3d(
-    stored: np.ndarray,
-    rng: np.random.Generator | None = None,
-    window: tuple[float, float] = (-1000.0, 1000.0),
-    flip_lr_prob: float = 0.0,
-) -> np.ndarray:
-    """Pipeline step: stored int16 HU [z, y, x] -> float32 [0, 1], optionally flipped.
-
-    The flip mirrors patient left/right (the x axis) with probability `flip_lr_prob`; it needs
-    `rng` when the probability is positive. Off by default: reports name sides.
-    """
-    if flip_lr_prob > 0.0:
-        if rng is None:
-            raise ValueError("transform_3d needs rng when flip_lr_prob > 0")
-        if rng.random() < flip_lr_prob:
-            stored = stored[..., ::-1]
-    return window_hu(stored, window)

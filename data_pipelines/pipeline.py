@@ -9,8 +9,13 @@ whatever the number of workers or processes, and its state is just the next step
   global batch    step s = stream positions [s G, (s + 1) G)
   process slice   process p of P loads rows [p G / P, (p + 1) G / P) of it
   transform       decode, crop (2D, random, seeded by (seed, source, epoch, record)) or
-                  HU window (3D), tokenise the reports
+                  HU window (3D), tokenise the reports: `transforms`, the one transform layer
   stream          the 2D and 3D step datasets zipped, prefetched by `worker_count` processes
+
+Evaluation reads a split in order (`eval_batches`), fine-tuning a labelled 3D split in seeded
+epochs with host-side flips (`labelled_epoch`). Training, `eval_batches` and the downstream
+probes and fine-tuning open their splits through `open_for_model`, the one check that the data
+is prepared and fits the model.
 
 A record that fails to decode, has the wrong shape, NaN/Inf values or an empty report is
 replaced by another record of the same source chosen by a seeded draw, and counted in
@@ -33,9 +38,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from data_pipelines import builders, imaging
+from data_pipelines import builders, transforms
 from data_pipelines.failure_limit import FailureLimit
-from data_pipelines.transforms import tokenize
 
 # Why a record was replaced; TrainStream.skipped counts "<source>: <reason>".
 UNDECODABLE = "undecodable record"
@@ -100,9 +104,12 @@ def open_source(
     spec, config, modality = builders.resolve(name, modality)
     path = builders.prepared_dir(data_dir, spec, config)
     if not builders.is_prepared(path):
+        raw = " --manual_dir=RAW_DIR (the files as downloaded, docs/data.md)"
         raise DataConfigError(
             f"{spec.name}/{config} is not prepared in {data_dir} (config.data.data_dir): run "
             f"python -m data_pipelines.prepare {spec.name} --data_dir={data_dir}"
+            f"{raw if spec.needs_manual_dir else ''}, or point config.data.data_dir at where "
+            "it was prepared"
         )
     info = tfds.builder_from_directory(path).info
     if split not in info.splits:
@@ -119,14 +126,49 @@ def open_source(
     )
 
 
-def load_split(
-    name: str, data_dir: str | Path, split: str, modality: str | None = None
-) -> Sequence[dict]:
-    """Random-access reader of a prepared split (decoded numpy dicts), for evaluation.
+def open_for_model(
+    name: str,
+    data_dir: str | Path,
+    modality: str,
+    split: str,
+    image_size: Sequence[int],
+    volume_size: Sequence[int],
+    *,
+    weight: float = 1.0,
+    checkpoint: str | Path | None = None,
+) -> Source:
+    """`open_source`, then check that the stored arrays fit the model: X-rays at least the crop
+    (`image_size`), volumes exactly `volume_size`. The one check of prepared data against a model,
+    for training, evaluation, probes and fine-tuning alike.
 
-    `name` is NAME/CONFIG (`phantoms/ct`), or NAME with `modality` ('2d' / '3d').
+    `checkpoint` names a trained model whose sizes are fixed (its config.json's model.*); without
+    it the sizes are config.model's, which the message also offers to change.
     """
-    return open_source(name, data_dir, modality, split).open()
+    source = open_source(name, data_dir, modality, split, weight)
+    image_size, volume_size = tuple(int(n) for n in image_size), tuple(int(n) for n in volume_size)
+
+    def field(key: str, value: tuple[int, ...]) -> str:
+        if checkpoint is None:
+            return f"config.model.{key}={value}"
+        return f"model.{key}={value} of checkpoint {checkpoint} (its config.json)"
+
+    again = "into another data_dir and point config.data.data_dir there"
+    stored = source.array_shape
+    if modality == "2d" and min(stored) < max(image_size):
+        lower = ", or lower config.model.image_size" if checkpoint is None else ""
+        raise DataConfigError(
+            f"{field('image_size', image_size)} is larger than the stored X-rays of "
+            f"{source.name} ({stored} in {source.path}): prepare it with "
+            f"--image_size>={max(image_size)} {again}{lower}"
+        )
+    if modality == "3d" and stored != volume_size:
+        match = ", or set config.model.volume_size to match" if checkpoint is None else ""
+        raise DataConfigError(
+            f"{field('volume_size', volume_size)} but {source.name} in {source.path} "
+            f"stores volumes of {stored}: prepare it with "
+            f"--volume_shape={','.join(map(str, volume_size))} {again}{match}"
+        )
+    return source
 
 
 # ----------------------------------------------------------------------------- transformations
@@ -233,8 +275,8 @@ class _RecordLoader:
 
     def _transform(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.modality == "2d":
-            return imaging.train_transform_2d(array, rng, self.crop)
-        return imaging.transform_3d(array, window=self.window)
+            return transforms.train_transform_2d(array, rng, self.crop)
+        return transforms.transform_3d(array, self.window)
 
 
 @dataclasses.dataclass
@@ -254,7 +296,9 @@ class _LoadBatch:
             reads[self.loader.sources[k].name] += 1 + len(labels)  # the replaced ones too
         return {
             prefix: np.stack([array for array, _, _ in rows]),
-            **tokenize([report for _, report, _ in rows], self.tokenizer, self.max_length, prefix),
+            **transforms.tokenize(
+                [report for _, report, _ in rows], self.tokenizer, self.max_length, prefix
+            ),
             "skipped": dict(Counter(label for _, _, labels in rows for label in labels)),
             "reads": dict(reads),
         }
@@ -315,25 +359,14 @@ def _crop_size(config) -> int:
     return height
 
 
-def _check_sizes(config, modality: str, sources: Sequence[Source]) -> None:
-    """The stored arrays must fit the model: 2D at least the crop, 3D exactly the volume size."""
-    for source in sources:
-        if modality == "2d":
-            crop = _crop_size(config)
-            if min(source.array_shape) < crop:
-                raise DataConfigError(
-                    f"config.model.image_size={tuple(config.model.image_size)} is larger than "
-                    f"the stored X-rays of {source.name} ({source.array_shape} in "
-                    f"{source.path}): prepare it with --image_size>={crop} in another data_dir, "
-                    "or lower config.model.image_size"
-                )
-        elif source.array_shape != tuple(config.model.volume_size):
-            raise DataConfigError(
-                f"config.model.volume_size={tuple(config.model.volume_size)} but {source.name} "
-                f"in {source.path} stores volumes of {source.array_shape}: prepare it with "
-                f"--volume_shape={','.join(map(str, config.model.volume_size))} in another "
-                "data_dir, or set config.model.volume_size to match"
-            )
+def _open_for_config(config, name: str, modality: str, split: str, weight: float = 1.0) -> Source:
+    """The split `name` of config.data.data_dir, checked against config.model's sizes."""
+    if modality == "2d":
+        _crop_size(config)  # square
+    model = config.model
+    return open_for_model(
+        name, _data_dir(config), modality, split, model.image_size, model.volume_size, weight=weight
+    )
 
 
 def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
@@ -347,9 +380,8 @@ def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
             f"{field}={global_batch} must be positive and divisible by the {process_count} "
             f"processes (config.data.sources_{modality} is set)"
         )
-    data_dir = _data_dir(config)
     sources = tuple(
-        open_source(name, data_dir, modality, "train", weight) for name, weight in entries
+        _open_for_config(config, name, modality, "train", weight) for name, weight in entries
     )
     for source in sources:
         if source.size < global_batch:
@@ -357,7 +389,6 @@ def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
                 f"{source.name} has {source.size} training records in {source.path}, fewer "
                 f"than one global batch ({field}={global_batch})"
             )
-    _check_sizes(config, modality, sources)
     return _ModalityPlan(modality, sources, global_batch, global_batch // process_count)
 
 
@@ -537,9 +568,9 @@ class _EvalTransform:
             if key in record:
                 out[key] = record[key].decode("utf-8")
         if self.modality == "2d":
-            out["image"] = imaging.eval_transform_2d(record["image"], self.crop)
+            out["image"] = transforms.eval_transform_2d(record["image"], self.crop)
         else:
-            out["volume"] = imaging.transform_3d(record["volume"], window=self.window)
+            out["volume"] = transforms.transform_3d(record["volume"], self.window)
         return out
 
 
@@ -563,10 +594,64 @@ def eval_batches(
     (multi-hot), 'label' [b] (class index), 'lesion_slices' bool [b, D], and lists of str
     'report', 'id', 'patient_id'}; the last batch holds the remainder.
     """
-    source = open_source(name, _data_dir(config), modality, split)
-    _check_sizes(config, modality, [source])
+    source = _open_for_config(config, name, modality, split)
     transform = _EvalTransform(
         modality, _crop_size(config), tuple(float(v) for v in config.data.hu_window)
     )
     ds = grain.MapDataset.source(source.open()).map(transform)
     return iter(ds.batch(batch_size, batch_fn=_collate_eval))
+
+
+# --------------------------------------------------------------------------------- fine-tuning
+
+
+@dataclasses.dataclass
+class _LabelledRecord:
+    """Record index -> {'volume': windowed, flipped float32, label_key: label}, in grain's reader
+    threads; the flips are drawn from (seed, epoch, index) alone, so any thread reads alike."""
+
+    source: Source
+    label_key: str
+    window: tuple[float, float]
+    flip_axes: tuple[int, ...]
+    seed: int
+    epoch: int
+    _reader: Any = dataclasses.field(default=None, init=False, repr=False)  # opened on first use
+
+    def __call__(self, index: int) -> dict:
+        if self._reader is None:
+            self._reader = self.source.open()
+        record = self._reader[int(index)]
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        volume = transforms.random_flips(record["volume"], rng, self.flip_axes)
+        return {
+            "volume": transforms.transform_3d(volume, self.window),
+            self.label_key: np.asarray(record[self.label_key]),
+        }
+
+
+def labelled_epoch(
+    source: Source,
+    label_key: str,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    window: tuple[float, float],
+    flip_axes: tuple[int, ...] = (),
+    threads: int = 1,
+) -> Iterator[dict]:
+    """One epoch of a labelled 3D split in full batches, for fine-tuning.
+
+    Yields {'volume': float32 [B, D, H, W] in [0, 1], label_key: [B, ...]} in an order seeded by
+    (seed, epoch); each volume is HU-windowed and mirrored along each of `flip_axes` (0 = depth)
+    with probability 1/2, seeded by (seed, epoch, record index). The last partial batch is
+    dropped. The batches are the same whatever `threads` (the reader threads).
+    """
+    order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    load = _LabelledRecord(
+        source, label_key, tuple(float(v) for v in window), tuple(flip_axes), seed, epoch
+    )
+    ds = grain.MapDataset.range(source.size).shuffle(seed=order_seed).map(load)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads)))

@@ -14,15 +14,14 @@ processes building the same dataset at once would race on that rename.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import app, flags
 
 from data_pipelines.builders import (
     DatasetSpec,
@@ -161,75 +160,119 @@ def ensure_prepared(
     return summaries
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(n) for n in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 32,128,128, got {text!r}") from None
+class _ShapeParser(flags.ArgumentParser):
+    """Sizes like 32,128,128 or 32x128x128 (absl reports a bad value as a flag error)."""
+
+    def parse(self, argument: str | Sequence[int]) -> tuple[int, ...]:
+        if not isinstance(argument, str):
+            return tuple(int(n) for n in argument)
+        try:
+            return tuple(int(n) for n in argument.replace("x", ",").split(","))
+        except ValueError:
+            raise ValueError(f"expected sizes like 32,128,128, got {argument!r}") from None
+
+    def flag_type(self) -> str:
+        return "sizes"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.prepare",
-        description="Build a dataset into ArrayRecord files. Names: " + ", ".join(valid_names()),
+# Builder options as flags: (name, kind, help); a builder takes the ones it lists in OPTIONS.
+_OPTIONS = (
+    ("image_size", "int", "stored 2D size (square, letterboxed)"),
+    ("volume_shape", "sizes", "stored 3D shape D,H,W"),
+    ("num_train", "int", "phantoms: training samples"),
+    (
+        "num_validation",
+        "int",
+        "phantoms: validation samples; chexpert: training images held out (by patient)",
+    ),
+    ("num_test", "int", "phantoms: test samples"),
+    ("seed", "int", "phantoms: generator seed; real data: split seed"),
+    ("translations", "string", "bimcv_covid19: English reports (CSV: session_id, text)"),
+    ("uncertain", "string", "chexpert: paper | ones | zeros | Name=0|1,..."),
+    ("train_file", "string", "covidx: training split file (default train.txt)"),
+    ("test_file", "string", "covidx: test split file (default test.txt)"),
+    ("gray_window", "sizes", "cc_ccii: int16 range of grey 0..255"),
+    ("crop_mm", "sizes", "luna16: crop size D,H,W in mm"),
+    ("negatives_per_positive", "float", "luna16: non-nodule crops per nodule crop"),
+    ("candidates", "string", "luna16: candidates file (default candidates.csv)"),
+    ("validation_subsets", "sizes", "luna16: e.g. 8 or 7,8"),
+    ("test_subsets", "sizes", "luna16: e.g. 9"),
+    ("num_workers", "int", "real data: reader processes (default: CPUs)"),
+)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags, defined only when it runs as a command (or on a fresh flag set by
+    ``run``): modules that import this one for ``ensure_prepared`` (data_pipelines.benchmark,
+    tests) then keep their own names."""
+    flags.DEFINE_string(
+        "data_dir", None, "Where prepared datasets live.", required=True, flag_values=flag_values
     )
-    p.add_argument("name", help="dataset name, or NAME/CONFIG for one config")
-    p.add_argument("--data_dir", required=True, help="where prepared datasets live")
-    p.add_argument("--manual_dir", help="raw files of datasets that cannot be downloaded")
-    p.add_argument(
-        "--max_failure_fraction",
-        type=float,
-        default=DEFAULT_MAX_FRACTION,
-        help="stop when more of a split's inputs are damaged (unreadable, missing, NaN, ...)",
+    flags.DEFINE_string(
+        "manual_dir",
+        None,
+        "Raw files of datasets that cannot be downloaded.",
+        flag_values=flag_values,
     )
-    p.add_argument("--image_size", type=int, help="stored 2D size (square, letterboxed)")
-    p.add_argument("--volume_shape", type=_shape, help="stored 3D shape D,H,W")
-    p.add_argument("--num_train", type=int, help="phantoms: training samples")
-    p.add_argument(
-        "--num_validation",
-        type=int,
-        help="phantoms: validation samples; chexpert: training images held out (by patient)",
+    flags.DEFINE_float(
+        "max_failure_fraction",
+        DEFAULT_MAX_FRACTION,
+        "Stop when more of a split's inputs are damaged (unreadable, missing, NaN, ...).",
+        flag_values=flag_values,
     )
-    p.add_argument("--num_test", type=int, help="phantoms: test samples")
-    p.add_argument("--seed", type=int, help="phantoms: generator seed; real data: split seed")
-    p.add_argument("--translations", help="bimcv_covid19: English reports (CSV: session_id, text)")
-    p.add_argument("--uncertain", help="chexpert: paper | ones | zeros | Name=0|1,...")
-    p.add_argument("--train_file", help="covidx: training split file (default train.txt)")
-    p.add_argument("--test_file", help="covidx: test split file (default test.txt)")
-    p.add_argument("--gray_window", type=_shape, help="cc_ccii: int16 range of grey 0..255")
-    p.add_argument("--crop_mm", type=_shape, help="luna16: crop size D,H,W in mm")
-    p.add_argument(
-        "--negatives_per_positive", type=float, help="luna16: non-nodule crops per nodule crop"
-    )
-    p.add_argument("--candidates", help="luna16: candidates file (default candidates.csv)")
-    p.add_argument("--validation_subsets", type=_shape, help="luna16: e.g. 8 or 7,8")
-    p.add_argument("--test_subsets", type=_shape, help="luna16: e.g. 9")
-    p.add_argument("--num_workers", type=int, help="real data: reader processes (default: CPUs)")
-    return p
+    define = {
+        "int": flags.DEFINE_integer,
+        "float": flags.DEFINE_float,
+        "string": flags.DEFINE_string,
+        "sizes": lambda name, default, help_text, flag_values: flags.DEFINE(
+            _ShapeParser(), name, default, help_text, flag_values=flag_values
+        ),
+    }
+    for name, kind, help_text in _OPTIONS:
+        define[kind](name, None, help_text, flag_values=flag_values)
 
 
-_NOT_OPTIONS = ("name", "data_dir", "manual_dir", "max_failure_fraction")
-
-
-def _prepare(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
-    limit = FailureLimit(args.max_failure_fraction)
-    summaries = ensure_prepared(args.name, args.data_dir, args.manual_dir, limit, **options)
+def prepare_named(argv: Sequence[str], given: flags.FlagValues) -> int:
+    """Builds the dataset named in ``argv`` (the positional arguments after the program name)
+    with the options in ``given`` and prints the summaries."""
+    names = list(argv[1:])
+    if len(names) != 1:
+        raise app.UsageError(
+            "name one dataset (or NAME/CONFIG) before the flags, e.g. python -m "
+            "data_pipelines.prepare phantoms --data_dir=DIR; names: " + ", ".join(valid_names())
+        )
+    options = {name: given[name].value for name, _, _ in _OPTIONS if given[name].value is not None}
+    limit = FailureLimit(given.max_failure_fraction)
+    summaries = ensure_prepared(names[0], given.data_dir, given.manual_dir, limit, **options)
     print("\nSummary")
     for summary in summaries:
         print(summary.format())
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2, one paragraph, on a mistake to fix)."""
-    # The command's part only: the library above stays free of unimedi_jax.
-    from unimedi_jax.core.errors import exit_on_user_error
+def main(argv: Sequence[str]) -> int:
+    """The command: builds the dataset named first on the command line."""
+    return prepare_named(argv, flags.FLAGS)
 
-    # The builders report a bad option (a value, a split file, a window) as ValueError.
-    return exit_on_user_error(also=(ValueError,))(_prepare)(argv)
+
+def run(args: Sequence[str]) -> int:
+    """``python -m data_pipelines.prepare ARGS`` inside this process (tests, scripts), on a flag
+    set of its own: the same parsing, output and exit status 2 for a user's mistake."""
+    from unimedi_jax.core.errors import reporting_user_errors
+
+    given = flags.FlagValues()
+    define_flags(given)
+
+    def command() -> int:
+        return prepare_named(given(["prepare", *args]), given)
+
+    return reporting_user_errors(command, also=(ValueError,))()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The command's part only: the library above stays free of unimedi_jax.
+    from unimedi_jax.core.errors import run_app
+
+    define_flags()
+    # The builders report a bad option (a value, a split file, a window) as ValueError.
+    run_app(main, also=(ValueError,))

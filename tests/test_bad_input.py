@@ -233,7 +233,7 @@ def test_build_counts_3d_skips_in_metadata_and_summary(bimcv_root, tmp_path):
     out = io.StringIO()
     argv = ["bimcv_covid19", f"--data_dir={tmp_path / 'data'}", f"--manual_dir={bimcv_root}"]
     with contextlib.redirect_stdout(out):
-        assert prepare.main([*argv, "--num_workers=0", "--volume_shape=8,32,32"]) == 0
+        assert prepare.run([*argv, "--num_workers=0", "--volume_shape=8,32,32"]) == 0
     assert _skip_totals(_metadata(tmp_path / "data", "bimcv_covid19")) == VOLUME_SKIPS
     summary = ", ".join(f"{reason} {n}" for reason, n in sorted(VOLUME_SKIPS.items()))
     assert f"skipped: {summary}" in out.getvalue()
@@ -410,7 +410,7 @@ def test_mimic_build_skips_escaping_paths_bad_reports_and_blank_images(tmp_path)
     argv = ["mimic_cxr_jpg", f"--data_dir={prepared}", f"--manual_dir={root}"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert prepare.main([*argv, "--image_size=32", "--num_workers=0"]) == 0
+        assert prepare.run([*argv, "--image_size=32", "--num_workers=0"]) == 0
     train = _records_of(prepared / "mimic_cxr_jpg" / "xray" / "1.0.0", "train")
     assert [_text(r["id"]) for r in train] == ["g1", "lnk"]  # the symlink inside still works
     expected = imaging.letterbox(imaging.read_image_2d(outside / "linked.jpg"), 32)
@@ -572,7 +572,7 @@ def test_bimcv_bad_sessions_file_skips_that_subjects_sessions(tmp_path):
     out = io.StringIO()
     argv = ["bimcv_covid19", f"--data_dir={tmp_path / 'data'}", f"--manual_dir={root}"]
     with contextlib.redirect_stdout(out):
-        assert prepare.main([*argv, "--volume_shape=8,32,32", f"--seed={seed}"]) == 0
+        assert prepare.run([*argv, "--volume_shape=8,32,32", f"--seed={seed}"]) == 0
     metadata = _metadata(tmp_path / "data", "bimcv_covid19")
     assert _skip_totals(metadata) == {"unreadable report": 2}
     files = metadata["skipped_files"]["train"]["unreadable report"]

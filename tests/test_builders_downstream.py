@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import imaging, pipeline, prepare
+from data_pipelines import imaging, pipeline, prepare, transforms
 from data_pipelines.builders import (
     REGISTRY,
     cc_ccii,
@@ -21,7 +21,7 @@ from data_pipelines.builders import (
     luna16,
     rsna_pneumonia,
 )
-from tests.test_builders_real import _skip_totals, _text, _write_csv
+from tests.test_builders_real import _eval_rows, _skip_totals, _text, _write_csv
 from tests.test_imaging import _write_xray
 
 SPLITS = ("train", "validation", "test")
@@ -29,7 +29,9 @@ SPLITS = ("train", "validation", "test")
 
 def _records(data_dir, name):
     """split -> the prepared records of `name`, in order."""
-    return {split: list(pipeline.load_split(name, data_dir, split)) for split in SPLITS}
+    return {
+        split: list(pipeline.open_source(name, data_dir, split=split).open()) for split in SPLITS
+    }
 
 
 def _metadata(data_dir, name):
@@ -308,7 +310,7 @@ def built(tmp_path_factory, chexpert_root, rsna_root, covidx_root, cc_ccii_root,
     with contextlib.redirect_stdout(out):
         for name, (root, extra) in builds.items():
             argv = [name, f"--data_dir={data_dir}", f"--manual_dir={root}", "--num_workers=0"]
-            assert prepare.main(argv + extra) == 0
+            assert prepare.run(argv + extra) == 0
     return data_dir, out.getvalue()
 
 
@@ -433,6 +435,18 @@ def test_rsna_box_mask_follows_the_letterbox(built, rsna_root):
     assert not record["image"][:8].any() and record["image"][8:24].any()
 
 
+def test_dicom_xray_read_for_inference_is_the_prepared_record_eval_transformed(built, rsna_root):
+    """transforms.xray_from_file (inference's path) gives, DICOM by DICOM, what the RSNA builder
+    stores and the eval pipeline then reads (letterbox padding included)."""
+    data_dir, _ = built
+    rows = _eval_rows(data_dir, "rsna_pneumonia", "2d", "train", crop=24)
+    assert "00313ee0-9eaa" in rows or len(rows) > 1
+    for patient, image in rows.items():
+        dicom = rsna_root / rsna_pneumonia.IMAGES / f"{patient}.dcm"
+        got = transforms.xray_from_file(dicom, crop_size=24, stored_size=RSNA_SIZE)
+        np.testing.assert_array_equal(got, image)
+
+
 def test_rsna_inconsistent_rows_are_named(tmp_path, rsna_root):
     root = tmp_path / "raw"
     shutil.copytree(rsna_root, root)
@@ -497,7 +511,7 @@ def test_cc_ccii_slices_stack_in_numeric_order_as_grey_levels(built):
     )
     assert (first["volume"] == first["volume"][:, :1, :1]).all()
     # The pre-training window maps the stored values back to grey / 255.
-    unit = imaging.transform_3d(first["volume"], window=(-1000.0, 1000.0))
+    unit = transforms.transform_3d(first["volume"], (-1000.0, 1000.0))
     np.testing.assert_allclose(unit[:, 0, 0], grey / 255, atol=1e-3)
     assert first["num_slices"] == 4 and first["label"] == 0
     for scan, record in records.items():
@@ -505,7 +519,7 @@ def test_cc_ccii_slices_stack_in_numeric_order_as_grey_levels(built):
         order = np.argsort([cc_ccii.slice_number(n) for n in CC_SCANS[scan]])
         stack = imaging.resize_volume(values[order][:, None, None], (CC_SHAPE[0], 1, 1))
         np.testing.assert_allclose(
-            imaging.transform_3d(record["volume"])[:, 0, 0], stack[:, 0, 0] / 255, atol=5e-3
+            transforms.transform_3d(record["volume"])[:, 0, 0], stack[:, 0, 0] / 255, atol=5e-3
         )  # within a grey level (the JPEG slices)
         assert record["label"] == cc_ccii.CLASS_NAMES.index(scan.split("/")[0])
 
@@ -651,7 +665,7 @@ def test_worker_processes_give_the_same_records(built, luna_root, tmp_path):
     (again,) = prepare.ensure_prepared("luna16", tmp_path, str(luna_root), **options)
     assert not again.built  # the recorded options match the ones asked for
     for split, want in _records(data_dir, "luna16").items():
-        got = list(pipeline.load_split("luna16", tmp_path, split))
+        got = list(pipeline.open_source("luna16", tmp_path, split=split).open())
         assert [_text(r["id"]) for r in got] == [_text(r["id"]) for r in want]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a["volume"], b["volume"])

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs.pretrain import get_config
-from data_pipelines import imaging, pipeline, prepare
+from data_pipelines import imaging, pipeline, prepare, transforms
 from data_pipelines.builders import bimcv_covid19, common, ct_rate, mimic_cxr_jpg
 
 IMAGE_SIZE, VOLUME = 32, (8, 32, 32)
@@ -333,7 +333,7 @@ def built(tmp_path_factory, mimic_root, bimcv_root, ct_rate_root):
     with contextlib.redirect_stdout(out):
         for name, (root, extra) in sizes.items():
             argv = [name, f"--data_dir={data_dir}", f"--manual_dir={root}", "--num_workers=0"]
-            assert prepare.main(argv + extra) == 0
+            assert prepare.run(argv + extra) == 0
     return data_dir, out.getvalue()
 
 
@@ -355,6 +355,40 @@ def test_mimic_keeps_frontal_images_with_reports_in_official_splits(built, mimic
             jpeg = mimic_root / "files" / "p10" / f"p{row[1]}" / f"s{row[2]}" / f"{row[0]}.jpg"
             want = imaging.letterbox(imaging.read_image_2d(jpeg), IMAGE_SIZE)
             np.testing.assert_array_equal(record["image"], want)
+
+
+def _eval_rows(data_dir, name, modality, split, crop=24):
+    """id -> the eval pipeline's model input of each record of a prepared split."""
+    config = get_config("tiny")
+    config.data.data_dir = str(data_dir)
+    config.model.image_size, config.model.volume_size = (crop, crop), VOLUME
+    key = {"2d": "image", "3d": "volume"}[modality]
+    return {
+        _text(record_id): array
+        for batch in pipeline.eval_batches(config, name, modality, split)
+        for record_id, array in zip(batch["id"], batch[key], strict=True)
+    }
+
+
+def test_files_read_for_inference_are_the_prepared_records_eval_transformed(
+    built, mimic_root, bimcv_root
+):
+    """transforms.{xray,volume}_from_file (inference's path) give, file by file, what the
+    builders store and the eval pipeline then reads."""
+    data_dir, _ = built
+    xrays = _eval_rows(data_dir, "mimic_cxr_jpg", "2d", "train")
+    assert sorted(xrays) == ["d01", "d05"]
+    for dicom, image in xrays.items():
+        row = next(r for r in MIMIC_IMAGES if r[0] == dicom)
+        jpeg = mimic_root / "files" / "p10" / f"p{row[1]}" / f"s{row[2]}" / f"{dicom}.jpg"
+        got = transforms.xray_from_file(jpeg, crop_size=24, stored_size=IMAGE_SIZE)
+        np.testing.assert_array_equal(got, image)
+    volumes = _eval_rows(data_dir, "bimcv_covid19", "3d", "train")
+    assert volumes
+    window = tuple(get_config("tiny").data.hu_window)
+    for run, volume in volumes.items():
+        (path,) = bimcv_root.glob(f"sub-*/ses-*/mod-rx/{run}.nii.gz")
+        np.testing.assert_array_equal(transforms.volume_from_file(path, VOLUME, window), volume)
 
 
 def test_mimic_skips_counted_by_reason(built):
@@ -569,7 +603,7 @@ def test_missing_or_empty_manual_dir(tmp_path):
 
 def test_cli_reports_layout_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        prepare.main(["ct_rate", f"--data_dir={tmp_path}", f"--manual_dir={tmp_path}"])
+        prepare.run(["ct_rate", f"--data_dir={tmp_path}", f"--manual_dir={tmp_path}"])
     assert exit_.value.code == 2
     assert "dataset/train not found in" in capsys.readouterr().err
 

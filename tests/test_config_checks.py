@@ -1,10 +1,12 @@
 """Start-up config checks: each bad value gets a message naming its field."""
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs.pretrain import get_config
 from unimedi_jax.config.checks import ConfigError, check_batch_for_mesh, check_config
-from unimedi_jax.config.overrides import check_override_names
+from unimedi_jax.config.overrides import check_override_names, parse_flags
 
 
 def test_presets_pass():
@@ -52,7 +54,42 @@ def test_batch_must_split_over_data_parallel_devices():
 def test_unknown_override_names_the_closest_fields():
     argv = ["main", "--config=configs/pretrain.py:tiny", "--config.model.widht=3"]
     with pytest.raises(ConfigError, match=r"Did you mean model\.width"):
-        check_override_names(argv)
+        check_override_names(argv, get_config("tiny"))
     with pytest.raises(ConfigError, match=r"modle is not a config field\. Did you mean model"):
-        check_override_names(["main", "--config=configs/pretrain.py", "--config.modle.width=3"])
-    check_override_names(["main", "--config=configs/pretrain.py:demo", "--config.batch.size_2d=4"])
+        check_override_names(["main", "--config.modle.width=3"], get_config("paper"))
+    check_override_names(["main", "--config.batch.size_2d=4"], get_config("demo"))
+
+
+def _counting_config_file(tmp_path):
+    """A config file that appends a line to ``runs.txt`` each time it is executed."""
+    runs = tmp_path / "runs.txt"
+    path = tmp_path / "counting.py"
+    path.write_text(
+        "import ml_collections\n"
+        f"with open({str(runs)!r}, 'a') as f:\n"
+        "    f.write('run\\n')\n"
+        "def get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.model = ml_collections.ConfigDict({'width': 8})\n"
+        "    return c\n"
+    )
+    return path, runs
+
+
+def test_overrides_are_checked_on_the_config_the_flag_loaded(tmp_path):
+    """The config file runs once: the override names are checked against the config the
+    ``--config`` flag loaded, not against a second execution of the file."""
+    path, runs = _counting_config_file(tmp_path)
+    argv = ["main", f"--config={path}", "--config.model.width=16"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    parse_flags(flag_values, argv)
+    assert flag_values.config.model.width == 16
+    assert runs.read_text() == "run\n"
+
+    argv = ["main", f"--config={path}", "--config.model.widht=16"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    with pytest.raises(ConfigError, match=r"model\.widht is not a config field\. Did you mean"):
+        parse_flags(flag_values, argv)
+    assert runs.read_text() == "run\nrun\n"

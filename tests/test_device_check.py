@@ -4,7 +4,13 @@ held to), and the verdict's arithmetic. launch/device_check.sh runs them on a GP
 import pytest
 
 from configs.pretrain import get_config
-from unimedi_jax.device_check import LOSS_KEYS, comparison_table, one_step, relative_errors
+from unimedi_jax.diagnostics.backend_check import (
+    LOSS_KEYS,
+    comparison_table,
+    loss_verdict,
+    one_step,
+    relative_errors,
+)
 
 
 def test_bfloat16_step_is_within_the_gpu_tolerance_of_float32():
@@ -30,3 +36,11 @@ def test_relative_errors():
     assert errors["loss"] == pytest.approx(0.05)
     assert errors["loss_vl"] == pytest.approx(2.0)
     assert errors["loss_icl"] == 0.0
+
+
+def test_loss_verdict_passes_up_to_the_tolerance():
+    reference = {key: 2.0 for key in LOSS_KEYS}
+    assert loss_verdict({**reference, "loss": 2.019}, reference, 1e-2)[0]
+    failed, line = loss_verdict({**reference, "loss": 2.03, "loss_vl": 9.0}, reference, 1e-2)
+    assert not failed
+    assert line == "FAIL: relative error of the loss 1.50e-02 (limit 0.01)"

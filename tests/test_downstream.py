@@ -3,6 +3,8 @@ evaluation.downstream, ``python -m unimedi_jax.evaluate --config=configs/probe.p
 phantoms, and full fine-tuning (``python -m unimedi_jax.finetune``) on a CC-CCII fixture."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
+from configs import pretrain as pretrain_config
 from configs import probe as probe_config
-from data_pipelines import imaging, pipeline, synthetic_phantoms
+from data_pipelines import pipeline, synthetic_phantoms, transforms
 from data_pipelines.prepare import ensure_prepared
 from tests import test_visualize
 from tests.test_builders_downstream import _image
@@ -21,7 +24,10 @@ from unimedi_jax import inference
 from unimedi_jax.evaluation import downstream, linear_probe
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.evaluation.tasks import ProtocolError
-from unimedi_jax.train.finetuning import finetune, random_flips
+from unimedi_jax.train import trainers
+from unimedi_jax.train.finetuning import finetune
+from unimedi_jax.train.loop import NonFiniteLossError
+from unimedi_jax.train.preemption import Preempted
 
 ROOT = Path(__file__).resolve().parents[1]
 run = test_visualize.run  # the tiny trained run (a module-scoped fixture), reused
@@ -108,8 +114,9 @@ def test_probe_feeds_the_inference_features_of_each_split(run, model, data_dir, 
     assert results["step"] == 2 and results["encoder"] == "pretrained"
     assert results["splits"] == {"train": 30, "val": 12, "test": 12}
     for role, split in (("train", "train"), ("test", "test")):
-        records = list(pipeline.load_split("phantoms/xray", data_dir, split))[: len(seen[role][1])]
-        images = np.stack([imaging.eval_transform_2d(r["image"], 32) for r in records])
+        reader = pipeline.open_source("phantoms/xray", data_dir, split=split).open()
+        records = list(reader)[: len(seen[role][1])]
+        images = np.stack([transforms.eval_transform_2d(r["image"], 32) for r in records])
         np.testing.assert_allclose(seen[role][0], model.image_features(images), atol=1e-5)
         np.testing.assert_array_equal(seen[role][1], [r["labels"] for r in records])
 
@@ -200,24 +207,6 @@ def cc_ccii_dir(tmp_path_factory, run):
     return data_dir
 
 
-def _flip(volume, depth, width):
-    volume = np.flip(volume, 0) if depth else volume
-    return np.flip(volume, 2) if width else volume
-
-
-def test_random_flips_flip_whole_volumes_along_the_chosen_axes():
-    volumes = np.arange(8 * 2 * 3 * 4, dtype=np.float32).reshape(8, 2, 3, 4)
-    flipped = np.asarray(random_flips(jax.random.key(1), volumes, (0, 2)))  # D and W
-    seen = set()
-    for original, out in zip(volumes, flipped, strict=True):
-        match = [
-            (d, w) for d in (0, 1) for w in (0, 1) if np.array_equal(_flip(original, d, w), out)
-        ]
-        assert len(match) == 1
-        seen.add(match[0])
-    assert len(seen) > 1
-
-
 def test_finetune_learns_and_writes_eval_json(run, cc_ccii_dir, tmp_path):
     proc = _cli(
         "unimedi_jax.finetune",
@@ -241,3 +230,100 @@ def test_finetune_learns_and_writes_eval_json(run, cc_ccii_dir, tmp_path):
     assert set(results["test"]) == {"accuracy", "auroc", "loss"}
     assert results["test"]["accuracy"] == 1.0  # three brightness levels, perfectly separable
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def _finetune_config(data_dir, epochs=2):
+    config = finetune_config.get_config("dataset=cc_ccii")
+    config.data.data_dir = str(data_dir)
+    config.train.update(epochs=epochs, batch_size=4, warmup_epochs=1)
+    config.log_every_steps = 1
+    return config
+
+
+def _with_batch_hook(monkeypatch, hook):
+    """Fine-tuning reads its batches through ``pipeline.labelled_epoch``; ``hook(step, batch)``
+    sees (and may change) each one before the trainer does."""
+    original, step = pipeline.labelled_epoch, [0]
+
+    def hooked(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            step[0] += 1
+            yield hook(step[0], batch)
+
+    monkeypatch.setattr(pipeline, "labelled_epoch", hooked)
+
+
+def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_ccii_dir, tmp_path):
+    proc = _cli(
+        "unimedi_jax.main",
+        "--config=configs/finetune.py:dataset=cc_ccii",
+        f"--config.data.data_dir={cc_ccii_dir}",
+        "--config.train.epochs=1",
+        "--config.train.batch_size=4",
+        f"--checkpoint={run}",
+        f"--workdir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["kind"] == "finetune" and results["epochs"] == 1
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed == {k: results[k] for k in ("dataset", "encoder", "best_epoch", "test")}
+    assert json.loads((tmp_path / "config.json").read_text())["kind"] == "finetune"
+
+
+@pytest.mark.parametrize(
+    ("module", "arg", "checkpoint", "message"),
+    [
+        (finetune_config, "dataset=cc_ccii", None, "needs --checkpoint="),
+        (pretrain_config, "tiny", "runs/x", "--checkpoint=runs/x is for fine-tuning"),
+        (probe_config, "dataset=cc_ccii", "runs/x", "python -m unimedi_jax.evaluate"),
+    ],
+)
+def test_a_config_and_flags_that_make_no_job_are_refused_before_anything_runs(
+    module, arg, checkpoint, message, tmp_path
+):
+    with pytest.raises(trainers.TrainerUsageError, match=message):
+        trainers.run(module.get_config(arg), tmp_path / "w", checkpoint)
+    assert not (tmp_path / "w").exists()
+
+
+def test_main_reports_a_probe_config_as_a_usage_error(tmp_path):
+    proc = _cli(
+        "unimedi_jax.main",
+        "--config=configs/probe.py:dataset=cc_ccii",
+        f"--checkpoint={tmp_path}",
+        f"--workdir={tmp_path}/w",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "TrainerUsageError" in line and "python -m unimedi_jax.evaluate" in line
+
+
+def test_finetune_stops_at_a_nan_naming_the_epoch_and_step(run, cc_ccii_dir, tmp_path, monkeypatch):
+    def poison(step, batch):
+        if step == 2:
+            batch["volume"][0, 0, 0, 0] = np.nan
+        return batch
+
+    _with_batch_hook(monkeypatch, poison)
+    expected = r"at epoch 1/2, step 2 \(grad_norm=nan, loss=nan\)\. Fine-tuning keeps no"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        finetune(_finetune_config(cc_ccii_dir), run, tmp_path)
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_finetune_sigterm_stops_after_the_step_with_a_message(
+    run, cc_ccii_dir, tmp_path, monkeypatch
+):
+    def preempt(step, batch):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    handler = signal.getsignal(signal.SIGTERM)
+    _with_batch_hook(monkeypatch, preempt)
+    with pytest.raises(Preempted, match="SIGTERM at epoch 1/2, step 2; it does not resume"):
+        finetune(_finetune_config(cc_ccii_dir), run, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored for the rest of the process
+    assert not (tmp_path / "eval.json").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""  # no epoch finished

@@ -24,7 +24,7 @@ from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file
 
 from tests.tiny_models import TINY_BERT, TINY_VIT
-from unimedi_jax import export
+from unimedi_jax.interop import torch_export
 from unimedi_jax.models.text import BertConfig, BertEncoder, train_wordpiece_tokenizer
 from unimedi_jax.models.vit import VisionTransformer
 
@@ -82,8 +82,8 @@ def _assert_safe_files(out) -> None:
     """Only safetensors, JSON and the tokenizer's vocab.txt: nothing that unpickles."""
     suffixes = {path.suffix for path in out.iterdir()}
     assert suffixes <= {".safetensors", ".json", ".txt"}, suffixes
-    assert (out / export.WEIGHTS).is_file()
-    json.loads((out / export.CONFIG).read_text())
+    assert (out / torch_export.WEIGHTS).is_file()
+    json.loads((out / torch_export.CONFIG).read_text())
 
 
 def _max_err(a, b) -> float:
@@ -107,14 +107,14 @@ def _monai_tokens(vit: ViT, volumes: np.ndarray) -> tuple[np.ndarray, torch.Tens
 @pytest.mark.parametrize("volume_size", [None, (8, 32, 32)])
 def test_monai_vit_loads_all_but_head_and_matches(tmp_path, vision, volume_size):
     model, params = vision
-    out = export.export_monai(params, model, tmp_path, volume_size)
+    out = torch_export.export_monai(params, model, tmp_path, volume_size)
     _assert_safe_files(out)
-    config = json.loads((out / export.CONFIG).read_text())
+    config = json.loads((out / torch_export.CONFIG).read_text())
     assert config["layer_norm_eps"] == 1e-6 and config["monai_layer_norm_eps"] == 1e-5
     assert not config["unetr_compatible"]
 
     vit = ViT(**config["kwargs"], num_classes=3).eval()
-    result = vit.load_state_dict(load_file(out / export.WEIGHTS), strict=False)
+    result = vit.load_state_dict(load_file(out / torch_export.WEIGHTS), strict=False)
     assert sorted(result.missing_keys) == sorted(HEAD)
     assert result.unexpected_keys == []
 
@@ -124,7 +124,7 @@ def test_monai_vit_loads_all_but_head_and_matches(tmp_path, vision, volume_size)
     # MONAI's own LayerNorm eps (1e-5, ours 1e-6) is not negligible: [CLS] enters the first
     # block with a tiny variance. Left at 1e-5 the error here is ~1e-3 on [CLS] and ~2e-4 on
     # the patches; load_monai_weights sets eps to ours, which leaves float32 rounding (~1e-6).
-    assert sorted(export.load_monai_weights(vit, out)) == sorted(HEAD)
+    assert sorted(torch_export.load_monai_weights(vit, out)) == sorted(HEAD)
     theirs, logits = _monai_tokens(vit, volumes)
     assert logits.shape == (2, 3)
     assert _max_err(theirs, ours) < 1e-5
@@ -142,8 +142,8 @@ def test_unetr_vit_loads_all_but_cls_token_and_runs(tmp_path):
         image_size=(32, 32),
         volume_size=(16, 32, 32),
     )
-    out = export.export_monai(params, model, tmp_path)
-    assert json.loads((out / export.CONFIG).read_text())["unetr_compatible"]
+    out = torch_export.export_monai(params, model, tmp_path)
+    assert json.loads((out / torch_export.CONFIG).read_text())["unetr_compatible"]
     unetr = UNETR(
         in_channels=1,
         out_channels=2,
@@ -154,9 +154,9 @@ def test_unetr_vit_loads_all_but_cls_token_and_runs(tmp_path):
         num_heads=2,
         qkv_bias=True,
     ).eval()
-    result = unetr.vit.load_state_dict(load_file(out / export.WEIGHTS), strict=False)
+    result = unetr.vit.load_state_dict(load_file(out / torch_export.WEIGHTS), strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == ["cls_token"]
-    assert export.load_monai_weights(unetr.vit, out) == []
+    assert torch_export.load_monai_weights(unetr.vit, out) == []
 
     volumes = np.random.default_rng(1).random((1, *model.volume_size), dtype=np.float32)
     x = torch.from_numpy(volumes)[:, None]
@@ -170,10 +170,10 @@ def test_unetr_vit_loads_all_but_cls_token_and_runs(tmp_path):
 
 def test_load_monai_weights_rejects_a_vit_of_other_depth(tmp_path, vision):
     model, params = vision
-    out = export.export_monai(params, model, tmp_path)
-    kwargs = {**json.loads((out / export.CONFIG).read_text())["kwargs"], "num_layers": 3}
+    out = torch_export.export_monai(params, model, tmp_path)
+    kwargs = {**json.loads((out / torch_export.CONFIG).read_text())["kwargs"], "num_layers": 3}
     with pytest.raises(ValueError, match="does not match the export"):
-        export.load_monai_weights(ViT(**kwargs), out)
+        torch_export.load_monai_weights(ViT(**kwargs), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,10 +242,10 @@ def _timm_reference(state, images: torch.Tensor, num_heads: int) -> torch.Tensor
 @pytest.mark.parametrize(("in_chans", "image_size"), [(1, None), (3, None), (1, (48, 40))])
 def test_timm_export_matches_reference_forward(tmp_path, vision, in_chans, image_size):
     model, params = vision
-    out = export.export_timm(params, model, tmp_path, image_size, in_chans)
+    out = torch_export.export_timm(params, model, tmp_path, image_size, in_chans)
     _assert_safe_files(out)
-    config = json.loads((out / export.CONFIG).read_text())
-    state = load_file(out / export.WEIGHTS)
+    config = json.loads((out / torch_export.CONFIG).read_text())
+    state = load_file(out / torch_export.WEIGHTS)
     assert {k: tuple(v.shape) for k, v in state.items()} == _timm_expected_shapes(
         config["model_args"]
     )
@@ -264,12 +264,12 @@ def test_timm_export_matches_reference_forward(tmp_path, vision, in_chans, image
 def test_timm_model_loads_export(tmp_path, vision):
     """timm itself builds the reference, loads the export strictly and from a local dir."""
     model, params = vision
-    out = export.export_timm(params, model, tmp_path, in_chans=3)
-    config = json.loads((out / export.CONFIG).read_text())
+    out = torch_export.export_timm(params, model, tmp_path, in_chans=3)
+    config = json.loads((out / torch_export.CONFIG).read_text())
     reference = timm.models.vision_transformer.VisionTransformer(**config["model_args"]).eval()
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert expected == _timm_expected_shapes(config["model_args"])
-    reference.load_state_dict(load_file(out / export.WEIGHTS), strict=True)
+    reference.load_state_dict(load_file(out / torch_export.WEIGHTS), strict=True)
     from_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
 
     images = np.random.default_rng(3).random((2, *model.image_size), dtype=np.float32)
@@ -284,9 +284,9 @@ def test_timm_model_loads_export(tmp_path, vision):
 def test_timm_export_refuses_bad_sizes(vision):
     model, params = vision
     with pytest.raises(ValueError, match="not divisible by the patch"):
-        export.timm_vit_state(params, model, image_size=(36, 32))
+        torch_export.timm_vit_state(params, model, image_size=(36, 32))
     with pytest.raises(ValueError, match="not expressible"):
-        export.timm_vit_kwargs(VisionTransformer(**{**TINY_VIT, "width": 28, "mlp_dim": 61}))
+        torch_export.timm_vit_kwargs(VisionTransformer(**{**TINY_VIT, "width": 28, "mlp_dim": 61}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_timm_export_refuses_bad_sizes(vision):
 
 def test_hf_bert_loads_without_pooler_and_matches(tmp_path, text):
     model, params, tokenizer = text
-    out = export.export_hf_bert(params, model.config, tmp_path, tokenizer)
+    out = torch_export.export_hf_bert(params, model.config, tmp_path, tokenizer)
     _assert_safe_files(out)
 
     hf, info = transformers.BertModel.from_pretrained(
@@ -322,11 +322,11 @@ def test_hf_bert_loads_without_pooler_and_matches(tmp_path, text):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# A loaded run, as the command exports it
 
 
-@pytest.mark.parametrize("fmt", export.FORMATS)
-def test_cli_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, fmt):
+@pytest.mark.parametrize("fmt", torch_export.FORMATS)
+def test_export_run_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, fmt):
     model, params = vision
     text_model, text_params, tokenizer = text
     run = types.SimpleNamespace(
@@ -339,10 +339,10 @@ def test_cli_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, fmt):
     fake.load = lambda path: run if path == "runs/x" else None
     fake.resolve_run = lambda path: (Path(path), None)
     monkeypatch.setitem(sys.modules, "unimedi_jax.inference", fake)
-    size = {"monai": ["--size=8,32,32"], "timm": ["--size=48,48", "--in_chans=3"]}
-    export.main(["--workdir=runs/x", f"--format={fmt}", f"--out={tmp_path}", *size.get(fmt, [])])
+    size = {"monai": {"size": (8, 32, 32)}, "timm": {"size": (48, 48), "in_chans": 3}}
+    torch_export.export_run("runs/x", fmt, tmp_path, **size.get(fmt, {}))
     _assert_safe_files(tmp_path)
-    config = json.loads((tmp_path / export.CONFIG).read_text())
+    config = json.loads((tmp_path / torch_export.CONFIG).read_text())
     if fmt == "monai":
         assert config["kwargs"]["img_size"] == [8, 32, 32]
     elif fmt == "timm":

@@ -24,8 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import get_config
 from tests.fake_devices import fake_device_flags
-from unimedi_jax.benchmark import device_batch, text_tower
 from unimedi_jax.core import sharding
+from unimedi_jax.diagnostics.step_benchmark import device_batch, text_tower
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
 from unimedi_jax.train.pretraining import build_trainer
 

@@ -142,37 +142,6 @@ def test_letterbox_upsamples_small_images():
     assert not out[:64].any() and not out[192:].any()
 
 
-def test_eval_crop_is_the_centre():
-    image = np.random.default_rng(2).integers(0, 256, (256, 256), dtype=np.uint8)
-    out = imaging.eval_transform_2d(image, crop_size=224)
-    assert out.dtype == np.float32 and out.shape == (224, 224)
-    np.testing.assert_allclose(out, image[16:240, 16:240] / 255.0, rtol=1e-6)
-
-
-def test_train_crop_is_in_bounds_and_seeded():
-    image = np.random.default_rng(4).integers(0, 256, (256, 256), dtype=np.uint8)
-    a = imaging.train_transform_2d(image, np.random.default_rng(5))
-    assert a.dtype == np.float32 and a.shape == (224, 224)
-    assert a.min() >= 0.0 and a.max() <= 1.0
-    offsets = [
-        (top, left)
-        for top in range(33)
-        for left in range(33)
-        if np.array_equal(np.rint(a * 255.0), image[top : top + 224, left : left + 224])
-    ]
-    assert len(offsets) == 1  # one in-bounds window of the image
-    np.testing.assert_array_equal(a, imaging.train_transform_2d(image, np.random.default_rng(5)))
-    crops = {
-        imaging.train_transform_2d(image, np.random.default_rng(s)).tobytes() for s in range(8)
-    }
-    assert len(crops) > 1
-
-
-def test_crop_larger_than_image_is_an_error():
-    with pytest.raises(ValueError, match="crop size"):
-        imaging.train_transform_2d(np.zeros((100, 300), np.uint8), np.random.default_rng(0))
-
-
 # ---------------------------------------------------------------------------------------- 3D
 
 # Canonical shape [z, y, x] and marker position near the superior, anterior, patient-right corner.
@@ -398,14 +367,3 @@ def test_hu_window_by_hand():
     np.testing.assert_allclose(imaging.window_hu(hu), [0, 0, 0.5, 0.75, 1, 1])
     np.testing.assert_allclose(imaging.window_hu(hu, (-160, 240)), [0, 0, 0.4, 1, 1, 1])
     assert imaging.window_hu(hu).dtype == np.float32
-
-
-def test_transform_3d_window_and_flip():
-    stored = np.random.default_rng(7).integers(-1200, 1200, (4, 6, 8)).astype(np.int16)
-    plain = imaging.transform_3d(stored)
-    assert plain.dtype == np.float32 and plain.min() >= 0.0 and plain.max() <= 1.0
-    np.testing.assert_array_equal(plain, imaging.window_hu(stored))
-    flipped = imaging.transform_3d(stored, np.random.default_rng(0), flip_lr_prob=1.0)
-    np.testing.assert_array_equal(flipped, plain[..., ::-1])
-    with pytest.raises(ValueError, match="rng"):
-        imaging.transform_3d(stored, None, flip_lr_prob=0.5)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.tiny_runs import fast_compile_env
-from unimedi_jax.soak import (
+from unimedi_jax.diagnostics.resume_soak import (
     compare_runs,
     complete_checkpoints,
     log_tail,

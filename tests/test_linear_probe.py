@@ -151,3 +151,33 @@ def test_shape_and_task_errors():
         lp.evaluate_linear_probe(result, x, np.arange(10) % 2, "multiclass")
     with pytest.raises(ValueError, match="test_y must have 1 dims"):
         lp.evaluate_linear_probe(result, x, np.zeros((10, 1)))
+
+
+@pytest.mark.parametrize("task", lp.TASKS)
+def test_evaluate_head_on_raw_features_matches_sklearn(task):
+    """Fine-tuning's scoring: a head on unstandardised features, against sklearn's metrics and
+    a numpy loss."""
+    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    x, y = _split(task, rng, 200)
+    outputs = 4 if task == "multiclass" else (3 if task == "multilabel" else 1)
+    head = {
+        "kernel": rng.normal(scale=0.05, size=(D, outputs)).astype(np.float32),
+        "bias": rng.normal(size=outputs).astype(np.float32),
+    }
+    got = lp.evaluate_head(head, x, y, task)
+    logits = x.astype(np.float64) @ head["kernel"] + head["bias"]
+    if task == "multiclass":
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        assert got["accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+        assert got["auroc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=1e-6)
+        assert got["loss"] == pytest.approx(log_loss(y, probs), rel=1e-4)
+        return
+    probs = 1 / (1 + np.exp(-logits))
+    columns = y.reshape(len(y), -1)
+    auroc = np.mean([roc_auc_score(columns[:, c], probs[:, c]) for c in range(outputs)])
+    loss = np.mean([log_loss(columns[:, c], probs[:, c]) for c in range(outputs)])
+    assert got["auroc"] == pytest.approx(auroc, abs=1e-6)
+    assert got["loss"] == pytest.approx(loss, rel=1e-4)

@@ -1,6 +1,6 @@
 """Non-finite loss or gradients: ``train.on_nonfinite=skip`` leaves the learned state untouched
-inside the compiled step and counts the skip; ``stop`` names the step, the terms and the last
-good checkpoint."""
+inside the compiled step and counts the skip; ``stop`` (``train/loop.py``, shared by the
+trainers) names the step, the terms and the last good checkpoint."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ import pytest
 from configs.pretrain import get_config
 from tests.test_train_step import build, tiny_batch
 from unimedi_jax.train.checkpoint import Checkpointer
-from unimedi_jax.train.pretraining import NonFiniteLossError, check_finite
+from unimedi_jax.train.loop import NonFiniteLossError, NonFiniteWatch, check_finite
+from unimedi_jax.train.pretraining import NONFINITE_REMEDY
 
 LEARNED = ("params", "teacher", "opt_state", "center_cls", "center_patch")
 
@@ -70,12 +71,34 @@ def test_stop_names_the_step_the_terms_and_the_last_checkpoint(tmp_path, bad):
     checkpointer.save(5, {"w": np.zeros(2, np.float32)}, {"step": 5})
     checkpointer.wait()
     metrics = {"loss": 1.5, "loss_vl": 0.5, "loss_icl": 0.5, "loss_pcl": 0.5, "grad_norm": 2.0}
-    check_finite(7, metrics, checkpointer)
+    check_finite(7, metrics, NONFINITE_REMEDY, checkpointer)
     metrics[bad] = float("inf") if bad == "grad_norm" else float("nan")
     with pytest.raises(NonFiniteLossError) as error:
-        check_finite(7, metrics, checkpointer)
+        check_finite(7, metrics, NONFINITE_REMEDY, checkpointer)
     message = str(error.value)
     assert message.startswith("non-finite loss or gradients at step 7 (loss=1.5, ")
     assert f"{bad}={metrics[bad]}" in message
     assert f"The last good checkpoint is step 5 in {tmp_path}" in message
     assert "train.on_nonfinite=skip" in message
+
+
+def test_without_checkpoints_the_message_names_the_epoch_and_the_remedy():
+    with pytest.raises(NonFiniteLossError) as error:
+        check_finite(13, {"loss": float("nan")}, "Lower it.", epoch="2/50")
+    assert (
+        str(error.value)
+        == "non-finite loss or gradients at epoch 2/50, step 13 (loss=nan). Lower it."
+    )
+
+
+def test_watch_checks_each_step_once_the_next_is_dispatched():
+    good, bad = {"loss": 1.0}, {"loss": float("inf")}
+    watch = NonFiniteWatch(True, "Lower it.")
+    watch.dispatched(1, good)
+    watch.dispatched(2, bad)  # not read yet: the host does not wait for step 2
+    with pytest.raises(NonFiniteLossError, match="at step 2 "):
+        watch.dispatched(3, good)
+    off = NonFiniteWatch(False, "Lower it.")  # 'skip': the compiled step handles it
+    off.dispatched(1, bad)
+    off.dispatched(2, good)
+    off.check(1, bad)

@@ -24,7 +24,7 @@ def built(tmp_path_factory):
     argv += [f"--{k}={v}" for k, v in COUNTS.items()]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert prepare.main(argv) == 0
+        assert prepare.run(argv) == 0
     return data_dir, out.getvalue()
 
 
@@ -92,7 +92,7 @@ def test_ensure_prepared_refuses_other_sizes(built):
 
 def test_unknown_name_lists_valid_names(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["phantom", f"--data_dir={tmp_path}"])
+        prepare.run(["phantom", f"--data_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert "'phantoms', 'phantoms/xray', 'phantoms/ct'" in capsys.readouterr().err
 

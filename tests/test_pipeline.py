@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.pretrain import get_config
-from data_pipelines import imaging, pipeline, prepare, transforms
+from data_pipelines import pipeline, prepare, transforms
 from tests.damaged_records import damage_train_records
 from unimedi_jax.models.text import train_wordpiece_tokenizer
 
@@ -53,7 +53,7 @@ def _take(stream, n):
 
 
 def _records(data_dir, config, split="train"):
-    return pipeline.load_split(f"phantoms/{config}", data_dir, split)
+    return pipeline.open_source(f"phantoms/{config}", data_dir, split=split).open()
 
 
 def _assert_batches_equal(a, b):
@@ -93,7 +93,7 @@ def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
     report tokenises to the row's ids. One epoch uses every record once."""
     config = _config(data_dir)
     volumes, images = _records(data_dir, "ct"), _records(data_dir, "xray")
-    stored_volumes = [imaging.transform_3d(volumes[i]["volume"]) for i in range(N_TRAIN)]
+    stored_volumes = [transforms.transform_3d(volumes[i]["volume"]) for i in range(N_TRAIN)]
     encode = lambda r: transforms.tokenize([r["report"].decode()], tokenizer, MAX_LENGTH, "x")
     image_ids = [encode(images[i])["x_text_ids"][0] for i in range(N_TRAIN)]
     seen_volumes, seen_images = [], []
@@ -249,3 +249,77 @@ def test_eval_batches_in_order_centre_cropped(data_dir):
     assert volumes["lesion_slices"].shape == (N_TEST, VOLUME[0])
     assert volumes["labels"].shape == (N_TEST, 6) and len(volumes["report"]) == N_TEST
     assert volumes["id"][0] == "ct-test-000000"
+
+
+# --------------------------------------------------------------------------------- fine-tuning
+
+
+def _labelled(data_dir, label_key="id", seed=0, epoch=0, threads=1, flip_axes=(0, 2)):
+    source = pipeline.open_source("phantoms/ct", data_dir, split="train")
+    window = (-1000.0, 1000.0)
+    epoch_batches = pipeline.labelled_epoch(
+        source, label_key, 8, seed, epoch, window=window, flip_axes=flip_axes, threads=threads
+    )
+    return list(epoch_batches)
+
+
+def test_labelled_epoch_rows_are_their_records_windowed_and_flipped(data_dir):
+    """Each row is its own record's windowed volume, mirrored along some of the flip axes; every
+    record comes once per epoch, and each flip axis is used for about half of them."""
+    records = _records(data_dir, "ct")
+    by_id = {records[i]["id"]: records[i] for i in range(N_TRAIN)}
+    batches = _labelled(data_dir)
+    assert len(batches) == N_TRAIN // 8
+    seen, flipped = [], {0: 0, 2: 0}
+    for batch in batches:
+        assert batch.keys() == {"volume", "id"}
+        assert batch["volume"].shape == (8, *VOLUME) and batch["volume"].dtype == np.float32
+        for volume, record_id in zip(batch["volume"], batch["id"], strict=True):
+            plain = np.clip((by_id[record_id]["volume"].astype(np.float64) + 1000) / 2000, 0, 1)
+            combos = [(), (0,), (2,), (0, 2)]
+            (axes,) = [a for a in combos if np.allclose(np.flip(plain, a), volume, atol=1e-6)]
+            for axis in axes:
+                flipped[axis] += 1
+            seen.append(record_id)
+    assert sorted(seen) == sorted(by_id)
+    assert all(N_TRAIN // 4 <= n <= 3 * N_TRAIN // 4 for n in flipped.values()), flipped
+
+
+def test_labelled_epoch_is_deterministic_whatever_the_threads(data_dir):
+    one = _labelled(data_dir)
+    for other in (_labelled(data_dir), _labelled(data_dir, threads=4)):
+        for a, b in zip(one, other, strict=True):
+            _assert_batches_equal(a, b)
+    next_epoch = _labelled(data_dir, epoch=1)
+    assert not np.array_equal(one[0]["id"], next_epoch[0]["id"])
+
+
+def test_labelled_epoch_keeps_multi_hot_labels_with_their_volumes(data_dir):
+    records = _records(data_dir, "ct")
+    labels_of = {
+        transforms.transform_3d(records[i]["volume"]).tobytes(): records[i]["labels"]
+        for i in range(N_TRAIN)
+    }
+    for batch in _labelled(data_dir, label_key="labels", flip_axes=()):
+        assert batch["labels"].shape == (8, *records[0]["labels"].shape)
+        for volume, labels in zip(batch["volume"], batch["labels"], strict=True):
+            np.testing.assert_array_equal(labels, labels_of[volume.tobytes()])
+
+
+def test_open_for_model_names_the_checkpoint_whose_sizes_are_fixed(data_dir):
+    """A trained model's sizes cannot change: the message names its checkpoint, offers only
+    another preparation, and the not-prepared message says how to prepare."""
+    with pytest.raises(pipeline.DataConfigError) as info:
+        pipeline.open_for_model(
+            "phantoms/ct", data_dir, "3d", "train", (CROP, CROP), (8, 8, 8), checkpoint="/r/7"
+        )
+    message = str(info.value)
+    assert message.startswith("model.volume_size=(8, 8, 8) of checkpoint /r/7 (its config.json)")
+    assert "--volume_shape=8,8,8 into another data_dir" in message
+    assert "config.model" not in message
+    with pytest.raises(pipeline.DataConfigError, match=r"image_size=\(32, 32\) of checkpoint"):
+        pipeline.open_for_model(
+            "phantoms/xray", data_dir, "2d", "test", (32, 32), VOLUME, checkpoint="c"
+        )
+    source = pipeline.open_for_model("phantoms/xray", data_dir, "2d", "test", (CROP, CROP), VOLUME)
+    assert source.size == N_TEST and source.array_shape == (STORED, STORED)

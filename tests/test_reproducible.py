@@ -7,7 +7,7 @@ compilation cache, so the second one does not compile; about a minute on a loade
 """
 
 from tests.tiny_runs import fast_compile_env, tiny_run_config
-from unimedi_jax.soak import compare_runs, run_to_end
+from unimedi_jax.diagnostics.resume_soak import compare_runs, run_to_end
 
 ARGS = [
     "--config=configs/pretrain.py:tiny",

@@ -1,10 +1,11 @@
-"""results_table: hand-made eval.json files -> the paper's Tables 1-3 in Markdown."""
+"""paper_tables, the library of ``python -m unimedi_jax.results_table``: hand-made eval.json
+files -> the paper's Tables 1-3 in Markdown."""
 
 import json
 
 import pytest
 
-from unimedi_jax import results_table
+from unimedi_jax.evaluation import paper_tables
 
 
 def _probe(dataset, metric, fractions, encoder="pretrained", run="/runs/paper", step=1000):
@@ -86,23 +87,20 @@ def runs(tmp_path):
     return tmp_path
 
 
-def test_renders_the_paper_tables_with_the_runs(runs, capsys):
-    assert results_table.main([str(runs / "paper"), str(runs / "demo")]) == 0
-    assert capsys.readouterr().out == EXPECTED
+def test_renders_the_paper_tables_with_the_runs(runs):
+    assert paper_tables.tables_of([str(runs / "paper"), str(runs / "demo")]) == EXPECTED
 
 
 def test_a_later_file_for_the_same_cell_wins_with_a_warning(runs, capsys):
     again = runs / "paper" / "rerun" / "eval.json"
     again.parent.mkdir()
     again.write_text(json.dumps(_probe("covidx", "accuracy", {"1.0": 0.5})))
-    results_table.main([str(runs)])
-    out, err = capsys.readouterr()
+    out = paper_tables.tables_of([runs])
+    err = capsys.readouterr().err
     assert "| paper @1000 | 88.1 | 89.0 | 90.5 | - | - | - | - | - | 50.0 |" in out
     assert "rerun/eval.json replaces" in err
 
 
-def test_no_results_is_an_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        results_table.main([str(tmp_path)])
-    assert exit_.value.code == 2
-    assert "no probe or fine-tuning eval.json" in capsys.readouterr().err
+def test_no_results_is_a_user_error_naming_the_paths(tmp_path):
+    with pytest.raises(paper_tables.NoResultsError, match=r"no probe or fine-tuning eval\.json"):
+        paper_tables.tables_of([tmp_path])

@@ -15,8 +15,11 @@ import safetensors.numpy
 
 from configs import finetune as finetune_config
 from tests.tiny_runs import tiny_run_config
-from unimedi_jax import export, inference, visualize
+from unimedi_jax import inference
 from unimedi_jax.core import run_folders
+from unimedi_jax.core.errors import user_error_types
+from unimedi_jax.evaluation.figures import draw_figure
+from unimedi_jax.interop.torch_export import export_run
 from unimedi_jax.train.checkpoint import Checkpointer, CheckpointReadError
 from unimedi_jax.train.finetuning import finetune
 from unimedi_jax.train.pretraining import train
@@ -56,38 +59,34 @@ def damage(run: Path, step: int) -> None:
         os.truncate(path, path.stat().st_size // 2)
 
 
-def _user_error(capsys, fn, *args) -> str:
-    """The one-paragraph message of a command that exits 2."""
-    with pytest.raises(SystemExit) as stop:
-        fn(*args)
-    assert stop.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert "\n" not in message and "Traceback" not in message
-    return message
+def _user_error(fn, *args, **kwargs) -> str:
+    """``Class: message`` of the user error ``fn`` raises: what its command reports (one
+    paragraph, exit 2; tests/test_user_errors.py runs the commands)."""
+    with pytest.raises(user_error_types()) as caught:
+        fn(*args, **kwargs)
+    return f"{type(caught.value).__name__}: {caught.value}"
 
 
 # ------------------------------------------------------------------- export and visualize --out
 
 
 @pytest.mark.parametrize("inside", ["", "export/timm"])
-def test_export_refuses_an_out_in_the_run(run, capsys, inside):
+def test_export_refuses_an_out_in_the_run(run, inside):
     before = _tree(run)
     out = run / inside if inside else run
-    args = [f"--workdir={run}", "--format=timm", f"--out={out}", "--overwrite"]
-    message = _user_error(capsys, export.main, args)
+    message = _user_error(export_run, run, "timm", out, overwrite=True)
     assert f"--out={out}" in message and "outside" in message
     assert _tree(run) == before  # config.json not replaced, nothing created
 
 
-def test_export_out_exists_needs_overwrite_and_is_replaced_whole(run, tmp_path, capsys):
+def test_export_out_exists_needs_overwrite_and_is_replaced_whole(run, tmp_path):
     out = tmp_path / "exports" / "timm"
     out.mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
-    args = [f"--workdir={run}", "--format=timm", f"--out={out}"]
-    assert "pass --overwrite" in _user_error(capsys, export.main, args)
+    assert "pass --overwrite" in _user_error(export_run, run, "timm", out)
     assert (out / "notes.txt").read_text() == "mine"
 
-    export.main([*args, "--overwrite"])
+    export_run(run, "timm", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in out.parent.iterdir()] == ["timm"]  # no temporary sibling left
     state = Checkpointer(run / "checkpoints", keep=3).restore_raw(4)
@@ -104,30 +103,28 @@ def test_export_that_fails_leaves_no_out(run, tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
     out = tmp_path / "exports" / "monai"
     with pytest.raises(OSError, match="No space left"):
-        export.main([f"--workdir={run}", "--format=monai", f"--out={out}"])
+        export_run(run, "monai", out)
     assert list(out.parent.iterdir()) == []
 
 
-def test_export_refuses_to_overwrite_a_run(run, trained, tmp_path, capsys):
+def test_export_refuses_to_overwrite_a_run(run, trained, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run, other)
     before = _tree(other)
-    args = [f"--workdir={run}", "--format=timm", f"--out={other}", "--overwrite"]
-    assert "holds a pre-training run" in _user_error(capsys, export.main, args)
+    assert "holds a pre-training run" in _user_error(export_run, run, "timm", other, overwrite=True)
     assert _tree(other) == before
 
 
-def test_visualize_out_rules(run, tmp_path, capsys):
+def test_visualize_out_rules(run, tmp_path):
     before = _tree(run)
-    inside = ["masking", f"--workdir={run}", f"--out={run / 'masking.png'}", "--num=1"]
-    assert "inside the folder of the run" in _user_error(capsys, visualize.main, inside)
+    inside = run / "masking.png"
+    assert "inside the folder of the run" in _user_error(draw_figure, "masking", run, inside, 1)
     assert _tree(run) == before
     out = tmp_path / "masking.png"
     out.write_bytes(b"old figure")
-    args = ["masking", f"--workdir={run}", f"--out={out}", "--num=1"]
-    assert "pass --overwrite" in _user_error(capsys, visualize.main, args)
+    assert "pass --overwrite" in _user_error(draw_figure, "masking", run, out, 1)
     assert out.read_bytes() == b"old figure"
-    visualize.main([*args, "--overwrite"])
+    draw_figure("masking", run, out, 1, overwrite=True)
     assert out.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["masking.png", "run"]
     assert _tree(run) == before
@@ -171,13 +168,13 @@ def test_a_run_without_the_kind_field_is_recognised(run):
         finetune(finetune_config.get_config("dataset=phantoms/ct"), run, run)
 
 
-def test_readers_refuse_an_export_folder_and_create_nothing(run, tmp_path, capsys):
+def test_readers_refuse_an_export_folder_and_create_nothing(run, tmp_path):
     out = tmp_path / "timm"
-    export.main([f"--workdir={run}", "--format=timm", f"--out={out}"])
+    export_run(run, "timm", out)
     before = _tree(out)
     with pytest.raises(inference.RunNotFoundError, match="holds a PyTorch export"):
         inference.load(out)
-    message = _user_error(capsys, export.main, [f"--workdir={out}", "--format=timm", "--out=x"])
+    message = _user_error(export_run, out, "timm", "x")
     assert "holds a PyTorch export" in message
     assert _tree(out) == before and not Path("x").exists()
 
@@ -185,7 +182,7 @@ def test_readers_refuse_an_export_folder_and_create_nothing(run, tmp_path, capsy
 def test_read_only_commands_create_nothing_in_the_run(run, tmp_path):
     before = _tree(run)
     assert inference.load(run).step == 4
-    export.main([f"--workdir={run}", "--format=hf_bert", f"--out={tmp_path / 'bert'}"])
+    export_run(run, "hf_bert", tmp_path / "bert")
     assert _tree(run) == before
     shutil.rmtree(run / "checkpoints")
     before = _tree(run)
@@ -201,7 +198,7 @@ def _params(workdir: Path, step: int) -> dict:
     return Checkpointer(workdir / "checkpoints", keep=3).restore_raw(step)["params"]
 
 
-def test_readers_fall_back_to_the_previous_checkpoint(run, trained, tmp_path, capsys, caplog):
+def test_readers_fall_back_to_the_previous_checkpoint(run, trained, tmp_path, caplog):
     damage(run, 4)
     before = _tree(run)
     with caplog.at_level(logging.WARNING):
@@ -210,15 +207,14 @@ def test_readers_fall_back_to_the_previous_checkpoint(run, trained, tmp_path, ca
     (line,) = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert "step 4" in line and "OUT_OF_RANGE" in line
     jax.tree.map(np.testing.assert_array_equal, model.student, _params(trained / "run", 2))
-    export.main([f"--workdir={run}", "--format=monai", f"--out={tmp_path / 'monai'}"])
+    export_run(run, "monai", tmp_path / "monai")
     assert (tmp_path / "monai" / "model.safetensors").is_file()
     assert _tree(run) == before  # the damaged checkpoint is kept as it was
 
     with pytest.raises(CheckpointReadError, match=r"checkpoint step 4 .*could not be read"):
         inference.load(run / "checkpoints" / "4")
     damage(run, 2)
-    args = [f"--workdir={run}", "--format=monai", f"--out={tmp_path / 'none'}"]
-    message = _user_error(capsys, export.main, args)
+    message = _user_error(export_run, run, "monai", tmp_path / "none")
     assert "CheckpointReadError: no checkpoint in" in message
     assert "step 4: ValueError: OUT_OF_RANGE" in message
     assert "step 2: ValueError: OUT_OF_RANGE" in message

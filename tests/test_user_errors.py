@@ -17,7 +17,7 @@ import torch
 from configs.pretrain import get_config
 from tests.tiny_runs import tiny_run_config
 from unimedi_jax.config.checks import ConfigError, check_training
-from unimedi_jax.evaluation.evaluators import run_evaluators
+from unimedi_jax.evaluation.evaluators import from_config as evaluators_from_config
 from unimedi_jax.models.text import TextModelError, load_hf_bert
 from unimedi_jax.train.pretraining import train
 
@@ -130,8 +130,10 @@ def test_total_steps_is_minus_one_or_positive(steps):
 
 
 def test_unknown_evaluator_names_the_evals_field():
+    config = get_config("tiny")
+    config.evals = ("retreival",)
     with pytest.raises(ConfigError, match=r"evals=\('retreival',\) names unknown evaluators"):
-        run_evaluators(None, None, ("retreival",))
+        evaluators_from_config(config)
 
 
 # --------------------------------------------------------------------------- commands
@@ -249,10 +251,49 @@ def test_unknown_evaluator_names_the_evals_field():
             id="results_table-missing-path",
         ),
         pytest.param(
+            "unimedi_jax.visualize",
+            ["--workdir={tmp}", "--out={tmp}/f.png"],
+            ["UsageError", "one of masking, slices, tsne"],
+            id="visualize-no-figure",
+        ),
+        pytest.param(
+            "unimedi_jax.export",
+            ["--workdir={tmp}", "--format=onnx", "--out={tmp}/out"],
+            ["--format=onnx", "monai|timm|hf_bert"],
+            id="export-unknown-format",
+        ),
+        pytest.param(
+            "unimedi_jax.results_table", [], ["UsageError", "eval.json"], id="results_table-no-path"
+        ),
+        pytest.param(
+            "unimedi_jax.soak",
+            ["--root={tmp}", "--kills=1"],
+            ["UsageError", "after --"],
+            id="soak-no-training-arguments",
+        ),
+        pytest.param(
             "data_pipelines.prepare",
             ["phantom", "--data_dir={tmp}"],
             ["UnknownDatasetError"],
             id="prepare-unknown-dataset",
+        ),
+        pytest.param(
+            "data_pipelines.prepare",
+            ["phantoms", "--data_dir={tmp}", "--volume_shape=8,32,big"],
+            ["--volume_shape", "expected sizes like 32,128,128"],
+            id="prepare-bad-sizes",
+        ),
+        pytest.param(
+            "data_pipelines.prepare",
+            ["phantoms", "--data_dir={tmp}", "--uncertain=ones"],
+            ["ValueError", "phantoms does not take options ['uncertain']"],
+            id="prepare-option-of-another-dataset",
+        ),
+        pytest.param(
+            "data_pipelines.prepare",
+            ["--data_dir={tmp}"],
+            ["UsageError", "name one dataset", "phantoms"],
+            id="prepare-no-name",
         ),
         pytest.param(
             "data_pipelines.benchmark",

@@ -1,4 +1,5 @@
-"""Figures from a tiny trained run, the CLI's PNGs, and the t-SNE against known clusters."""
+"""Figures from a tiny trained run, the PNGs the command writes, and the t-SNE against known
+clusters."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ from PIL import Image
 
 from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
-from unimedi_jax import inference, visualize
+from unimedi_jax import inference
+from unimedi_jax.evaluation import figures
 from unimedi_jax.train.pretraining import train
 
 
@@ -40,7 +42,7 @@ def test_tsne_keeps_separated_clusters_apart():
     centres = rng.normal(size=(5, 20)) * 8.0
     x = np.concatenate([c + rng.normal(size=(40, 20)) for c in centres])
     labels = np.repeat(np.arange(5), 40)
-    y = visualize.tsne(x)
+    y = figures.tsne(x)
     assert y.shape == (200, 2) and np.isfinite(y).all()
     distances = np.sum((y[:, None] - y[None]) ** 2, axis=-1)
     np.fill_diagonal(distances, np.inf)
@@ -49,12 +51,12 @@ def test_tsne_keeps_separated_clusters_apart():
 
 def test_finding_classes_takes_the_first_positive_or_normal():
     labels = np.array([[0, 1, 1], [0, 0, 0], [np.nan, -1, 1]])
-    assert visualize.finding_classes(labels, ["a", "b", "c"]) == ["b", "normal", "c"]
-    assert visualize.finding_classes(labels, []) == ["unlabelled"] * 3
+    assert figures.finding_classes(labels, ["a", "b", "c"]) == ["b", "normal", "c"]
+    assert figures.finding_classes(labels, []) == ["unlabelled"] * 3
 
 
 def test_slices_figure_has_strip_scores_and_report_per_volume(model):
-    fig = visualize.run_slices(model, "test", 2)
+    fig = figures.run_slices(model, "test", 2)
     assert len(fig.axes) == 3 * 2
     strip = fig.axes[0]
     k = model.config.selection.k
@@ -64,10 +66,10 @@ def test_slices_figure_has_strip_scores_and_report_per_volume(model):
 
 def test_masking_panel_keeps_the_highest_attention_tokens(model):
     config = model.config
-    fig = visualize.run_masking(model, "test", 3)
+    fig = figures.run_masking(model, "test", 3)
     assert len(fig.axes) == 4 * 3
-    batch = visualize.held_out(config, "2d", "test", 3)
-    attention = visualize.image_attention(model, batch["image"])
+    batch = figures.held_out(config, "2d", "test", 3)
+    attention = figures.image_attention(model, batch["image"])
     gh, gw = (s // p for s, p in zip(config.model.image_size, config.model.patch_2d, strict=True))
     tokens = gh * gw
     for n in range(3):
@@ -79,16 +81,16 @@ def test_masking_panel_keeps_the_highest_attention_tokens(model):
 
 
 def test_tsne_figure_plots_every_group(model):
-    fig = visualize.run_tsne(model, "test", 12)
+    fig = figures.run_tsne(model, "test", 12)
     (ax,) = fig.axes
     assert len(ax.collections) == 4  # X-ray, CT and the reports of each
     assert sum(len(c.get_offsets()) for c in ax.collections) == 4 * 12
 
 
 @pytest.mark.parametrize("figure", ["slices", "masking", "tsne"])
-def test_cli_writes_a_png(run, tmp_path, figure):
+def test_draw_figure_writes_a_png(run, tmp_path, figure):
     out = tmp_path / f"{figure}.png"
-    visualize.main([figure, f"--workdir={run}", f"--out={out}", "--num=8"])
+    assert figures.draw_figure(figure, run, out, num=8) == out
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.width > 0 and image.height > 0

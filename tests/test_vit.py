@@ -157,8 +157,7 @@ def test_eq1_of_the_last_layer_only(tiny):
     np.testing.assert_allclose(out.tokens, ref_tokens, atol=2e-4, rtol=2e-4)
     np.testing.assert_allclose(out.cls_attention, ref_last, atol=1e-5, rtol=1e-4)
     assert not np.allclose(ref_last, np_vit(params, volumes, slices)[1], atol=1e-3)
-    with pytest.raises(ValueError, match="attention_layers"):
-        VisionTransformer(**TINY, attention_layers="first").apply({"params": params}, volumes)
+    # An unknown name is a config error: tests/test_config_checks.py (selection.layers).
 
 
 def test_volume_sequence_has_cls_3d_and_slice_tokens(tiny):

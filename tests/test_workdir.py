@@ -6,14 +6,20 @@ import json
 import logging
 import struct
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs.pretrain import get_config
 from unimedi_jax.config.checks import ConfigError, check_config
+from unimedi_jax.core.text_tower import text_tower_config
+from unimedi_jax.models.text import train_wordpiece_tokenizer
 from unimedi_jax.train.checkpoint import Checkpointer
 from unimedi_jax.train.metric_writer import MetricWriter, rewind_jsonl
-from unimedi_jax.train.workdir import prepare_workdir
+from unimedi_jax.train.workdir import abstract_train_state, prepare_workdir
+
+REPORTS = ["no acute findings", "small left pleural effusion", "right lower lobe nodule"]
 
 
 def test_keeps_the_latest_k_plus_every_mth(tmp_path):
@@ -26,14 +32,19 @@ def test_keeps_the_latest_k_plus_every_mth(tmp_path):
 
 
 def _previous_run(workdir, config):
-    """A workdir as a run of ``config`` leaves it: config.json, a checkpoint, metrics."""
+    """A workdir as a run of ``config`` leaves it: config.json, its vocabulary, a checkpoint of
+    its train state's shapes, metrics."""
     prepare_workdir(config, workdir)
-    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    train_wordpiece_tokenizer(REPORTS, 64, workdir / "tokenizer")
+    state = abstract_train_state(config, text_tower_config(config, workdir))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=1, async_save=False, clean_up=True)
+    checkpointer.save(2, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), state), {})
+    checkpointer.close()
     (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
     return json.loads((workdir / "config.json").read_text())
 
 
-def test_workdir_with_other_shapes_is_refused_naming_the_fields(tmp_path):
+def test_workdir_with_other_shapes_is_refused_naming_the_params_and_fields(tmp_path):
     saved = _previous_run(tmp_path, get_config("tiny"))
     config = get_config("tiny")
     config.model.width = 48
@@ -41,9 +52,41 @@ def test_workdir_with_other_shapes_is_refused_naming_the_fields(tmp_path):
     with pytest.raises(ConfigError) as error:
         prepare_workdir(config, tmp_path)
     message = str(error.value)
-    assert "model.width 32 -> 48, text.hidden_size 32 -> 64 (saved -> now)" in message
+    assert "holds checkpoints (newest: step 2)" in message
+    # The first parameters in path order, with their saved and new shapes, and how many more.
+    assert (
+        "other shapes than this config gives: params/dino_head/mlp_0/kernel float32[32, 32] -> "
+        "float32[48, 32], params/image_proj/Dense_0/kernel float32[32, 16] -> float32[48, 16], "
+        "params/text/embeddings/norm/bias float32[32] -> float32[64] and 167 more arrays "
+        "(saved -> now)" in message
+    )
+    assert "config.json differs in model.width 32 -> 48, text.hidden_size 32 -> 64" in message
     assert "--config.on_shape_change=restart" in message and "\n" not in message
     assert json.loads((tmp_path / "config.json").read_text()) == saved  # not overwritten
+
+
+def test_changed_optimizer_make_up_is_a_shape_change(tmp_path):
+    """No hand-kept list of fields: a change that only the optimizer state shows is caught."""
+    _previous_run(tmp_path, get_config("tiny"))
+    config = get_config("tiny")
+    config.train.grad_clip_norm = 0.0  # no clipping: one transformation less in the chain
+    with pytest.raises(
+        ConfigError, match=r"opt_state/0/count absent -> int32\[\].*train.grad_clip_norm 3.0 -> 0.0"
+    ):
+        prepare_workdir(config, tmp_path)
+
+
+def test_same_shapes_resume_with_an_older_runs_config(tmp_path, caplog):
+    """A config.json an older version wrote (fields added since are missing) is upgraded before
+    the comparison: only the fields that really changed are named."""
+    _previous_run(tmp_path, get_config("tiny"))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["kind"], saved["text"]["pooling"], saved["selection"]["layers"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = get_config("tiny")
+    with caplog.at_level(logging.WARNING):
+        prepare_workdir(config, tmp_path)  # the tiny config pools reports by their mean
+    assert "changed config: text.pooling cls -> mean" in caplog.text
 
 
 def test_other_changes_resume_with_a_warning(tmp_path, caplog):
@@ -69,6 +112,7 @@ def test_restart_moves_the_previous_run_aside(tmp_path):
         "checkpoints",
         "config.json",
         "metrics.jsonl",
+        "tokenizer",
     ]
     assert json.loads((previous / "config.json").read_text())["model"]["depth"] == 2
     assert json.loads((tmp_path / "config.json").read_text())["model"]["depth"] == 3

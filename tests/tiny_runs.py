@@ -10,7 +10,7 @@ import ml_collections
 
 from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
-from unimedi_jax.soak import run_env
+from unimedi_jax.diagnostics.resume_soak import run_env
 
 
 def tiny_run_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:

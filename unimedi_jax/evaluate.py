@@ -2,9 +2,10 @@
 
 Pre-training evaluators, ``--workdir=W`` (or ``--checkpoint=W``): reads the run's saved config
 (``--config`` replaces it; ``--config.X=Y`` overrides fields of ``--config`` or, without it,
-of the saved config), embeds the held-out split
-(``eval_split``) and writes ``W/eval.json``: retrieval Recall@K, zero-shot AUROC, cross-modal
-mAP and the slice-selection hit rate, as the config's ``evals`` list asks.
+of the saved config), runs every evaluator the config's ``evals`` names (retrieval Recall@K,
+zero-shot AUROC, cross-modal mAP, slice-selection hit rate, linear probe), each on its held-out
+split and limit (``eval_split``/``eval_limit``, or its ``eval_settings.<name>``), whatever its
+in-loop schedule, and writes ``W/eval.json``: the evaluators and figures of in-loop evaluation.
 
 Linear probe (paper Tables 1-2), ``--config=configs/probe.py:dataset=NAME[,fraction=F]
 --checkpoint=PATH``: writes ``<run workdir>/probe/<dataset>-<fractions>[-random_init]/eval.json``

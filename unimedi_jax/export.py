@@ -1,444 +1,56 @@
-"""PyTorch export: the 3D path for MONAI's ViT/UNETR, the 2D path for timm, the text tower for HF.
-
-Every format is a directory holding ``model.safetensors`` (float32, written by safetensors.numpy,
-so exporting needs neither torch nor pickle) and ``config.json`` (the constructor arguments). The
-exported networks reproduce our features: MONAI's ViT and timm's VisionTransformer return the
-final-norm tokens of ``VisionTransformer.apply(params, x).tokens`` (volumes without slices,
-images), and transformers' BertModel returns the text tower's last hidden states. Loading the
-files needs ``pip install torch safetensors`` plus monai, timm or transformers.
+"""PyTorch export of a run: ``python -m unimedi_jax.export --workdir=W --format=F --out=DIR``.
 
     python -m unimedi_jax.export --workdir=runs/demo --format=monai --out=export/monai
+    python -m unimedi_jax.export --workdir=runs/demo --format=timm --out=export/timm --size=224,224
+    python -m unimedi_jax.export --workdir=runs/demo --format=hf_bert --out=export/bert
 
-Recipes (``state = safetensors.torch.load_file(out / "model.safetensors")``):
-
-- monai: ``vit = monai.networks.nets.ViT(**config["kwargs"], num_classes=C)`` then
-  ``load_monai_weights(vit, out)``. MONAI builds its LayerNorms with torch's eps 1e-5 and
-  exposes no argument for it; ours is 1e-6, and eps is not in a state dict, so the loader sets it
-  (left at 1e-5, [CLS] is off by ~1e-3: it enters the first block with a tiny variance).
-  For UNETR (needs depth 12 and patch 16x16x16): ``load_monai_weights(unetr.vit, out)``.
-  UNETR's ViT has no class token, so its tokens see no [CLS] and differ from ours.
-- timm: ``timm.create_model(f"local-dir:{out}", pretrained=True)`` or
-  ``VisionTransformer(**config["model_args"]).load_state_dict(state)``.
-- hf_bert: ``BertModel.from_pretrained(out, add_pooling_layer=False)`` (there is no pooler; with
-  the default the pooler alone is freshly initialised) and ``AutoTokenizer.from_pretrained(out)``.
-  The run's ``text.pooling`` says which feature of ``last_hidden_state`` it trained: [CLS]
-  (``[:, 0]``) or the mean over the attention mask.
+Formats: monai (3D path, MONAI's ViT/UNETR), timm (2D path), hf_bert (text tower). Each is a
+directory with ``model.safetensors`` and ``config.json``; the loading recipes are in
+``unimedi_jax/interop/torch_export.py``, which does the work.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from absl import flags
 
-import jax
-import numpy as np
-import safetensors.numpy
-from flax import linen as nn
+from unimedi_jax.core.errors import run_app
+from unimedi_jax.interop.torch_export import FORMATS, export_run
 
-from unimedi_jax.core.errors import exit_on_user_error
-from unimedi_jax.core.run_folders import check_output, written_atomically
-from unimedi_jax.models.text import _EMBEDDING_SOURCES, _FILE_LEAVES, _LAYER_SOURCES, BertConfig
-from unimedi_jax.models.vit import VisionTransformer, resample_grid, token_grid
-
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerBase
-
-FORMATS = ("monai", "timm", "hf_bert")
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-LAYER_NORM_EPS = 1e-6  # vit.layer_norm; timm's ViT uses the same, MONAI's ViT 1e-5
-MONAI_LAYER_NORM_EPS = 1e-5
-
-Tensors = dict[str, np.ndarray]
-
-# Our block's sub-modules -> each library's names for them.
-_MONAI_BLOCK = {
-    "norm1": "norm1",
-    "qkv": "attn.qkv",
-    "out": "attn.out_proj",
-    "norm2": "norm2",
-    "fc1": "mlp.linear1",
-    "fc2": "mlp.linear2",
-}
-_TIMM_BLOCK = {
-    "norm1": "norm1",
-    "qkv": "attn.qkv",
-    "out": "attn.proj",
-    "norm2": "norm2",
-    "fc1": "mlp.fc1",
-    "fc2": "mlp.fc2",
-}
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")
+_FORMAT = flags.DEFINE_enum("format", None, FORMATS, "What to export.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output directory, outside the run (written when complete)."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")
+_SIZE = flags.DEFINE_list(
+    "size", None, "timm: image H,W; monai: volume D,H,W (default: the training size)."
+)
+_IN_CHANS = flags.DEFINE_integer("in_chans", 1, "timm: input channels.", lower_bound=1)
+_STUDENT = flags.DEFINE_bool(
+    "student", False, "Export the student's vision weights, not the EMA teacher's."
+)
+flags.mark_flags_as_required(["workdir", "format", "out"])
+flags.register_validator(
+    "size",
+    lambda size: size is None or all(v.strip().isdigit() for v in size),
+    "--size takes positive whole numbers separated by commas, e.g. --size=224,224",
+)
 
 
-def _host(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A (possibly boxed, device-resident) param tree as float32 numpy arrays."""
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), nn.unbox(params))
-
-
-def _linear(p: Mapping[str, np.ndarray]) -> Tensors:
-    """Dense/DenseGeneral {kernel [*in, *out], bias [*out]} -> torch Linear {weight [out, in]}."""
-    bias = p["bias"].reshape(-1)
-    return {"weight": p["kernel"].reshape(-1, bias.size).T, "bias": bias}
-
-
-def _norm(p: Mapping[str, np.ndarray]) -> Tensors:
-    return {"weight": p["scale"], "bias": p["bias"]}
-
-
-def _block(p: Mapping[str, Any]) -> dict[str, Tensors]:
-    """One block's torch tensors; qkv is fused as [q; k; v] rows, each heads-major.
-
-    MONAI's SABlock rearranges the fused output with "b h (qkv l d) -> qkv b l h d" and timm's
-    Attention with reshape(B, N, 3, heads, head_dim): the same row order for both.
-    """
-    q, k, v = (_linear(p[name]) for name in ("query", "key", "value"))
-    return {
-        "norm1": _norm(p["norm1"]),
-        "qkv": {leaf: np.concatenate([q[leaf], k[leaf], v[leaf]]) for leaf in ("weight", "bias")},
-        "out": _linear(p["out"]),
-        "norm2": _norm(p["norm2"]),
-        "fc1": _linear(p["fc1"]),
-        "fc2": _linear(p["fc2"]),
-    }
-
-
-def _backbone(encoder: Mapping[str, Any], names: Mapping[str, str]) -> Tensors:
-    """The shared blocks (scanned: stacked on axis 0) and the final norm, under ``names``."""
-    blocks = encoder["blocks"]
-    tensors = {}
-    for i in range(blocks["norm1"]["scale"].shape[0]):
-        layer = jax.tree.map(lambda a, i=i: a[i], blocks)
-        for ours, module in _block(layer).items():
-            for leaf, value in module.items():
-                tensors[f"blocks.{i}.{names[ours]}.{leaf}"] = value
-    tensors.update({f"norm.{leaf}": value for leaf, value in _norm(encoder["norm"]).items()})
-    return tensors
-
-
-def _conv_weight(kernel: np.ndarray) -> np.ndarray:
-    """Flax conv kernel [*patch, C, D] -> torch ConvNd weight [D, C, *patch]."""
-    rank = kernel.ndim - 2
-    return kernel.transpose(rank + 1, rank, *range(rank))
-
-
-def _projection(embed: Mapping[str, Any], vision: VisionTransformer) -> tuple[np.ndarray, ...]:
-    """Torch conv weight and bias of a tokenizer with its input standardisation folded in.
-
-    conv(W, (x - m) / s) + b = conv(W / s, x) + b - (m / s) * sum(W), so the exported model
-    takes the same [0, 1] inputs as ours and needs no preprocessing layer.
-    """
-    kernel, bias = embed["proj"]["kernel"], embed["proj"]["bias"]
-    scale = 1.0 / vision.pixel_std
-    folded_bias = bias - vision.pixel_mean * scale * kernel.sum(axis=tuple(range(kernel.ndim - 1)))
-    return _conv_weight(kernel * scale), folded_bias.astype(np.float32)
-
-
-def _positions(embed: Mapping[str, Any], grid: Sequence[int]) -> np.ndarray:
-    """Position table resampled to ``grid`` exactly as the model does: [N, D]."""
-    table = embed["pos_embed"]
-    return np.asarray(resample_grid(table, grid), np.float32).reshape(-1, table.shape[-1])
-
-
-def monai_vit_kwargs(
-    vision: VisionTransformer, volume_size: Sequence[int] | None = None
-) -> dict[str, Any]:
-    """Arguments of ``monai.networks.nets.ViT`` for the 3D path (the user adds num_classes)."""
-    volume_size = tuple(volume_size or vision.volume_size)
-    token_grid(volume_size, vision.patch_3d)
-    return {
-        "in_channels": 1,
-        "img_size": list(volume_size),
-        "patch_size": list(vision.patch_3d),
-        "hidden_size": vision.width,
-        "mlp_dim": vision.mlp_dim,
-        "num_layers": vision.depth,
-        "num_heads": vision.num_heads,
-        "proj_type": "conv",
-        "pos_embed_type": "learnable",
-        "classification": True,
-        "dropout_rate": 0.0,
-        "spatial_dims": 3,
-        "qkv_bias": True,
-    }
-
-
-def monai_vit_state(
-    params: Mapping[str, Any],
-    vision: VisionTransformer,
-    volume_size: Sequence[int] | None = None,
-) -> Tensors:
-    """The 3D tokenizer, backbone, final norm and [CLS] of ``params`` (the vision tree) as a
-    state dict of MONAI's ViT: everything but the classification head the user adds.
-
-    MONAI's position table covers the patches only and [CLS] is prepended after it is added, as
-    in our model. Its TransformerBlock always builds an unused ``norm_cross_attn`` LayerNorm;
-    identity values fill it so that loading is strict.
-    """
-    p = _host(params)
-    embed = p["embed_3d"]
-    grid = token_grid(tuple(volume_size or vision.volume_size), vision.patch_3d)
-    weight, bias = _projection(embed, vision)
-    tensors = {
-        "cls_token": p["cls_token"].reshape(1, 1, -1),
-        "patch_embedding.position_embeddings": _positions(embed, grid)[None],
-        "patch_embedding.patch_embeddings.weight": weight,
-        "patch_embedding.patch_embeddings.bias": bias,
-        **_backbone(p["encoder"], _MONAI_BLOCK),
-    }
-    for i in range(vision.depth):
-        tensors[f"blocks.{i}.norm_cross_attn.weight"] = np.ones(vision.width, np.float32)
-        tensors[f"blocks.{i}.norm_cross_attn.bias"] = np.zeros(vision.width, np.float32)
-    return tensors
-
-
-def timm_vit_kwargs(
-    vision: VisionTransformer, image_size: Sequence[int] | None = None, in_chans: int = 1
-) -> dict[str, Any]:
-    """Arguments of timm's ``VisionTransformer`` for the 2D path (features only: no head)."""
-    image_size = tuple(image_size or vision.image_size)
-    token_grid(image_size, vision.patch_2d)
-    mlp_ratio = vision.mlp_dim / vision.width
-    if int(vision.width * mlp_ratio) != vision.mlp_dim:  # timm sizes the MLP this way
-        raise ValueError(f"mlp_dim {vision.mlp_dim} is not expressible as width * mlp_ratio")
-    return {
-        "img_size": list(image_size),
-        "patch_size": list(vision.patch_2d),
-        "in_chans": in_chans,
-        "embed_dim": vision.width,
-        "depth": vision.depth,
-        "num_heads": vision.num_heads,
-        "mlp_ratio": mlp_ratio,
-        "qkv_bias": True,
-        "class_token": True,
-        "no_embed_class": False,
-        "global_pool": "token",
-        "num_classes": 0,
-    }
-
-
-def timm_vit_state(
-    params: Mapping[str, Any],
-    vision: VisionTransformer,
-    image_size: Sequence[int] | None = None,
-    in_chans: int = 1,
-) -> Tensors:
-    """The 2D tokenizer, backbone, final norm and [CLS] as a timm VisionTransformer state dict.
-
-    timm's default (class_token=True, no_embed_class=False) adds pos_embed after prepending
-    [CLS], so pos_embed has a row for it; our [CLS] has no position, so that row is zero. The
-    table is resampled to ``image_size`` here, as our model would, because timm resamples
-    differently (bicubic). A single-channel kernel is split evenly over ``in_chans`` channels
-    (w / C each), so a grey image replicated C times gives our features.
-    """
-    p = _host(params)
-    embed = p["embed_2d"]
-    grid = token_grid(tuple(image_size or vision.image_size), vision.patch_2d)
-    weight, bias = _projection(embed, vision)
-    if weight.shape[1] != in_chans:
-        if weight.shape[1] != 1:
-            raise ValueError(
-                f"the 2D tokenizer takes {weight.shape[1]} channels; it exports only as such"
-            )
-        weight = np.repeat(weight, in_chans, axis=1) / in_chans
-    positions = _positions(embed, grid)
-    return {
-        "cls_token": p["cls_token"].reshape(1, 1, -1),
-        "pos_embed": np.concatenate([np.zeros_like(positions[:1]), positions])[None],
-        "patch_embed.proj.weight": weight,
-        "patch_embed.proj.bias": bias,
-        **_backbone(p["encoder"], _TIMM_BLOCK),
-    }
-
-
-def hf_bert_state(params: Mapping[str, Any]) -> Tensors:
-    """The text tower as a transformers BertModel state dict (HF names, no pooler)."""
-    p = _host(params)
-    torch_leaf = {key: names[0] for key, names in _FILE_LEAVES.items()}
-    tensors = {}
-    for module, (hf_module, kind) in _EMBEDDING_SOURCES.items():
-        for leaf, value in p["embeddings"][module].items():
-            tensors[f"{hf_module}.{torch_leaf[(kind, leaf)]}"] = value
-    layers = p["layers"]
-    for i in range(layers["query"]["bias"].shape[0]):
-        layer = jax.tree.map(lambda a, i=i: a[i], layers)
-        for module, (hf_module, kind) in _LAYER_SOURCES.items():
-            torch_tensors = _linear(layer[module]) if kind == "linear" else _norm(layer[module])
-            for leaf, value in torch_tensors.items():
-                tensors[f"encoder.layer.{i}.{hf_module}.{leaf}"] = value
-    return tensors
-
-
-def _write(out: str | Path, tensors: Tensors, config: Mapping[str, Any]) -> Path:
-    """model.safetensors (contiguous float32, 'pt' format tag for transformers) + config.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-    safetensors.numpy.save_file(contiguous, out / WEIGHTS, metadata={"format": "pt"})
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-def export_monai(
-    params: Mapping[str, Any],
-    vision: VisionTransformer,
-    out: str | Path,
-    volume_size: Sequence[int] | None = None,
-) -> Path:
-    """Writes the 3D path for ``monai.networks.nets.ViT`` (and UNETR's ViT) into ``out``."""
-    kwargs = monai_vit_kwargs(vision, volume_size)
-    unetr_ok = vision.depth == 12 and tuple(vision.patch_3d) == (16, 16, 16)
-    config = {
-        "format": "monai",
-        "class": "monai.networks.nets.ViT",
-        "kwargs": kwargs,
-        "input": "volumes [B, 1, D, H, W], preprocessed as for training",
-        "layer_norm_eps": LAYER_NORM_EPS,
-        "monai_layer_norm_eps": MONAI_LAYER_NORM_EPS,
-        "unetr_compatible": unetr_ok,
-        "notes": [
-            "MONAI hard-codes LayerNorm eps 1e-5 and eps is not in a state dict: after loading, "
-            "set it to layer_norm_eps (unimedi_jax.export.load_monai_weights does, or: for m "
-            "in vit.modules(): if isinstance(m, torch.nn.LayerNorm): m.eps = 1e-6). Left at "
-            "1e-5, [CLS] features are off by ~1e-3 (it enters the blocks with a tiny variance).",
-            "Missing on load: the classification head only. Features: vit.norm output "
-            "(the token sequence before the head); [:, 0] is [CLS].",
-            "UNETR fixes depth 12 and patch 16x16x16; its ViT has no class token, so drop "
-            "cls_token and note that its tokens then differ from ours.",
-        ],
-    }
-    return _write(out, monai_vit_state(params, vision, volume_size), config)
-
-
-def export_timm(
-    params: Mapping[str, Any],
-    vision: VisionTransformer,
-    out: str | Path,
-    image_size: Sequence[int] | None = None,
-    in_chans: int = 1,
-) -> Path:
-    """Writes the 2D path as a timm directory that ``timm.create_model("local-dir:...")`` reads.
-
-    config.json follows timm's hub layout: ``model_args`` are the VisionTransformer arguments,
-    and vit_base_patch16_224 is only the registered entry point they override.
-    """
-    kwargs = timm_vit_kwargs(vision, image_size, in_chans)
-    config = {
-        "architecture": "vit_base_patch16_224",
-        "num_classes": 0,
-        "num_features": vision.width,
-        "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [in_chans, *kwargs["img_size"]],
-            "fixed_input_size": True,
-            "mean": [0.0] * in_chans,
-            "std": [1.0] * in_chans,
-            "num_classes": 0,
-            "classifier": "head",
-            "first_conv": "patch_embed.proj",
-        },
-        "unimedi": {
-            "format": "timm",
-            "class": "timm.models.vision_transformer.VisionTransformer",
-            "input": "images [B, C, H, W], preprocessed as for training (no mean/std)",
-            "layer_norm_eps": LAYER_NORM_EPS,
-            "notes": [
-                "pos_embed row 0 ([CLS]) is zero: our [CLS] has no position.",
-                "The position table is resampled (bilinear) to img_size at export; export at "
-                "the size you use rather than letting timm resample it (bicubic).",
-                f"With in_chans > 1 the single-channel kernel is split evenly (w / {in_chans}).",
-            ],
-        },
-    }
-    return _write(out, timm_vit_state(params, vision, image_size, in_chans), config)
-
-
-def export_hf_bert(
-    params: Mapping[str, Any],
-    config: BertConfig,
-    out: str | Path,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> Path:
-    """Writes the text tower (and its tokenizer) as a Hugging Face BertModel directory."""
-    hf_config = {**config.to_hf_dict(), "architectures": ["BertModel"]}
-    out = _write(out, hf_bert_state(params), hf_config)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
-
-
-def load_monai_weights(vit: torch.nn.Module, directory: str | Path) -> list[str]:
-    """Loads a monai export into a MONAI ViT (or ``unetr.vit``) and sets LayerNorm eps to ours.
-
-    Returns the keys left at their initial values: the classification head, if the ViT has one.
-    Anything else missing or unexpected is an error: the ViT was built with other arguments.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    state = load_file(Path(directory) / WEIGHTS)
-    if "cls_token" not in vit.state_dict():  # UNETR builds its ViT without a class token
-        del state["cls_token"]
-    result = vit.load_state_dict(state, strict=False)
-    stray = [k for k in result.missing_keys if not k.startswith("classification_head.")]
-    if stray or result.unexpected_keys:
-        raise ValueError(
-            f"the ViT does not match the export (missing {stray}, unexpected "
-            f"{result.unexpected_keys}); build it with the kwargs in {CONFIG}"
-        )
-    for module in vit.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.eps = LAYER_NORM_EPS
-    return list(result.missing_keys)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m unimedi_jax.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def main(argv: list[str]) -> None:
+    del argv
+    size = None if _SIZE.value is None else tuple(int(v) for v in _SIZE.value)
+    out = export_run(
+        _WORKDIR.value,
+        _FORMAT.value,
+        _OUT.value,
+        size=size,
+        in_chans=_IN_CHANS.value,
+        student=_STUDENT.value,
+        overwrite=_OVERWRITE.value,
     )
-    parser.add_argument("--workdir", required=True, help="run workdir or its checkpoints/<step>")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument(
-        "--out", required=True, help="output directory, outside the run (written when complete)"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing non-empty --out"
-    )
-    parser.add_argument(
-        "--size",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
-        help="timm: image H,W; monai: volume D,H,W (default: the training size)",
-    )
-    parser.add_argument("--in_chans", type=int, default=1, help="timm: input channels")
-    parser.add_argument(
-        "--student", action="store_true", help="export the student's vision weights, not the EMA"
-    )
-    return parser
-
-
-@exit_on_user_error()
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: loads a run with ``unimedi_jax.inference.load`` and exports one format."""
-    args = _parser().parse_args(argv)
-    from unimedi_jax.inference import load, resolve_run
-
-    check_output(args.out, resolve_run(args.workdir)[0], args.overwrite, is_dir=True)
-    run = load(args.workdir)
-    params = run.student if args.student else run.teacher
-    with written_atomically(args.out, is_dir=True) as partial:
-        if args.format == "monai":
-            export_monai(params["vision"], run.model.vision, partial, args.size)
-        elif args.format == "timm":
-            export_timm(params["vision"], run.model.vision, partial, args.size, args.in_chans)
-        else:
-            export_hf_bert(params["text"], run.model.text.config, partial, run.tokenizer)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -7,14 +7,12 @@
     indices, scores = model.select_slices(cts, k=4)
 
 Inputs are what the pipeline's eval transforms produce. Work is batched internally with a fixed
-batch size (the last batch padded), so each input shape compiles once.
+batch size (the last batch padded), so each input shape compiles once. The functions are
+``evaluation.predict``'s, which in-loop evaluation runs on the sharded training state.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -24,13 +22,14 @@ import numpy as np
 from flax import linen as nn
 
 from data_pipelines.transforms import tokenize
+from unimedi_jax.config.upgrade import read_run_config
+from unimedi_jax.core import sharding
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.precision import compute_dtype
 from unimedi_jax.core.run_folders import PRETRAIN, describe, run_kind
 from unimedi_jax.core.text_tower import load_text_tower
-from unimedi_jax.method import selection
+from unimedi_jax.evaluation.predict import Predictor
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
-from unimedi_jax.models.vit import token_grid
 from unimedi_jax.train.checkpoint import Checkpointer
 
 
@@ -57,46 +56,24 @@ def resolve_run(path: str | Path) -> tuple[Path, int | None]:
 
 
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The resolved config a run saved at its start."""
-    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    """The resolved config a run saved at its start, upgraded to today's fields."""
+    return read_run_config(workdir)
 
 
 def as_float(x) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "k"))
-def _select(model: UniMedI, params, volumes, k: int):
-    """Eq. 1 of the volume alone -> Eq. 2 slice scores -> top-k slices (sorted)."""
-    attention = model.apply({"params": params}, volumes, method=UniMedI.encode_vision).cls_attention
-    grid = token_grid(volumes.shape[1:], model.vision.patch_3d)
-    scores = selection.slice_scores(attention, grid, volumes.shape[1])
-    return selection.top_k_slices(scores, k), scores
-
-
-@functools.partial(jax.jit, static_argnames=("model", "k"))
-def _cls_features(model: UniMedI, params, x, k: int):
-    """Final-norm [CLS] of images, volumes (k=0) or volumes with their k selected slices."""
-    slices = None
-    if k:
-        indices, _ = _select(model, params, x, k)
-        slices = selection.gather_slices(x, indices)
-    return model.apply({"params": params}, x, slices, method=UniMedI.encode_vision).tokens[:, 0]
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _project_vision(model: UniMedI, params, features):
-    return model.apply({"params": params}, features, method=UniMedI.project_vision)
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _embed_text(model: UniMedI, params, ids, mask):
-    return model.apply({"params": params}, ids, mask, method=UniMedI.embed_text)
+def local_mesh() -> jax.sharding.Mesh:
+    """One device of this process: where a loaded checkpoint is used."""
+    return sharding.make_mesh(1, 1, 1, jax.local_devices()[:1])
 
 
 class UniMedIInference:
     """A trained UniMedI's params with batched embedding functions (compiled once per shape).
 
+    A thin user of ``evaluation.predict``: the same predict functions evaluate the training
+    state in the loop, there on the training mesh (``mesh``), here by default on one device.
     ``step``: the checkpoint's step, when loaded from one (results record where they came from).
     """
 
@@ -109,6 +86,7 @@ class UniMedIInference:
         tokenizer,
         batch_size: int = 16,
         step: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.config = config
         self.step = step
@@ -116,68 +94,44 @@ class UniMedIInference:
         self.student = params
         self.teacher = {**params, **teacher}  # teacher vision + DINO head, student projections
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.predictor = Predictor(model, mesh or local_mesh(), batch_size)
+        self.batch_size = self.predictor.batch_size
 
     def _params(self, use_teacher: bool) -> dict:
         return self.teacher if use_teacher else self.student
 
-    def _batched(self, fn: Callable, *arrays: np.ndarray):
-        """Applies ``fn`` to fixed-size row chunks (the last zero-padded) and concatenates."""
-        total = len(arrays[0])
-        outputs = []
-        for start in range(0, total, self.batch_size):
-            chunks = [a[start : start + self.batch_size] for a in arrays]
-            n = len(chunks[0])
-            padded = [
-                np.pad(c, [(0, self.batch_size - n)] + [(0, 0)] * (c.ndim - 1)) for c in chunks
-            ]
-            outputs.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], fn(*padded)))
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-
     def image_features(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """Final-norm [CLS] features [N, width] of X-rays [N, H, W]: linear-probe inputs."""
-        params = self._params(use_teacher)
-        return self._batched(lambda x: _cls_features(self.model, params, x, 0), as_float(images))
+        return self.predictor.cls_features(self._params(use_teacher), as_float(images))
 
     def volume_features(
         self, volumes: np.ndarray, with_slices: bool = False, use_teacher: bool = True
     ) -> np.ndarray:
         """[CLS] features of volumes alone (what the PyTorch export reproduces) or with slices."""
-        params = self._params(use_teacher)
         k = self.config.selection.k if with_slices else 0
-        return self._batched(lambda x: _cls_features(self.model, params, x, k), as_float(volumes))
+        return self.predictor.cls_features(self._params(use_teacher), as_float(volumes), k)
 
     def embed_images(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of X-rays."""
-        features = self.image_features(images, use_teacher)
-        return np.asarray(_project_vision(self.model, self._params(use_teacher), features))
+        return self.predictor.embed_vision(self._params(use_teacher), as_float(images))
 
     def embed_volumes(self, volumes: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """Embeddings of volumes with attentive slice selection and the joint pass, as trained."""
-        features = self.volume_features(volumes, with_slices=True, use_teacher=use_teacher)
-        return np.asarray(_project_vision(self.model, self._params(use_teacher), features))
+        params, k = self._params(use_teacher), self.config.selection.k
+        return self.predictor.embed_vision(params, as_float(volumes), k)
 
     def select_slices(
         self, volumes: np.ndarray, k: int | None = None, use_teacher: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """(indices [N, k] sorted, per-slice scores [N, D]) of Eq. 2's attentive selection."""
-        params = self._params(use_teacher)
         k = k or self.config.selection.k
-        return self._batched(lambda x: _select(self.model, params, x, k), as_float(volumes))
+        return self.predictor.select_slices(self._params(use_teacher), as_float(volumes), k)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of report texts."""
         encoded = tokenize(texts, self.tokenizer, self.config.text.max_length, "text")
-        ids, mask = encoded["text_text_ids"], encoded["text_text_mask"]
-        return self._batched(
-            lambda rows: _embed_text(
-                self.model,
-                self.student,
-                rows[..., 0].astype(np.int32),
-                rows[..., 1].astype(np.int32),
-            ),
-            np.stack([ids, mask], axis=-1),
-        )
+        ids, mask = (encoded[f"text_text_{key}"].astype(np.int32) for key in ("ids", "mask"))
+        return self.predictor.embed_text(self.student, ids, mask)
 
 
 def _fresh_vision_params(model: UniMedI, config, seed: int = 0) -> dict:

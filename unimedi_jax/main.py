@@ -1,11 +1,17 @@
-"""Entry point: ``python -m unimedi_jax.main --config=configs/pretrain.py[:preset] --workdir=DIR``.
+"""Entry point of every trainer; it dispatches on the config's ``kind`` (``train/trainers.py``).
 
-Initialises multi-host JAX when running under a cluster (or when the coordinator flags are
-given), resolves the config and trains. A workdir that already holds checkpoints is resumed.
+    python -m unimedi_jax.main --config=configs/pretrain.py[:preset] --workdir=DIR
+    python -m unimedi_jax.main --config=configs/finetune.py:dataset=NAME --checkpoint=RUN \
+        --workdir=DIR
+
+Pre-training initialises multi-host JAX when running under a cluster (or when the coordinator
+flags are given) and resumes a workdir that already holds checkpoints. Fine-tuning prints a JSON
+summary of its ``eval.json``. A run stopped by SIGTERM/SIGINT exits 143.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import jax
@@ -13,12 +19,21 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from unimedi_jax.core.errors import run_app
-from unimedi_jax.train.pretraining import Preempted, train
+from unimedi_jax.train import trainers
+from unimedi_jax.train.preemption import Preempted
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job stopped by SIGTERM
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, figures.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Fine-tuning only: the pre-training run's workdir (latest checkpoint) or "
+    "<workdir>/checkpoints/<step>.",
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside SLURM/TPU."
 )
@@ -64,10 +79,12 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     maybe_initialize_distributed()
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        summary = trainers.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
     except Preempted as stop:
         logging.warning("%s", stop)
-        sys.exit(143)
+        sys.exit(EXIT_PREEMPTED)
+    if summary is not None:
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from unimedi_jax.core.precision import COMPUTE_DTYPES
 from unimedi_jax.core.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
 from unimedi_jax.method.selection import MODES
 from unimedi_jax.models.layers import REMAT_POLICIES
-from unimedi_jax.models.unimedi import TEXT_POOLINGS, text_pooling_of
+from unimedi_jax.models.unimedi import TEXT_POOLINGS
 from unimedi_jax.models.vit import ATTENTION_LAYERS
 from unimedi_jax.train.state import CLIP_MODES
 from unimedi_jax.train.step import PCL_TOKENS
@@ -60,7 +60,7 @@ def check_training(config) -> None:
         ("masking.mode", config.masking.mode, MODES),
         ("train.on_nonfinite", config.train.on_nonfinite, ON_NONFINITE),
         ("on_shape_change", config.on_shape_change, ON_SHAPE_CHANGE),
-        ("text.pooling", text_pooling_of(config), TEXT_POOLINGS),
+        ("text.pooling", config.text.pooling, TEXT_POOLINGS),
         ("selection.layers", config.selection.layers, ATTENTION_LAYERS),
         ("loss.pcl_tokens", config.loss.pcl_tokens, PCL_TOKENS),
         ("train.clip_mode", config.train.clip_mode, CLIP_MODES),

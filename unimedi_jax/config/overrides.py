@@ -1,32 +1,21 @@
 """``--config.X=Y`` overrides: unknown names fail before anything starts, with the valid names.
 
-Free of jax (only ml_collections), so every command that takes ``--config`` checks its
-overrides the same way, data_pipelines' own commands included; ``apply_overrides`` gives
+Free of jax (absl and ml_collections only). ``parse_flags`` parses a command line whose
+``--config`` flag (ml_collections) checks the override names against the config it has just
+loaded, before it applies them, so each config file runs once; ``apply_overrides`` gives
 evaluate the same overrides on a run's saved config.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 from unimedi_jax.core.errors import ConfigError
-
-
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``path/to/config.py[:arg]`` -> its ``get_config(arg)``, as ml_collections loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_checked_config", path)
-    if module_spec is None or not Path(path).is_file():
-        raise ConfigError(f"--config={spec}: no config file at {path}.")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def _unknown_field(dotted: str, walked: list[str], name: str, valid: list[str]) -> ConfigError:
@@ -50,20 +39,10 @@ def override_args(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if a.startswith("--config.")]
 
 
-def check_override_names(
-    argv: Sequence[str], default: ml_collections.ConfigDict | None = None
-) -> None:
-    """Unknown ``--config.X=Y`` fields fail before anything starts, with the closest names.
-
-    The overrides apply to the last ``--config=`` file given, else to ``default`` (the flag's
-    default config, or a run's saved config); with neither there is nothing to check here.
-    """
-    specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    overrides = [a[len("--config.") :].split("=", 1)[0] for a in override_args(argv)]
-    if not overrides or not (specs or default is not None):
-        return
-    config = _load_config_file(specs[-1]) if specs else default
-    for dotted in overrides:
+def check_override_names(argv: Sequence[str], config: ml_collections.ConfigDict) -> None:
+    """Unknown ``--config.X=Y`` fields of ``argv`` fail with the closest names, checked against
+    ``config`` (the config the ``--config`` flag loaded, or a run's saved config)."""
+    for dotted in (a[len("--config.") :].split("=", 1)[0] for a in override_args(argv)):
         node, walked = config, []
         for name in dotted.split("."):
             is_section = isinstance(node, ml_collections.ConfigDict)
@@ -72,6 +51,45 @@ def check_override_names(
                     dotted, walked, name, sorted(node.keys()) if is_section else []
                 )
             node, walked = node[name], [*walked, name]
+
+
+class _CheckingLoader(flags.ArgumentParser):
+    """The ``--config`` flag's file loader, followed by the override-name check of ``argv``."""
+
+    def __init__(self, loader: flags.ArgumentParser, argv: Sequence[str]):
+        self._loader, self._argv = loader, argv
+
+    def parse(self, argument: str) -> Any:
+        config = self._loader.parse(argument)
+        check_override_names(self._argv, config)
+        return config
+
+    def flag_type(self) -> str:
+        return self._loader.flag_type()
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """``flag_values(argv)``, the unknown ``--config.X`` names of ``argv`` failing as
+    ConfigError with the closest names (ml_collections would fail on the first with a bare
+    AttributeError), checked against the config the ``--config`` flag loads: the file runs once.
+    """
+    if "config" not in flag_values:
+        return flag_values(list(argv))
+    flag = flag_values["config"]
+    if not config_given(argv):  # the flag's own default config, already loaded
+        if flag.value is not None:
+            check_override_names(argv, flag.value)
+        return flag_values(list(argv))
+    loader = flag.parser
+    flag.parser = _CheckingLoader(loader, argv)
+    try:
+        return flag_values(list(argv))
+    except flags.IllegalFlagValueError as err:  # absl rewraps a ValueError of the loader
+        if isinstance(err.__context__, ConfigError):
+            raise err.__context__ from None
+        raise
+    finally:
+        flag.parser = loader
 
 
 def _lists_as_tuples(value: Any) -> Any:
@@ -89,10 +107,9 @@ def apply_overrides(
     """A copy of ``config`` (e.g. a run's saved ``config.json``) with ``--config.X=Y``
     arguments applied as ml_collections' config flags apply them (values parsed to each field's
     type, tuples written as ``'(a, b)'``); unknown names raise ConfigError."""
-    from absl import flags
     from ml_collections import config_flags
 
-    check_override_names(overrides, default=config)
+    check_override_names(overrides, config)
     argv = ["overrides", *overrides]
     flag_values = flags.FlagValues()
     copied = ml_collections.ConfigDict(_lists_as_tuples(config.to_dict()))

@@ -4,12 +4,10 @@ Imports nothing heavy (no jax), so every command and the PyTorch-only side can u
 ``UserError`` (or one of data_pipelines' own error classes, which cannot subclass it because
 data_pipelines never imports this package's modules) becomes one paragraph on stderr naming the
 class, and exit status 2, without a traceback. Anything else is a bug and keeps its traceback.
-
-    @exit_on_user_error()                  # argparse commands: main(argv=None)
-    def main(argv=None): ...
+Every command (absl flags) runs under it:
 
     if __name__ == "__main__":
-        run_app(main)                      # absl commands: flag parsing handled too
+        run_app(main)
 """
 
 from __future__ import annotations
@@ -62,47 +60,45 @@ def report(err: BaseException) -> NoReturn:
     sys.exit(EXIT_USER_ERROR)
 
 
-def exit_on_user_error(
-    also: tuple[type[BaseException], ...] = (),
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for a command's ``main``: user errors (and the command's own ``also``
-    classes) are reported by ``report`` (exit 2); anything else propagates with its traceback."""
+def reporting_user_errors(
+    fn: Callable[..., Any], also: tuple[type[BaseException], ...] = ()
+) -> Callable[..., Any]:
+    """``fn`` with user errors (and ``also``) reported by ``report`` (exit 2); anything else
+    propagates with its traceback."""
 
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapped(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:
-                if isinstance(err, user_error_types() + also):
-                    report(err)
-                raise
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if isinstance(err, user_error_types() + also):
+                report(err)
+            raise
 
-        return wrapped
-
-    return decorate
+    return wrapped
 
 
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, with unknown ``--config.X`` names named before the config loads and
-    flag mistakes (unknown flag, missing required flag, bad value) reported with exit 2."""
+    """absl's flag parsing, with unknown ``--config.X`` names named as soon as the config loads
+    and flag mistakes (unknown flag, missing required flag, bad value) reported with exit 2."""
     from absl import flags
 
-    from unimedi_jax.config.overrides import check_override_names
+    from unimedi_jax.config.overrides import parse_flags
 
-    if "config" in flags.FLAGS:
-        check_override_names(argv, default=flags.FLAGS["config"].value)
-    return flags.FLAGS(list(argv))
+    return parse_flags(flags.FLAGS, argv)
 
 
 def run_app(
     main: Callable[[list[str]], Any],
     flags_parser: Callable[[Sequence[str]], list[str]] = parse_absl_flags,
     default_config: str | None = None,
+    also: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """Entry point of an absl command: ``app.run`` (which exits) with flag parsing and ``main``
-    handled. ``default_config``: the ``--config`` file when none is given (a config flag defined
-    with a default would apply the overrides while its module is imported, out of reach here)."""
+    """Entry point of every command: ``app.run`` (which exits with ``main``'s return value) with
+    flag parsing and ``main`` handled. ``default_config``: the ``--config`` file when none is
+    given (a config flag defined with a default would apply the overrides while its module is
+    imported, out of reach here). ``also``: more exception classes this command reports as user
+    mistakes (data_pipelines' builders report a bad option as ValueError)."""
     from absl import app
 
     from unimedi_jax.config.overrides import config_given
@@ -112,5 +108,4 @@ def run_app(
             argv = [argv[0], f"--config={default_config}", *argv[1:]]
         return flags_parser(argv)
 
-    handled = exit_on_user_error()
-    app.run(handled(main), flags_parser=handled(parse))
+    app.run(reporting_user_errors(main, also), flags_parser=reporting_user_errors(parse, also))

@@ -12,9 +12,8 @@ _BF16_MIN_CUDA_CAPABILITY = 8.0
 
 
 def compute_dtype(name: str, device: jax.Device | None = None) -> jnp.dtype:
-    """Resolves ``precision.compute_dtype``; 'auto' picks bfloat16 on TPU and Ampere+ GPUs."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"precision.compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+    """Resolves ``precision.compute_dtype`` (one of COMPUTE_DTYPES, checked in config/checks.py);
+    'auto' picks bfloat16 on TPU and Ampere+ GPUs."""
     if name != "auto":
         return jnp.dtype(name)
     device = device or jax.devices()[0]

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 def fill_mesh_sizes(data: int, fsdp: int, tensor: int, count: int) -> tuple[int, int, int]:
     """The axis sizes of a mesh over ``count`` devices; one size may be -1 (fill the rest).
 
-    Raises ``ValueError`` naming the mesh fields when the sizes cannot cover the devices.
+    Raises ``ValueError`` naming the mesh fields when the sizes cannot cover the devices: callers
+    outside a config pass sizes too (``make_mesh``); config/checks.py turns it into a ConfigError.
     """
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     given = ", ".join(f"mesh.{name}={size}" for name, size in sizes.items())
@@ -91,9 +92,8 @@ def preset_mesh_sizes(preset: str, data: int, fsdp: int, tensor: int) -> tuple[i
 
     The one place config fields become axis sizes, so the run, the benchmark and the config
     checks agree. The result may hold -1 (fill the devices left over: :func:`fill_mesh_sizes`).
+    ``preset`` is a key of MESH_PRESETS (config/checks.py checks a config's).
     """
-    if preset not in MESH_PRESETS:
-        raise ValueError(f"mesh.preset={preset!r}; valid: {sorted(MESH_PRESETS)}")
     given = (data, fsdp, tensor)
     return tuple(size or default for size, default in zip(given, MESH_PRESETS[preset], strict=True))
 
@@ -274,7 +274,9 @@ def process_batch_slice(mesh: Mesh, global_size: int) -> slice:
     """Rows of a global batch of ``global_size`` that this process loads and passes to
     :func:`global_batch` (the whole range on one process).
 
-    Loaders use it so the global batch is the same whatever the process count.
+    Loaders use it so the global batch is the same whatever the process count. Its ValueError
+    serves callers with sizes of their own (fine-tuning, benchmarks); config/checks.py checks
+    ``batch.size_2d``/``size_3d`` at start.
     """
     local, total = _batch_shards(mesh)
     if global_size % total:

@@ -71,3 +71,11 @@ def scratch_bert_config(text_cfg, vocab_size: int) -> BertConfig:
         intermediate_size=text_cfg.intermediate_size,
         max_position_embeddings=max(text_cfg.max_length, 128),
     )
+
+
+def text_tower_config(config, workdir: Path) -> BertConfig:
+    """The BertConfig of the text tower a run of ``config`` in ``workdir`` uses, without reading
+    weights; a from-scratch vocabulary not built yet is built first, as training would."""
+    if config.text.path:
+        return load_text_tower(config, workdir).config
+    return prepare_text_tower(config, workdir).config

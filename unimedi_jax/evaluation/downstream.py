@@ -3,7 +3,8 @@
 ``probe(config, checkpoint)`` loads the encoder (or, for the "Random Init" row, one of the same
 architecture with fresh weights), reads the dataset's splits through the pipeline's eval
 transforms at the sizes of the checkpoint's own config, extracts frozen final-norm [CLS]
-features and trains one linear head per label fraction (``linear_probe.run_probe``).
+features (``probe_features``, through ``evaluation/predict``) and trains one linear head per label
+fraction (``linear_probe.run_probe``). The in-loop ``linear_probe`` evaluator runs the same two.
 
 Fine-tuning (``unimedi_jax/train/finetuning.py``) shares the rest: ``open_downstream`` (the eval
 config, the checks that the prepared data exists and fits the checkpoint, loading the encoder),
@@ -26,9 +27,9 @@ from data_pipelines import builders, pipeline
 from unimedi_jax import inference
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.evaluation import linear_probe, tasks
+from unimedi_jax.evaluation.predict import Predictor
 from unimedi_jax.train.metric_writer import format_duration
 
-ROLES = ("train", "val", "test")  # the keys of a config's `splits`
 _LOG_SECONDS = 30.0
 
 
@@ -72,7 +73,7 @@ def open_downstream(
     eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
     sources = {
         role: _open_split(task, eval_config, config.splits[role], path, not config.random_init)
-        for role in ROLES
+        for role in tasks.ROLES
     }
     try:
         model = inference.load(path, batch_size, config.random_init, config.seed)
@@ -88,70 +89,56 @@ def _open_split(
     checkpoint: Path,
     pretrained: bool,
 ) -> pipeline.Source:
-    """The prepared split, after checking it exists and fits the checkpoint's model.
+    """The prepared split, after checking it exists and fits the checkpoint's model (the
+    pipeline's one check, ``pipeline.open_for_model``).
 
     ``pretrained`` adds the check that the run saw the modality in pre-training (else its
     tokenizer for it never learned anything).
     """
-    spec, name, modality = builders.resolve(task.name)
-    data_dir = config.data.data_dir
-    if not builders.is_prepared(builders.prepared_dir(data_dir, spec, name)):
-        raw = " --manual_dir=RAW_DIR (the files as downloaded, docs/data.md)"
-        raise DownstreamError(
-            f"{spec.name}/{name} is not prepared in {data_dir} (data.data_dir of the config): "
-            f"run python -m data_pipelines.prepare {spec.name} --data_dir={data_dir}"
-            f"{raw if spec.needs_manual_dir else ''}, or point --config.data.data_dir at where "
-            "it was prepared"
-        )
-    source = pipeline.open_source(task.name, data_dir, modality, split)
-    model = config.model
-    sources = config.data[f"sources_{modality}"]
-    if pretrained and not sources:
+    _, _, modality = builders.resolve(task.name)
+    if pretrained and not config.data[f"sources_{modality}"]:
         raise DownstreamError(
             f"checkpoint {checkpoint} was pre-trained without {modality} data (data.sources_"
             f"{modality} is empty in its config.json), so its {modality} tokenizer is untrained: "
             f"evaluate {task.name} on a checkpoint pre-trained with {modality} data"
         )
-    stored = source.array_shape
-    if modality == "2d" and min(stored) < min(model.image_size):
-        raise DownstreamError(
-            f"{source.name} in {source.path} stores X-rays of {stored}, smaller than the "
-            f"{tuple(model.image_size)} crop of checkpoint {checkpoint} (model.image_size in its "
-            f"config.json): prepare it with --image_size>={max(model.image_size)} into another "
-            "data_dir and pass that as --config.data.data_dir"
+    model = config.model
+    try:
+        return pipeline.open_for_model(
+            task.name,
+            config.data.data_dir,
+            modality,
+            split,
+            model.image_size,
+            model.volume_size,
+            checkpoint=checkpoint,
         )
-    if modality == "3d" and stored != tuple(model.volume_size):
-        raise DownstreamError(
-            f"{source.name} in {source.path} stores volumes of {stored}, but checkpoint "
-            f"{checkpoint} encodes {tuple(model.volume_size)} (model.volume_size in its "
-            f"config.json): prepare it with --volume_shape={','.join(map(str, model.volume_size))} "
-            "into another data_dir and pass that as --config.data.data_dir"
-        )
-    return source
+    except pipeline.DataConfigError as err:
+        raise DownstreamError(str(err)) from None
 
 
 def extract_features(
-    model: inference.UniMedIInference,
+    predictor: Predictor,
+    params: dict,
     eval_config: ml_collections.ConfigDict,
     task: tasks.Downstream,
     source: pipeline.Source,
     limit: int = 0,
     with_slices: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen [CLS] features [N, width] and labels of the first ``limit`` records (0: all) of
-    a source of ``open_downstream``, read with its ``eval_config``."""
+    """Frozen [CLS] features [N, width] of the vision tower in ``params`` and the labels of the
+    first ``limit`` records (0: all) of a source, read with ``eval_config``'s eval transforms."""
     total = min(limit, source.size) if limit > 0 else source.size
+    k = eval_config.selection.k if with_slices else 0
     features, labels = [], []
     done, start, logged = 0, time.perf_counter(), time.perf_counter()
     batches = pipeline.eval_batches(
-        eval_config, task.name, task.modality, source.split, model.batch_size
+        eval_config, task.name, task.modality, source.split, predictor.batch_size
     )
     for batch in batches:
         take = min(total - done, len(batch[task.label_key]))
-        if task.modality == "2d":
-            features.append(model.image_features(batch["image"][:take]))
-        else:
-            features.append(model.volume_features(batch["volume"][:take], with_slices))
+        arrays = batch["image" if task.modality == "2d" else "volume"][:take]
+        features.append(predictor.cls_features(params, arrays, k))
         labels.append(np.asarray(batch[task.label_key])[:take])
         done += take
         now = time.perf_counter()
@@ -170,6 +157,32 @@ def extract_features(
         if done >= total:
             break
     return np.concatenate(features), np.concatenate(labels)
+
+
+def probe_features(
+    model: inference.UniMedIInference,
+    eval_config: ml_collections.ConfigDict,
+    task: tasks.Downstream,
+    sources: dict[str, pipeline.Source],
+    limits: dict[str, int],
+    with_slices: bool = False,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The linear probe's inputs, for the paper's tables and the in-loop evaluator alike:
+    the frozen features and labels of each role's source (train, val, test), up to its limit."""
+    features = {}
+    for role, source in sources.items():
+        started = time.perf_counter()
+        features[role] = extract_features(
+            model.predictor, model.teacher, eval_config, task, source, limits[role], with_slices
+        )
+        logging.info(
+            "features of %s/%s: %s in %s",
+            task.name,
+            source.split,
+            features[role][0].shape,
+            format_duration(time.perf_counter() - started),
+        )
+    return features
 
 
 def _encoder_name(random_init: bool) -> str:
@@ -193,26 +206,14 @@ def probe(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[str
     task, eval_config, sources, model = open_downstream(
         config, checkpoint, config.features.batch_size
     )
-    features = {}
-    for role, source in sources.items():
-        started = time.perf_counter()
-        features[role] = extract_features(
-            model, eval_config, task, source, config.limit[role], with_slices
-        )
-        logging.info(
-            "%s features of %s/%s: %s in %s",
-            _encoder_name(config.random_init),
-            task.name,
-            source.split,
-            features[role][0].shape,
-            format_duration(time.perf_counter() - started),
-        )
+    logging.info("%s encoder", _encoder_name(config.random_init))
+    features = probe_features(model, eval_config, task, sources, config.limit, with_slices)
     probe_config = linear_probe.ProbeConfig(**config.probe.to_dict(), seed=config.seed)
     results = linear_probe.run_probe(features, task.task, tuple(config.fractions), probe_config)
     return {
         **describe(task, config.random_init, checkpoint, model.step),
         "kind": "probe",
-        "splits": {role: len(features[role][1]) for role in ROLES},
+        "splits": {role: len(features[role][1]) for role in tasks.ROLES},
         "probe": config.probe.to_dict(),
         "with_slices": with_slices,
         "seed": config.seed,

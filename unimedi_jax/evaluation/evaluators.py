@@ -1,12 +1,21 @@
 """Evaluators on held-out data: retrieval, zero-shot, cross-modal mAP, slice hit rate, probe.
 
-Each evaluator reads embeddings from an ``EvalSet`` (computed once per evaluation) and returns a
-flat dict of named figures, so results go straight to metrics.jsonl, TensorBoard and eval.json.
+Named units configured from the config (as big_vision's ``evaluators/common.py``): ``evals``
+names the ones to run (``EVALUATORS`` maps names to them) and each reads its own schedule (every
+N steps), split and record limit from ``eval_settings.<name>``, where -1 / '' take the run-wide
+``eval_every_steps`` / ``eval_split`` / ``eval_limit``. The in-loop evaluation
+(``train/pretraining.evaluate_state``, on the sharded train state through ``evaluation/predict``)
+and ``python -m unimedi_jax.evaluate`` (on a loaded checkpoint) run the same evaluators.
+
+Each evaluator reads embeddings from an ``EvalSet`` (computed once per split and limit of an
+evaluation) and returns a flat dict of named figures, so results go straight to metrics.jsonl,
+TensorBoard and eval.json.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +27,7 @@ from data_pipelines.pipeline import eval_batches, parse_sources
 from unimedi_jax import inference
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.evaluation import downstream, linear_probe, metrics, tasks
+from unimedi_jax.train.loop import is_due
 
 # Zero-shot prompts per dataset: finding -> (positive, negative), worded like the reports.
 ZERO_SHOT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
@@ -30,10 +40,6 @@ ZERO_SHOT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
         "cardiomegaly": ("Cardiomegaly is present.", "The heart is normal in size."),
     },
 }
-
-
-PROBE_FRACTIONS = (0.01, 0.1, 1.0)
-PROBE_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # probe role -> split
 
 
 class Modality(NamedTuple):
@@ -51,7 +57,8 @@ class EvalSet(NamedTuple):
     dataset: str  # the source name, which selects zero-shot prompts
     modalities: dict[str, Modality]  # 'image' and/or 'volume'
     sources: dict[str, str]  # 'image' / 'volume' -> the source each was read from
-    config: ml_collections.ConfigDict  # where the data lives and how much to read
+    config: ml_collections.ConfigDict  # where the data lives
+    limit: int  # records read per modality and split
 
 
 def load_modality(model, config, name: str, modality: str, split: str, limit: int) -> Modality:
@@ -90,7 +97,7 @@ def build_eval_set(model, config, split: str = "test", limit: int = 200) -> Eval
         key = "image" if modality == "2d" else "volume"
         modalities[key] = load_modality(model, config, name, modality, split, limit)
         sources[key] = name
-    return EvalSet(dataset, modalities, sources, config)
+    return EvalSet(dataset, modalities, sources, config, limit)
 
 
 def retrieval(model, data: EvalSet) -> dict[str, float]:
@@ -148,32 +155,27 @@ def slice_hit_rate(model, data: EvalSet) -> dict[str, float]:
 def frozen_probe(model, data: EvalSet) -> dict[str, float]:
     """Linear probe on frozen [CLS] features of each evaluated source's own labels at 1, 10 and
     100% of its training split (the paper's protocol, sized for a run): up to
-    ``probe_train_limit`` training records, ``eval_limit`` validation and test records."""
+    ``probe_train_limit`` training records, the evaluator's limit of validation and test records.
+    The same probe as ``downstream.probe`` (the paper's tables)."""
     config = data.config
-    limit = config.eval_limit
-    limits = {"train": config.probe_train_limit, "val": limit, "test": limit}
+    limits = {"train": config.probe_train_limit, "val": data.limit, "test": data.limit}
     out = {}
     for key, name in data.sources.items():
         modality = "2d" if key == "image" else "3d"
         spec, stored, _ = builders.resolve(name, modality)
         task = tasks.resolve(name if len(spec.modalities) == 1 else f"{spec.name}/{stored}")
-        features = {
-            role: downstream.extract_features(
-                model,
-                config,
-                task,
-                pipeline.open_source(task.name, config.data.data_dir, modality, split),
-                limits[role],
-            )
-            for role, split in PROBE_SPLITS.items()
+        sources = {
+            role: pipeline.open_source(task.name, config.data.data_dir, modality, split)
+            for role, split in tasks.SPLITS.items()
         }
-        results = linear_probe.run_probe(features, task.task, PROBE_FRACTIONS)
-        for fraction, found in results.items():
-            out[f"linear_probe_{key}/{task.metric}@{fraction:g}"] = found[task.metric]
+        features = downstream.probe_features(model, config, task, sources, limits)
+        results = linear_probe.run_probe(features, task.task, tasks.FRACTIONS)
+        for fraction, scores in results.items():
+            out[f"linear_probe_{key}/{task.metric}@{fraction:g}"] = scores[task.metric]
     return out
 
 
-EVALUATORS: dict[str, Callable[[object, EvalSet], dict[str, float]]] = {
+EVALUATORS: dict[str, Callable[[inference.UniMedIInference, EvalSet], dict[str, float]]] = {
     "retrieval": retrieval,
     "zero_shot": zero_shot,
     "cross_modal": cross_modal,
@@ -182,25 +184,66 @@ EVALUATORS: dict[str, Callable[[object, EvalSet], dict[str, float]]] = {
 }
 
 
-def run_evaluators(model, config, names, split: str = "test", limit: int = 200) -> dict:
-    """Runs the named evaluators on one embedded held-out set."""
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """One configured evaluator: what it computes, how often in the loop, on what data."""
+
+    name: str
+    fn: Callable[[inference.UniMedIInference, EvalSet], dict[str, float]]
+    every_steps: int  # 0: never in the loop (``python -m unimedi_jax.evaluate`` still runs it)
+    split: str
+    limit: int  # records per modality
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether the loop runs it after ``step``: every ``every_steps`` and at the last step."""
+        return self.every_steps > 0 and is_due(step, self.every_steps, total_steps)
+
+
+def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
+    """The evaluators ``config.evals`` names, with their settings; unknown names fail here, at
+    the start of a run or command."""
+    names = tuple(config.evals)
     unknown = sorted(set(names) - set(EVALUATORS))
     if unknown:
         raise ConfigError(
-            f"evals={tuple(names)} names unknown evaluators {unknown}; valid: {sorted(EVALUATORS)}."
+            f"evals={names} names unknown evaluators {unknown}; valid: {sorted(EVALUATORS)}."
         )
-    data = build_eval_set(model, config, split, limit)
-    results: dict[str, float] = {}
+    evaluators = []
     for name in names:
-        results.update(EVALUATORS[name](model, data))
+        settings = config.eval_settings[name]
+        evaluators.append(
+            Evaluator(
+                name,
+                EVALUATORS[name],
+                config.eval_every_steps if settings.every_steps < 0 else settings.every_steps,
+                settings.split or config.eval_split,
+                config.eval_limit if settings.limit < 0 else settings.limit,
+            )
+        )
+    return evaluators
+
+
+def run_evaluators(
+    model: inference.UniMedIInference,
+    config: ml_collections.ConfigDict,
+    evaluators: Sequence[Evaluator],
+) -> dict[str, float]:
+    """Runs ``evaluators``, embedding each held-out split and limit they read once."""
+    eval_sets: dict[tuple[str, int], EvalSet] = {}
+    results: dict[str, float] = {}
+    for evaluator in evaluators:
+        key = (evaluator.split, evaluator.limit)
+        if key not in eval_sets:
+            eval_sets[key] = build_eval_set(model, config, *key)
+        results.update(evaluator.fn(model, eval_sets[key]))
     return results
 
 
 def evaluate_checkpoint(path: str | Path, config=None) -> dict[str, float]:
-    """Loads the checkpoint at ``path`` and runs the configured evaluators."""
+    """Loads the checkpoint at ``path`` and runs every evaluator the config names."""
     model = inference.load(path)
     if config is None:
         config = model.config
     elif not config.data.data_dir:
         config.data.data_dir = model.config.data.data_dir  # a demo run's data lives in its workdir
-    return run_evaluators(model, config, config.evals, config.eval_split, config.eval_limit)
+    return run_evaluators(model, config, from_config(config))

@@ -224,14 +224,18 @@ def _probabilities(params: Params, x: jax.Array, *, task: str) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1) if task == "multiclass" else jax.nn.sigmoid(logits)
 
 
-def _scores(result: ProbeResult, features: jax.Array) -> np.ndarray:
-    scores = np.asarray(_probabilities(result.params, features, task=result.task))
-    return scores[:, 0] if result.task == "binary" else scores
-
-
-def predict_scores(result: ProbeResult, x: np.ndarray) -> np.ndarray:
-    """Probabilities: [N, C] sigmoid (multilabel), [N] sigmoid (binary), [N, C] softmax."""
-    return _scores(result, _standardise(x, result.mean, result.std))
+def _test_metrics(params: Params, features: jax.Array, labels: np.ndarray, task: str):
+    loss = float(_mean_loss(params, features, jnp.asarray(labels), task=task))
+    scores = np.asarray(_probabilities(params, features, task=task))
+    if task == "multiclass":
+        return {
+            "accuracy": metrics.accuracy(labels, scores),
+            "auroc": metrics.multiclass_auroc(labels, scores),
+            "loss": loss,
+        }
+    if task == "binary":
+        return {"auroc": metrics.auroc(labels[:, 0], scores[:, 0]), "loss": loss}
+    return {"auroc": metrics.mean_auroc(labels, scores)[0], "loss": loss}
 
 
 def evaluate_linear_probe(
@@ -245,17 +249,17 @@ def evaluate_linear_probe(
         raise ValueError(f"The probe was trained for task {result.task!r}, not {task!r}.")
     labels = _check_features(test_x, test_y, result.task, "test")
     features = _standardise(test_x, result.mean, result.std)
-    loss = float(_mean_loss(result.params, features, jnp.asarray(labels), task=result.task))
-    scores = _scores(result, features)
-    if result.task == "multiclass":
-        return {
-            "accuracy": metrics.accuracy(labels, scores),
-            "auroc": metrics.multiclass_auroc(labels, scores),
-            "loss": loss,
-        }
-    if result.task == "binary":
-        return {"auroc": metrics.auroc(labels[:, 0], scores), "loss": loss}
-    return {"auroc": metrics.mean_auroc(labels, scores)[0], "loss": loss}
+    return _test_metrics(result.params, features, labels, result.task)
+
+
+def evaluate_head(
+    head: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, task: str
+) -> dict[str, float]:
+    """The same metrics for a linear head ('kernel' [D, C], 'bias' [C]) on raw features:
+    fine-tuning's head, trained with its encoder on unstandardised [CLS] features."""
+    _check_task(task)
+    labels = _check_features(x, y, task, "test")
+    return _test_metrics(head, jnp.asarray(np.asarray(x, np.float32)), labels, task)
 
 
 def _take_per_group(rng: np.random.Generator, members: np.ndarray, fraction: float) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The downstream protocol's vocabulary: which datasets have labels, their task, and how the
-probe and fine-tuning configs read ``dataset=NAME,...`` arguments.
+"""The downstream-task registry: which datasets have labels, their task, the probe's label
+fractions and role-to-split map, and how the probe and fine-tuning configs read
+``dataset=NAME,...`` arguments.
 
 A dataset's task, class names and modality come from its builder module (``TASK``,
 ``CLASS_NAMES``) and registry entry (``DatasetSpec.modalities``), so a new labelled builder is
@@ -15,6 +16,9 @@ from data_pipelines.builders.common import TASKS
 from unimedi_jax.core.errors import UserError
 
 FRACTIONS = (0.01, 0.1, 1.0)  # the paper's label fractions (Tables 1 and 2)
+# Probe and fine-tuning roles -> the split each reads (configs' `splits`, the in-loop probe).
+SPLITS = {"train": "train", "val": "validation", "test": "test"}
+ROLES = tuple(SPLITS)
 
 
 class ProtocolError(UserError, ValueError):

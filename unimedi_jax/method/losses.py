@@ -1,19 +1,16 @@
-"""Losses and schedules of one UniMedI train step (paper Sec. 3.3-3.4, DESIGN "One train step").
+"""The losses of one UniMedI train step (paper Sec. 3.3-3.4, DESIGN "One train step").
 
 L_vl is CLIP's symmetric InfoNCE between image and report [CLS] embeddings; L_icl and L_pcl are
-the DINO loss on [CLS] and the iBOT loss on masked patch positions, with teacher centering and
-temperature warm-up; the EMA teacher follows DINO's cosine momentum schedule. Pure jnp, float32,
-jit-compatible: under jit with a sharded global batch, every mean here is a global mean.
+the DINO loss on [CLS] and the iBOT loss on masked patch positions against the centred, sharpened
+teacher (its EMA, centres and schedules: ``teacher``). Pure jnp, float32, jit-compatible: under
+jit with a sharded global batch, every mean here is a global mean.
 """
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-PyTree = Any  # Any nested structure of arrays (e.g. Flax params).
 
 _MASKED_LOGIT = -1e9  # Finite, so fully masked rows give no NaN in values or gradients.
 
@@ -144,63 +141,3 @@ def ibot_patch_loss(
     weights = mask.astype(jnp.float32)
     per_sample = jnp.sum(per_position * weights, axis=-1) / jnp.maximum(weights.sum(-1), 1.0)
     return jnp.mean(per_sample)
-
-
-def update_center(
-    center: jax.Array,
-    teacher_logits: jax.Array,
-    momentum: float = 0.9,
-    weights: jax.Array | None = None,
-) -> jax.Array:
-    """EMA of the teacher's mean output, subtracted before its softmax to avoid collapse.
-
-    teacher_logits: [..., K]; the batch mean runs over all leading axes (iBOT centres patches
-    over all positions, not only masked ones). Optional `weights` [...] (e.g. a bool padding mask)
-    turn it into a weighted mean; with zero total weight the center is left unchanged.
-    """
-    logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
-    logits = logits.reshape(-1, logits.shape[-1])
-    center = center.astype(jnp.float32)
-    if weights is None:
-        batch_center = logits.mean(axis=0)
-    else:
-        w = weights.astype(jnp.float32).reshape(-1, 1)
-        total = w.sum()
-        batch_center = jnp.where(
-            total > 0, jnp.sum(w * logits, axis=0) / jnp.maximum(total, 1e-12), center
-        )
-    return momentum * center + (1.0 - momentum) * batch_center
-
-
-def teacher_temperature(
-    step: jax.Array | int, warmup_steps: int, start: float = 0.04, end: float = 0.07
-) -> jax.Array:
-    """Teacher softmax temperature: linear from start to end over warmup_steps, then end.
-
-    A low early temperature sharpens targets while the teacher is still weak (DINO).
-    """
-    step = jnp.asarray(step, jnp.float32)
-    frac = jnp.where(warmup_steps > 0, jnp.clip(step / jnp.maximum(warmup_steps, 1), 0.0, 1.0), 1.0)
-    return start + (end - start) * frac
-
-
-def teacher_momentum(
-    step: jax.Array | int, total_steps: int, base: float = 0.996, final: float = 1.0
-) -> jax.Array:
-    """EMA momentum of the teacher: cosine from base at step 0 to final at total_steps (DINO)."""
-    progress = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.maximum(total_steps, 1), 0.0, 1.0)
-    return final - (final - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
-
-
-def ema_update(
-    teacher_params: object, student_params: object, momentum: jax.Array | float
-) -> object:
-    """New teacher tree m * teacher + (1 - m) * student, leaf by leaf, keeping teacher dtypes.
-
-    Both trees must have the same structure; pass the student's matching subtree.
-    """
-    return jax.tree.map(
-        lambda t, s: (momentum * t + (1.0 - momentum) * s).astype(t.dtype),
-        teacher_params,
-        student_params,
-    )

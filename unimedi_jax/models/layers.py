@@ -5,16 +5,13 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-REMAT_POLICIES = ("none", "full", "dots")
-
-
-def remat_policy(name: str):
-    """Maps a config name to a jax.checkpoint policy (None means save nothing: full remat)."""
-    if name == "full":
-        return None
-    if name == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {name!r}")
+# model.remat -> the jax.checkpoint policy of the rematerialised blocks (None: save nothing,
+# full remat); "none" does not remat. config/checks.py checks a config's name against these.
+_CHECKPOINT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_POLICIES = ("none", *_CHECKPOINT_POLICIES)
 
 
 def scanned(
@@ -28,7 +25,7 @@ def scanned(
     step XLA may schedule better (see ``python -m unimedi_jax.benchmark --compare_unrolled``).
     """
     if remat != "none":
-        block_cls = nn.remat(block_cls, prevent_cse=False, policy=remat_policy(remat))
+        block_cls = nn.remat(block_cls, prevent_cse=False, policy=_CHECKPOINT_POLICIES[remat])
     return nn.scan(
         block_cls,
         variable_axes={"params": 0},

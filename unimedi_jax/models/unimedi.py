@@ -21,13 +21,9 @@ TEACHER_KEYS = ("vision", "dino_head")
 TEXT_POOLINGS = ("cls", "mean")
 
 
-def text_pooling_of(config) -> str:
-    """The config's ``text.pooling``; runs saved before the field existed used the [CLS] state."""
-    return config.text.get("pooling", "cls")
-
-
 def pool_text(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
-    """Hidden states [B, L, D] -> one feature per report [B, D] (``TEXT_POOLINGS``).
+    """Hidden states [B, L, D] -> one feature per report [B, D] (``TEXT_POOLINGS``; a config's
+    ``text.pooling`` is checked in config/checks.py).
 
     A from-scratch tower's [CLS] state starts out the same for every templated report (pairwise
     cosine ~0.9999), which leaves CLIP at its collapsed start for hundreds of steps; the mean over
@@ -35,8 +31,6 @@ def pool_text(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax
     """
     if pooling == "cls":
         return hidden[:, 0]
-    if pooling != "mean":
-        raise ValueError(f"text pooling {pooling!r}; valid: {TEXT_POOLINGS}")
     weights = attention_mask.astype(jnp.float32)[..., None]
     summed = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)
     return (summed / jnp.maximum(weights.sum(axis=1), 1.0)).astype(hidden.dtype)
@@ -112,12 +106,9 @@ class UniMedI(nn.Module):
 
 
 def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> UniMedI:
-    """UniMedI from a pre-training config and the text tower's BertConfig."""
+    """UniMedI from a pre-training config (a saved one passed through ``upgrade_config``) and
+    the text tower's BertConfig."""
     model_cfg = config.model
-    # Configs saved before model.unroll_layers existed (a run's config.json) scan their layers.
-    unroll = model_cfg.get("unroll_layers", False)
-    # Runs saved before model.pixel_mean/pixel_std existed fed [0, 1] to the projection as is.
-    pixel_mean, pixel_std = model_cfg.get("pixel_mean", 0.0), model_cfg.get("pixel_std", 1.0)
     vision = VisionTransformer(
         width=model_cfg.width,
         depth=model_cfg.depth,
@@ -129,21 +120,22 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         volume_size=tuple(model_cfg.volume_size),
         dtype=dtype,
         remat=model_cfg.remat,
-        unroll_layers=unroll,
-        pixel_mean=pixel_mean,
-        pixel_std=pixel_std,
-        # Runs saved before selection.layers existed averaged Eq. 1 over all layers.
-        attention_layers=config.selection.get("layers", "all"),
+        unroll_layers=model_cfg.unroll_layers,
+        pixel_mean=model_cfg.pixel_mean,
+        pixel_std=model_cfg.pixel_std,
+        attention_layers=config.selection.layers,
     )
     return UniMedI(
         vision=vision,
-        text=BertEncoder(text_config, dtype=dtype, remat=model_cfg.remat, unroll_layers=unroll),
+        text=BertEncoder(
+            text_config, dtype=dtype, remat=model_cfg.remat, unroll_layers=model_cfg.unroll_layers
+        ),
         embed_dim=model_cfg.embed_dim,
         dino_hidden_dim=model_cfg.dino_hidden_dim,
         dino_bottleneck_dim=model_cfg.dino_bottleneck_dim,
         dino_out_dim=model_cfg.dino_out_dim,
         init_temperature=config.loss.init_temperature,
-        text_pooling=text_pooling_of(config),
+        text_pooling=config.text.pooling,
         dtype=dtype,
     )
 

@@ -187,7 +187,8 @@ class Encoder(nn.Module):
     """The shared backbone: ``depth`` scanned blocks and a final LayerNorm.
 
     ``attention_layers`` picks the layers whose [CLS] attention makes Eq. 1: 'all' averages them
-    (the paper), 'last' takes the last block's (A-CLIP).
+    (the paper), 'last' takes the last block's (A-CLIP). ``width`` must be a multiple of
+    ``num_heads``: config/checks.py checks both for a config (``selection.layers``, ``model.*``).
     """
 
     width: int
@@ -201,18 +202,10 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> EncoderOutput:
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"model width {self.width} is not divisible by num_heads {self.num_heads}"
-            )
         blocks = scanned(Block, self.depth, self.remat, self.unroll_layers)(
             self.width, self.num_heads, self.mlp_dim, self.dtype, name="blocks"
         )
         x, cls_attention = blocks(x)
-        if self.attention_layers not in ATTENTION_LAYERS:
-            raise ValueError(
-                f"attention_layers={self.attention_layers!r}; valid: {ATTENTION_LAYERS}"
-            )
         eq1 = cls_attention.mean(axis=0) if self.attention_layers == "all" else cls_attention[-1]
         return EncoderOutput(layer_norm("norm")(x), eq1)
 

@@ -1,27 +1,32 @@
-"""Full fine-tuning of the vision encoder for 3D classification (paper Table 3).
+"""The fine-tuning trainer (``kind: finetune``): full fine-tuning of the vision encoder for 3D
+classification (paper Table 3).
 
 The checkpoint's vision tower (teacher weights, as the probe uses) and a zero-initialised linear
 head on its final-norm [CLS] feature train together: AdamW with a linear warm-up and cosine
-decay (``train/state.py``), random flips of the training volumes inside the jitted step, data
-parallel over the local devices. After each epoch the validation split is scored and the
-parameters of the epoch with the lowest validation loss are kept on the host; those are tested.
-The head has the linear probe's layout, so validation and test reuse its metrics
-(``linear_probe.evaluate_linear_probe``): AUROC, plus accuracy for multiclass.
+decay (``train/state.py``), random flips of the training volumes on the host
+(``pipeline.labelled_epoch``), data parallel over the local devices. After each epoch the
+validation split is scored and the parameters of the epoch with the lowest validation loss are
+kept on the host; those are tested. The head has the linear probe's layout, so validation and
+test reuse its metrics (``linear_probe.evaluate_linear_probe``): AUROC, plus accuracy for
+multiclass.
+
+``finetune`` reads top to bottom (set up, state, the step loop with validation after each epoch,
+test) on the loop parts pre-training uses too (``train/loop.py``): progress and ETA every
+``log_every_steps``, a NaN/Inf loss or gradient stops the run naming the epoch and step, and
+SIGTERM/SIGINT stops it after the current step with a message.
 
 Writes ``workdir/config.json`` (the fine-tuning config, ``kind: finetune``), ``workdir/eval.json``
 (test metrics, the per-epoch history) and ``workdir/metrics.jsonl`` (one line per epoch, also to
-TensorBoard). One process; no resume (a run is minutes to hours).
+TensorBoard). One process; no resume (a run is minutes to hours; a stopped run is started again).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,14 +34,21 @@ import numpy as np
 import optax
 from absl import logging
 
-from data_pipelines import imaging
+from data_pipelines import pipeline
 from unimedi_jax.core import sharding
 from unimedi_jax.core.run_folders import FINETUNE, check_new_run
 from unimedi_jax.evaluation import downstream, linear_probe
-from unimedi_jax.inference import UniMedIInference
+from unimedi_jax.evaluation.predict import Predictor
 from unimedi_jax.models.vit import VisionTransformer
-from unimedi_jax.train.metric_writer import MetricWriter, format_duration
+from unimedi_jax.train.loop import NonFiniteWatch, Progress, is_due
+from unimedi_jax.train.metric_writer import MetricWriter
+from unimedi_jax.train.preemption import Preempted, StopRequest
 from unimedi_jax.train.state import learning_rate_schedule, make_optimizer
+
+NONFINITE_REMEDY = (
+    "Fine-tuning keeps no checkpoint; lower train.learning_rate (or train.grad_clip_norm) and "
+    "run it again."
+)
 
 
 def _logits(vision: VisionTransformer, params: dict, volumes: jax.Array) -> jax.Array:
@@ -52,82 +64,42 @@ def _loss(logits: jax.Array, labels: jax.Array, task: str) -> jax.Array:
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
 
-def random_flips(rng: jax.Array, volumes: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Flips each volume [B, D, H, W] along each of ``axes`` (0 = D) with probability 1/2."""
-    for axis, key in zip(axes, jax.random.split(rng, len(axes)), strict=True):
-        flip = jax.random.bernoulli(key, 0.5, (volumes.shape[0], 1, 1, 1))
-        volumes = jnp.where(flip, jnp.flip(volumes, axis=axis + 1), volumes)
-    return volumes
-
-
 def make_train_step(
     vision: VisionTransformer,
     tx: optax.GradientTransformation,
     task: str,
-    flip_axes: tuple[int, ...],
     mesh: jax.sharding.Mesh,
 ) -> Callable:
-    """(params, opt_state, volumes, labels, rng) -> (params, opt_state, loss), jitted over
-    ``mesh``: state replicated and donated, the batch split over its devices."""
+    """(params, opt_state, volumes, labels) -> (params, opt_state, {loss, grad_norm}), jitted
+    over ``mesh``: state replicated and donated, the batch split over its devices."""
 
-    def step(params, opt_state, volumes, labels, rng):
-        volumes = random_flips(rng, volumes, flip_axes)
+    def step(params, opt_state, volumes, labels):
         loss, grads = jax.value_and_grad(
             lambda p: _loss(_logits(vision, p, volumes), labels, task)
         )(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, metrics
 
     replicated, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     return jax.jit(
         step,
-        in_shardings=(replicated, replicated, split, split, replicated),
+        in_shardings=(replicated, replicated, split, split),
         out_shardings=replicated,
         donate_argnums=(0, 1),
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Windowed:
-    """A training record -> (volume in [0, 1], label), in grain's reader threads."""
-
-    window: tuple[float, float]
-    label_key: str
-
-    def __call__(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
-        volume = imaging.transform_3d(record["volume"], window=self.window)
-        return volume, np.asarray(record[self.label_key])
-
-
-def _epoch_batches(
-    reader, transform: _Windowed, batch_size: int, seed: int, epoch: int, threads: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One epoch of full batches in a fresh seeded order, read ahead by ``threads`` threads."""
-    order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    ds = grain.MapDataset.source(reader).shuffle(seed=order_seed).map(transform)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads)))
-
-
-def _score(
-    setup: downstream.DownstreamSetup, params: dict, role: str, best_epoch: int
-) -> dict[str, float]:
-    """Loss and metrics of encoder + head on a split, through the linear probe's evaluation."""
-    model, task = setup.model, setup.task
-    vision = {"vision": params["vision"]}
-    runner = UniMedIInference(model.config, model.model, vision, {}, None, model.batch_size)
+def _score(run: _Run, params: dict, role: str) -> dict[str, float]:
+    """Loss and metrics of encoder + head on a split: the probe's feature extraction (on the
+    fine-tuning mesh) and its head metrics."""
+    setup = run.setup
+    predictor = Predictor(setup.model.model, run.mesh, run.config.train.eval_batch_size)
     features, labels = downstream.extract_features(
-        runner, setup.eval_config, task, setup.sources[role]
+        predictor, {"vision": params["vision"]}, setup.eval_config, setup.task, setup.sources[role]
     )
-    width = features.shape[1]
-    result = linear_probe.ProbeResult(
-        jax.device_get(params["head"]),
-        np.zeros(width, np.float32),
-        np.ones(width, np.float32),
-        task.task,
-        best_epoch,
-    )
-    return linear_probe.evaluate_linear_probe(result, features, labels)
+    head = jax.device_get(params["head"])
+    return linear_probe.evaluate_head(head, features, labels, setup.task.task)
 
 
 @dataclasses.dataclass
@@ -172,11 +144,9 @@ def _setup(config: ml_collections.ConfigDict, checkpoint: str | Path) -> _Run:
     return _Run(config, setup, mesh, schedule, tx, steps_per_epoch)
 
 
-def _fit(run: _Run, writer: MetricWriter) -> tuple[list[dict[str, float]], int, dict]:
-    """Trains for the configured epochs, scoring the validation split after each; returns the
-    history, the best epoch (lowest validation loss) and its parameters on the host."""
-    config, (task, eval_config, sources, model) = run.config, run.setup
-    epochs, batch_size = config.train.epochs, config.train.batch_size
+def _initial_state(run: _Run) -> tuple[dict, optax.OptState]:
+    """The checkpoint's vision tower and a zero head, with their optimizer state, replicated."""
+    task, model = run.setup.task, run.setup.model
     outputs = 1 if task.task == "binary" else len(task.classes)
     width = model.config.model.width
     head = {"kernel": jnp.zeros((width, outputs)), "bias": jnp.zeros((outputs,))}
@@ -184,68 +154,11 @@ def _fit(run: _Run, writer: MetricWriter) -> tuple[list[dict[str, float]], int, 
         {"vision": model.teacher["vision"], "head": head}, sharding.replicated(run.mesh)
     )
     opt_state = jax.jit(run.tx.init, out_shardings=sharding.replicated(run.mesh))(params)
-    vision = model.model.vision
-    step_fn = make_train_step(vision, run.tx, task.task, tuple(config.train.flip_axes), run.mesh)
-    reader = sources["train"].open()
-    transform = _Windowed(tuple(eval_config.data.hu_window), task.label_key)
-    base_key = jax.random.key(config.seed)
-    best = (np.inf, -1, {})  # (val loss, epoch, host params)
-    history, epoch_seconds = [], []
-    step, timed_from = 0, 0.0
-    for epoch in range(epochs):
-        epoch_start, losses = time.perf_counter(), []
-        threads = config.data.read_threads
-        for volumes, labels in _epoch_batches(
-            reader, transform, batch_size, config.seed, epoch, threads
-        ):
-            batch = sharding.global_batch({"volume": volumes, "label": labels}, run.mesh)
-            rng = jax.random.fold_in(base_key, step)
-            params, opt_state, loss = step_fn(
-                params, opt_state, batch["volume"], batch["label"], rng
-            )
-            losses.append(loss)
-            step += 1
-            if step == 1:  # time the steps after the compiling one
-                jax.block_until_ready(loss)
-                timed_from = time.perf_counter()
-            elif step % config.log_every_steps == 0:
-                per_step = (time.perf_counter() - timed_from) / (step - 1)
-                logging.info(
-                    "epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f volumes/s ETA %s",
-                    epoch + 1,
-                    epochs,
-                    step,
-                    run.total_steps,
-                    float(loss),
-                    float(run.schedule(step)),
-                    batch_size / per_step,
-                    format_duration((run.total_steps - step) * per_step),
-                )
-        val = _score(run.setup, params, "val", epoch)
-        record = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(jax.device_get(losses))),
-            "val_loss": val["loss"],
-            f"val_{task.metric}": val[task.metric],
-        }
-        history.append(record)
-        writer.write(epoch + 1, {k: v for k, v in record.items() if k != "epoch"})
-        if val["loss"] < best[0]:
-            best = (val["loss"], epoch, jax.device_get(params))
-        epoch_seconds.append(time.perf_counter() - epoch_start)
-        per_epoch = np.mean(epoch_seconds[1:] or epoch_seconds)  # the first one compiles
-        logging.info(
-            "epoch %d/%d train loss %.4f val loss %.4f val %s %.4f (best epoch %d) ETA %s",
-            epoch + 1,
-            epochs,
-            record["train_loss"],
-            val["loss"],
-            task.metric,
-            val[task.metric],
-            best[1] + 1,
-            format_duration(per_epoch * (epochs - epoch - 1)),
-        )
-    return history, best[1], best[2]
+    return params, opt_state
+
+
+def _describe(metrics: Mapping[str, float]) -> str:
+    return f"loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}"
 
 
 def finetune(
@@ -256,27 +169,95 @@ def finetune(
     'best_epoch', 'epochs', 'splits', 'train' (the settings), 'history': [per epoch]}.
 
     ``workdir`` may be new or an earlier fine-tuning run's (which this one replaces), never a
-    folder holding another kind of run: that is refused before anything is read or written."""
+    folder holding another kind of run: that is refused before anything is read or written.
+    Raises ``Preempted`` after a SIGTERM/SIGINT, ``NonFiniteLossError`` at a NaN/Inf."""
+    # Set up: the folder is checked first, then the data and the encoder.
     workdir = Path(workdir)
     check_new_run(workdir, FINETUNE)
     run = _setup(config, checkpoint)
-    task, _, sources, model = run.setup
+    task, eval_config, sources, model = run.setup
+    epochs, batch_size = config.train.epochs, config.train.batch_size
     logging.info(
         "fine-tuning %s: %d epochs x %d steps of %d volumes on %d devices",
         task.name,
-        config.train.epochs,
+        epochs,
         run.steps_per_epoch,
-        config.train.batch_size,
+        batch_size,
         run.mesh.size,
     )
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    # State and the compiled step.
+    params, opt_state = _initial_state(run)
+    train_step = make_train_step(model.model.vision, run.tx, task.task, run.mesh)
+
+    # The step loop; the validation split after each epoch.
+    progress = Progress(run.total_steps, batch_size, _describe, unit="volumes")
+    nonfinite = NonFiniteWatch(True, NONFINITE_REMEDY)
     writer = MetricWriter(workdir)
-    try:
-        history, best_epoch, best_params = _fit(run, writer)
-    finally:
-        writer.close()
-    test = _score(run.setup, best_params, "test", best_epoch)
+    best = (np.inf, -1, {})  # (val loss, epoch, host params)
+    history, step = [], 0
+    with StopRequest() as stop:
+        try:
+            for epoch in range(epochs):
+                at, losses = f"{epoch + 1}/{epochs}", []
+                for batch in pipeline.labelled_epoch(
+                    sources["train"],
+                    task.label_key,
+                    batch_size,
+                    config.seed,
+                    epoch,
+                    window=tuple(eval_config.data.hu_window),
+                    flip_axes=tuple(config.train.flip_axes),
+                    threads=config.data.read_threads,
+                ):
+                    batch = sharding.global_batch(batch, run.mesh)
+                    params, opt_state, metrics = train_step(
+                        params, opt_state, batch["volume"], batch[task.label_key]
+                    )
+                    step += 1
+                    nonfinite.dispatched(step, metrics, at)
+                    losses.append(metrics["loss"])
+                    progress.tick()
+                    if is_due(step, config.log_every_steps, run.total_steps):
+                        nonfinite.check(step, metrics, at)
+                        lr = run.schedule(step - 1)  # the rate this step applied
+                        progress.report(step, {**metrics, "learning_rate": lr}, f"epoch {at}  ")
+                    if stop.agreed():
+                        raise Preempted(
+                            f"fine-tuning stopped by {stop.requested} at epoch {at}, step {step}; "
+                            f"it does not resume: {workdir} holds only metrics.jsonl of the "
+                            "finished epochs. Run the same command to start it again."
+                        )
+                nonfinite.check(step, metrics, at)
+                val = _score(run, params, "val")
+                record = {
+                    "epoch": epoch,
+                    "train_loss": float(np.mean(jax.device_get(losses))),
+                    "val_loss": val["loss"],
+                    f"val_{task.metric}": val[task.metric],
+                }
+                history.append(record)
+                writer.write(epoch + 1, {k: v for k, v in record.items() if k != "epoch"})
+                if val["loss"] < best[0]:
+                    best = (val["loss"], epoch, jax.device_get(params))
+                logging.info(
+                    "epoch %s train loss %.4f val loss %.4f val %s %.4f (best epoch %d) ETA %s",
+                    at,
+                    record["train_loss"],
+                    val["loss"],
+                    task.metric,
+                    val[task.metric],
+                    best[1] + 1,
+                    progress.eta(step),
+                )
+        finally:
+            writer.close()
+
+    # Test the epoch with the lowest validation loss.
+    _, best_epoch, best_params = best
+    test = _score(run, best_params, "test")
     results = {
         **downstream.describe(task, config.random_init, checkpoint, model.step),
         "kind": "finetune",

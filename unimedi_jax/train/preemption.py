@@ -19,6 +19,11 @@ from jax.experimental import multihost_utils
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Preempted(RuntimeError):  # noqa: N818 (a stop, not a fault)
+    """The run stopped cleanly on SIGTERM/SIGINT; the message says what was kept and how to go
+    on. The commands log it and exit 143."""
+
+
 class StopRequest:
     """Installed for the duration of a run (a context manager); ``requested`` after a signal."""
 

@@ -1,4 +1,7 @@
-"""The training loop: data -> compiled step -> metrics, checkpoints, resume.
+"""The pre-training trainer (``kind: pretrain``): data -> compiled step -> metrics,
+checkpoints, in-loop evaluation, resume. ``train`` reads top to bottom: set up the run folder,
+data and text tower; build the sharded state (or restore it); the step loop on the shared parts
+of ``train/loop.py``; finish.
 
 Runs the same on one CPU and on a multi-host mesh: every process builds the same mesh, reads its
 slice of each global batch and takes part in the compiled step and in checkpoint writes; only
@@ -7,9 +10,8 @@ process 0 writes metrics and TensorBoard events.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,16 +24,17 @@ from data_pipelines.pipeline import TrainStream
 from data_pipelines.prepare import ensure_prepared
 from unimedi_jax.config.checks import check_batch_for_mesh, check_config
 from unimedi_jax.core import sharding
-from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.precision import compute_dtype
 from unimedi_jax.core.run_folders import PRETRAIN, check_new_run
 from unimedi_jax.core.text_tower import TextTower, prepare_text_tower
-from unimedi_jax.evaluation.evaluators import run_evaluators
+from unimedi_jax.evaluation.evaluators import Evaluator, run_evaluators
+from unimedi_jax.evaluation.evaluators import from_config as evaluators_from_config
 from unimedi_jax.inference import UniMedIInference
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
 from unimedi_jax.train.checkpoint import Checkpointer, abstract_like
+from unimedi_jax.train.loop import NonFiniteWatch, Progress, is_due
 from unimedi_jax.train.metric_writer import MetricWriter, format_duration
-from unimedi_jax.train.preemption import StopRequest
+from unimedi_jax.train.preemption import Preempted, StopRequest
 from unimedi_jax.train.state import (
     TrainState,
     init_train_state,
@@ -41,13 +44,10 @@ from unimedi_jax.train.state import (
 from unimedi_jax.train.step import make_schedules, make_train_step
 from unimedi_jax.train.workdir import prepare_workdir
 
-
-class Preempted(RuntimeError):  # noqa: N818 (a stop, not a fault)
-    """The run stopped cleanly on SIGTERM/SIGINT after checkpointing."""
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """A NaN or Inf loss or gradient: the run stops and the last good checkpoint is kept."""
+NONFINITE_REMEDY = (
+    "lower train.learning_rate or set precision.compute_dtype=float32 and resume, or set "
+    "train.on_nonfinite=skip to skip such updates."
+)
 
 
 def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -145,10 +145,12 @@ def train(config, workdir: str | Path) -> dict:
     data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
     total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
 
+    # State: sharded over the mesh, restored from the newest readable checkpoint if any.
     mesh = sharding.mesh_from_config(config.mesh)
     check_batch_for_mesh(config, mesh.shape["data"] * mesh.shape["fsdp"])
     trainer = build_trainer(config, text, mesh, total_steps, warmup_steps)
     state = trainer.state
+    evaluators = evaluators_from_config(config)  # unknown names fail before the first step
 
     checkpointer = Checkpointer(
         workdir / "checkpoints",
@@ -163,36 +165,32 @@ def train(config, workdir: str | Path) -> dict:
         data.set_state(data_state)
         logging.info("Resumed from %s at step %d", checkpointer.directory, start)
 
+    # The step loop on the shared parts (train/loop.py), with in-loop evaluation.
     log_run_layout(state.params, mesh)
     writer = MetricWriter(workdir, enabled=is_chief, resume_step=start)
-    progress = Progress(total_steps, config.batch.size_2d + config.batch.size_3d)
-    stop_on_nonfinite = config.train.on_nonfinite == "stop"  # else the step skips the update
-    pending = None  # (step, metrics) of the previous step: checked once the next is dispatched
+    progress = Progress(total_steps, config.batch.size_2d + config.batch.size_3d, describe_losses)
+    # 'skip' lives in the compiled step; 'stop' is checked here.
+    nonfinite = NonFiniteWatch(config.train.on_nonfinite == "stop", NONFINITE_REMEDY, checkpointer)
     with StopRequest() as stop:
         try:
             for step in range(start + 1, total_steps + 1):
                 batch = sharding.global_batch(next(data), mesh)
                 state, metrics = trainer.step(state, batch)
-                if pending is not None and stop_on_nonfinite:
-                    check_finite(*pending, checkpointer)
-                pending = (step, metrics)
+                nonfinite.dispatched(step, metrics)
                 progress.tick()
                 stopping = stop.agreed()
-                is_log_step = step % config.log_every_steps == 0 or step == total_steps
-                is_ckpt_step = (
-                    step % config.checkpoint_every_steps == 0 or step == total_steps or stopping
-                )
-                if (is_log_step or is_ckpt_step) and stop_on_nonfinite:
-                    check_finite(step, metrics, checkpointer)
+                is_log_step = is_due(step, config.log_every_steps, total_steps)
+                is_ckpt_step = is_due(step, config.checkpoint_every_steps, total_steps) or stopping
+                if is_log_step or is_ckpt_step:
+                    nonfinite.check(step, metrics)
                 if is_log_step:
                     logged = {**jax.device_get(metrics), **data.skip_metrics()}
                     writer.write(step, progress.report(step, logged))
                 if is_ckpt_step:
                     checkpointer.save(step, state, data.get_state())
-                if config.eval_every_steps > 0 and (
-                    step % config.eval_every_steps == 0 or step == total_steps
-                ):
-                    writer.write(step, evaluate_state(config, trainer.model, state, text.tokenizer))
+                due = [e for e in evaluators if e.due(step, total_steps)]
+                if due:
+                    writer.write(step, evaluate_state(config, due, trainer, state, text, mesh))
                 if stopping:
                     raise Preempted(
                         f"stopped by {stop.requested or 'another process'} at step {step}; "
@@ -207,14 +205,22 @@ def train(config, workdir: str | Path) -> dict:
     return progress.last
 
 
-def evaluate_state(config, model: UniMedI, state: TrainState, tokenizer) -> dict[str, float]:
-    """In-loop evaluation of the current weights on the held-out split (process 0 computes)."""
-    params, teacher = multihost_utils.process_allgather((state.params, state.teacher), tiled=True)
-    if jax.process_index() != 0:
-        return {}
+def evaluate_state(
+    config,
+    evaluators: Sequence[Evaluator],
+    trainer: Trainer,
+    state: TrainState,
+    text: TextTower,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """In-loop evaluation of the current weights by ``evaluators``, on the state as it is
+    sharded over ``mesh``: no parameter is gathered. Every process takes part (the predict
+    functions are collective) and computes the same figures; process 0's are written."""
     started = time.perf_counter()
-    runner = UniMedIInference(config, model, params, teacher, tokenizer)
-    results = run_evaluators(runner, config, config.evals, config.eval_split, config.eval_limit)
+    runner = UniMedIInference(
+        config, trainer.model, state.params, state.teacher, text.tokenizer, mesh=mesh
+    )
+    results = run_evaluators(runner, config, evaluators)
     logging.info(
         "eval at step %d (%.0fs): %s",
         int(state.step),
@@ -222,26 +228,6 @@ def evaluate_state(config, model: UniMedI, state: TrainState, tokenizer) -> dict
         "  ".join(f"{k} {v:.3f}" for k, v in sorted(results.items())),
     )
     return results
-
-
-def check_finite(step: int, metrics: dict, checkpointer: Checkpointer) -> None:
-    """Stops the run at a NaN/Inf loss or gradient norm, naming the step, the loss terms and
-    the last checkpoint."""
-    watched = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"}
-    if all(math.isfinite(v) for v in watched.values()):
-        return
-    terms = ", ".join(f"{k}={v:.4g}" for k, v in watched.items())
-    latest = checkpointer.latest_step()
-    last_good = (
-        f"The last good checkpoint is step {latest} in {checkpointer.directory}"
-        if latest is not None
-        else f"No checkpoint was written yet in {checkpointer.directory}"
-    )
-    raise NonFiniteLossError(
-        f"non-finite loss or gradients at step {step} ({terms}). {last_good}; lower "
-        "train.learning_rate or set precision.compute_dtype=float32 and resume, or set "
-        "train.on_nonfinite=skip to skip such updates."
-    )
 
 
 def log_run_layout(params: dict, mesh: jax.sharding.Mesh) -> None:
@@ -260,47 +246,10 @@ def log_run_layout(params: dict, mesh: jax.sharding.Mesh) -> None:
     )
 
 
-class Progress:
-    """Throughput and ETA over the steps since the last report; formats the console line."""
-
-    def __init__(self, total_steps: int, samples_per_step: int):
-        self.total_steps = total_steps
-        self.samples_per_step = samples_per_step
-        self.start = self.window_start = time.perf_counter()
-        self.window_steps = 0
-        self.last: dict[str, float] = {}
-        self.skips = (0, 0)  # (non-finite updates, unusable records) at the last warning
-
-    def tick(self) -> None:
-        self.window_steps += 1
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def report(self, step: int, metrics: dict) -> dict[str, float]:
-        """Logs one line and returns the metrics to record (with samples_per_sec)."""
-        seconds = time.perf_counter() - self.window_start
-        per_step = seconds / max(self.window_steps, 1)
-        self.last = {k: float(v) for k, v in metrics.items()}
-        self.last["samples_per_sec"] = self.samples_per_step / max(per_step, 1e-9)
-        logging.info(
-            "step %d/%d  loss %.4f (vl %.4f icl %.4f pcl %.4f)  lr %.2e  %.1f samples/s  ETA %s",
-            step,
-            self.total_steps,
-            self.last["loss"],
-            self.last["loss_vl"],
-            self.last.get("loss_icl", 0.0),
-            self.last.get("loss_pcl", 0.0),
-            self.last["learning_rate"],
-            self.last["samples_per_sec"],
-            format_duration((self.total_steps - step) * per_step),
-        )
-        skips = (int(self.last.get("nonfinite_skips", 0)), int(self.last.get("data_skipped", 0)))
-        if skips != self.skips:
-            logging.warning(
-                "so far %d updates skipped for a non-finite loss, %d unusable records replaced",
-                *skips,
-            )
-            self.skips = skips
-        self.window_start, self.window_steps = time.perf_counter(), 0
-        return self.last
+def describe_losses(metrics: dict[str, float]) -> str:
+    """The loss terms and learning rate of a pre-training console line."""
+    icl, pcl = metrics.get("loss_icl", 0.0), metrics.get("loss_pcl", 0.0)
+    return (
+        f"loss {metrics['loss']:.4f} (vl {metrics['loss_vl']:.4f} icl {icl:.4f} pcl {pcl:.4f})"
+        f"  lr {metrics['learning_rate']:.2e}"
+    )

@@ -1,9 +1,12 @@
 """A run's workdir across restarts: may its checkpoints be resumed with the config given now?
 
-``config.json`` records the config of the run whose checkpoints are in ``checkpoints/``. A
-restart whose config changes the shapes of the state (model or text sizes) could not load them,
-and once it saved its own, the old run's would be rotated out; so it stops at start, naming the
-fields, before the data is read or anything compiled; with ``on_shape_change=restart`` the previous
+A restart whose config gives the train state other shapes (model or text sizes, the optimizer's
+make-up) could not load the checkpoints in ``checkpoints/``, and once it saved its own, the old
+run's would be rotated out; so it stops at start, before the data is read or anything compiled.
+The state this config gives (``jax.eval_shape`` of its init: traced, not compiled or run) is
+compared with the newest checkpoint's saved metadata (shapes and dtypes; no array is read), and
+the error names the parameters that changed and the fields in which ``config.json`` (the config
+of the run whose checkpoints these are) differs. With ``on_shape_change=restart`` the previous
 run's files move to ``previous-<UTC time>/`` instead and training starts at step 0. A restart
 of that command then finds its own config and resumes, so the option can stay in a launcher
 that preemption reruns. Other changes (learning rate, data sources, ...) resume, with a warning
@@ -18,35 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
 from absl import logging
+from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from unimedi_jax.config.checks import ConfigError
-from unimedi_jax.core.run_folders import PRETRAIN
+from unimedi_jax.config.upgrade import read_run_config
+from unimedi_jax.core.text_tower import text_tower_config
+from unimedi_jax.models.text import BertConfig
+from unimedi_jax.models.unimedi import build_unimedi, init_inputs
 from unimedi_jax.train.checkpoint import DAMAGED_DIR
+from unimedi_jax.train.state import TrainState, init_train_state, make_optimizer
 
-# Config fields that decide the shapes of the train state.
-SHAPE_FIELDS = (
-    "model.width",
-    "model.depth",
-    "model.num_heads",
-    "model.mlp_dim",
-    "model.patch_2d",
-    "model.patch_3d",
-    "model.image_size",
-    "model.volume_size",
-    "model.embed_dim",
-    "model.dino_hidden_dim",
-    "model.dino_bottleneck_dim",
-    "model.dino_out_dim",
-    "text.path",
-    "text.max_length",
-    "text.vocab_size",
-    "text.hidden_size",
-    "text.num_layers",
-    "text.num_heads",
-    "text.intermediate_size",
-)
 # What a run writes and a restart moves aside (the demo's data/ stays).
 RUN_FILES = (
     "checkpoints",
@@ -57,6 +47,10 @@ RUN_FILES = (
     "tokenizer",
     "eval.json",
 )
+_LISTED_SHAPES = 3  # parameters named in the error; the rest are counted
+
+# "path/of/leaf" -> (shape, dtype name) of each array of a train state.
+StateShapes = dict[str, tuple[tuple[int, ...], str]]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -89,19 +83,82 @@ def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{field} {old} -> {new}" for field, (old, new) in changes.items())
 
 
-def shape_changes(workdir: Path, config_json: dict) -> dict[str, tuple[Any, Any]]:
-    """The shape fields in which the saved config differs from ``config_json``; logs the
-    other differences."""
-    saved_path = workdir / "config.json"
-    if not saved_path.exists():
-        return {}
-    saved = {"kind": PRETRAIN, **json.loads(saved_path.read_text())}  # older runs lack it
-    changes = changed_fields(saved, config_json)
-    shape = {field: change for field, change in changes.items() if field in SHAPE_FIELDS}
-    other = {field: change for field, change in changes.items() if field not in SHAPE_FIELDS}
-    if other and not shape:
-        logging.warning("Resuming %s with a changed config: %s", workdir, _describe(other))
-    return shape
+def abstract_train_state(config: ml_collections.ConfigDict, text_config: BertConfig) -> TrainState:
+    """The train state ``config`` gives, as ShapeDtypeStructs (its init traced, never run)."""
+    model = build_unimedi(config, text_config, jnp.float32)  # parameters are float32 whatever
+    tx = make_optimizer(config.train, optax.constant_schedule(0.0))  # the rate leaves no state
+
+    def init(rng):
+        variables = model.init(rng, *init_inputs(config))
+        return init_train_state(nn.unbox(variables["params"]), tx, config.model.dino_out_dim, rng)
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def _key_name(key: Any) -> str:
+    for field in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+        if hasattr(key, field):
+            return str(getattr(key, field))
+    return str(key)
+
+
+def state_shapes(tree: Any) -> StateShapes:
+    """Shape and dtype of each array of a state tree (arrays, ShapeDtypeStructs or orbax's
+    saved metadata), by its path: the same path for a TrainState and its checkpoint."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        "/".join(_key_name(k) for k in path): (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+        for path, leaf in leaves
+    }
+
+
+def saved_state_shapes(directory: Path) -> tuple[int, StateShapes] | None:
+    """(step, shapes) of the newest checkpoint under ``directory`` whose metadata reads (orbax
+    reads it without the arrays); None when none does (a restore then says why)."""
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    for step in steps:
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "state")
+        except (OSError, ValueError) as err:  # damaged: the restore skips it too
+            logging.warning("checkpoint %d in %s: no readable metadata (%s)", step, directory, err)
+            continue
+        return step, state_shapes(metadata)
+    return None
+
+
+def shape_changes(saved: StateShapes, current: StateShapes) -> dict[str, tuple[str, str]]:
+    """path -> (saved, current) for every array whose shape or dtype differs, or that only one
+    of the two holds ('absent'); the parameters come first."""
+
+    def described(found: tuple[tuple[int, ...], str] | None) -> str:
+        return "absent" if found is None else f"{found[1]}{list(found[0])}"
+
+    paths = sorted(saved.keys() | current.keys(), key=lambda p: (not p.startswith("params/"), p))
+    return {
+        path: (described(saved.get(path)), described(current.get(path)))
+        for path in paths
+        if saved.get(path) != current.get(path)
+    }
+
+
+def _shape_error(
+    workdir: Path, step: int, shapes: dict[str, tuple[str, str]], fields: dict
+) -> ConfigError:
+    listed = dict(list(shapes.items())[:_LISTED_SHAPES])
+    more = len(shapes) - len(listed)
+    why = (
+        f"; its config.json differs in {_describe(fields)} (saved -> now)"
+        if fields
+        else " (it left no config.json to compare with)"
+    )
+    return ConfigError(
+        f"{workdir} holds checkpoints (newest: step {step}) of a train state whose arrays have "
+        f"other shapes than this config gives: {_describe(listed)}"
+        f"{f' and {more} more arrays' if more else ''} (saved -> now){why}. They cannot be resumed "
+        "with this config. Use another --workdir, set those fields back, or pass "
+        f"--config.on_shape_change=restart to move that run to {workdir}/previous-<time>/ "
+        "and start at step 0."
+    )
 
 
 def move_previous_run(workdir: Path) -> Path:
@@ -114,24 +171,34 @@ def move_previous_run(workdir: Path) -> Path:
     return target
 
 
-def prepare_workdir(config, workdir: Path) -> None:
+def _saved_config_json(workdir: Path) -> dict:
+    """The config of the run in ``workdir`` (upgraded to today's fields) as JSON, or {}."""
+    if not (workdir / "config.json").exists():
+        return {}
+    return json.loads(read_run_config(workdir).to_json_best_effort())
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Check the run already in ``workdir`` against ``config`` (refuse it, or move it aside
     with ``on_shape_change=restart``), then record this run's config. Every process checks;
     process 0 moves and writes once all have checked."""
     config_json = json.loads(config.to_json_best_effort())
-    shape = shape_changes(workdir, config_json) if has_checkpoints(workdir) else {}
-    if shape and config.on_shape_change != "restart":
-        raise ConfigError(
-            f"{workdir} holds checkpoints of a run whose config differs in fields that set "
-            f"the model's shapes: {_describe(shape)} (saved -> now). They cannot be resumed "
-            "with this config. Use another --workdir, set those fields back, or pass "
-            f"--config.on_shape_change=restart to move that run to {workdir}/previous-<time>/ "
-            "and start at step 0."
-        )
+    shapes = {}
+    if has_checkpoints(workdir):
+        fields = changed_fields(_saved_config_json(workdir), config_json)
+        saved = saved_state_shapes(workdir / "checkpoints")
+        if saved is not None:
+            step, saved_shapes = saved
+            current = abstract_train_state(config, text_tower_config(config, workdir))
+            shapes = shape_changes(saved_shapes, state_shapes(current))
+        if shapes and config.on_shape_change != "restart":
+            raise _shape_error(workdir, step, shapes, fields)
+        if fields and not shapes:
+            logging.warning("Resuming %s with a changed config: %s", workdir, _describe(fields))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("workdir checked")
     if jax.process_index() == 0:
-        if shape:
+        if shapes:
             moved = move_previous_run(workdir)
             logging.warning("on_shape_change=restart: moved the previous run to %s", moved)
         (workdir / "config.json").write_text(json.dumps(config_json, indent=2))

@@ -1,0 +1,15 @@
+"""The evaluators' names and per-evaluator settings as config data.
+
+Free of jax, so config files and ``config/upgrade.py`` read them; the evaluators themselves are
+``evaluators.EVALUATORS`` (a test keeps the names equal).
+"""
+
+from __future__ import annotations
+
+NAMES = ("retrieval", "zero_shot", "cross_modal", "slice_hit_rate", "linear_probe")
+
+
+def inherit_defaults() -> dict[str, dict[str, int | str]]:
+    """``eval_settings``: each evaluator on the run-wide ``eval_every_steps`` (-1),
+    ``eval_split`` ('') and ``eval_limit`` (-1) until a field replaces one."""
+    return {name: {"every_steps": -1, "split": "", "limit": -1} for name in NAMES}

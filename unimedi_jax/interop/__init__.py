@@ -1,0 +1,1 @@
+"""Conversions to other frameworks' formats (PyTorch: timm, MONAI, Hugging Face)."""
