@@ -30,16 +30,16 @@ from unimedi_jax.core.text_tower import TextTower, prepare_text_tower
 from unimedi_jax.evaluation.evaluators import Evaluator, run_evaluators
 from unimedi_jax.evaluation.evaluators import from_config as evaluators_from_config
 from unimedi_jax.inference import UniMedIInference
-from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
+from unimedi_jax.models.unimedi import UniMedI, build_unimedi
 from unimedi_jax.train.checkpoint import Checkpointer, abstract_like
 from unimedi_jax.train.loop import NonFiniteWatch, Progress, is_due
 from unimedi_jax.train.metric_writer import MetricWriter, format_duration
 from unimedi_jax.train.preemption import Preempted, StopRequest
 from unimedi_jax.train.state import (
     TrainState,
-    init_train_state,
     learning_rate_schedule,
     make_optimizer,
+    state_initializer,
 )
 from unimedi_jax.train.step import make_schedules, make_train_step
 from unimedi_jax.train.workdir import prepare_workdir
@@ -85,15 +85,11 @@ def build_trainer(
         total_steps,
     )
     tx = make_optimizer(config.train, lr)
-
-    def init_state(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        variables = model.init(init_rng, *init_inputs(config))
-        # Boxed params: the optimizer state inherits their logical axes, hence their sharding.
-        return init_train_state(variables["params"], tx, config.model.dino_out_dim, state_rng)
-
     state, shardings = sharding.create_sharded(
-        init_state, jax.random.key(config.seed), mesh=mesh, rules=sharding.logical_axis_rules()
+        state_initializer(model, tx, config),
+        jax.random.key(config.seed),
+        mesh=mesh,
+        rules=sharding.logical_axis_rules(),
     )
     if text.params is not None:
         pretrained = jax.device_put(text.params, shardings.params["text"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct, traverse_util
 
-from unimedi_jax.models.unimedi import TEACHER_KEYS
+from unimedi_jax.models.unimedi import TEACHER_KEYS, UniMedI, init_inputs
 
 CLIP_MODES = ("global", "per_param")  # train.clip_mode
 # Modules built by layers.scanned: their leaves stack one parameter per layer on axis 0.
@@ -124,3 +124,16 @@ def init_train_state(
         rng=jax.random.key_data(rng),
         nonfinite_skips=jnp.zeros((), jnp.int32),
     )
+
+
+def state_initializer(model: UniMedI, tx: optax.GradientTransformation, config):
+    """rng -> the initial train state of ``model`` for ``config``: what training creates
+    sharded and the resume check traces for shapes. Its params stay boxed with their logical
+    axes, so the optimizer state inherits them, hence their sharding."""
+
+    def init(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model.init(init_rng, *init_inputs(config))
+        return init_train_state(variables["params"], tx, config.model.dino_out_dim, state_rng)
+
+    return init

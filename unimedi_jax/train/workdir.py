@@ -33,9 +33,9 @@ from unimedi_jax.config.checks import ConfigError
 from unimedi_jax.config.upgrade import read_run_config
 from unimedi_jax.core.text_tower import text_tower_config
 from unimedi_jax.models.text import BertConfig
-from unimedi_jax.models.unimedi import build_unimedi, init_inputs
+from unimedi_jax.models.unimedi import build_unimedi
 from unimedi_jax.train.checkpoint import DAMAGED_DIR
-from unimedi_jax.train.state import TrainState, init_train_state, make_optimizer
+from unimedi_jax.train.state import TrainState, make_optimizer, state_initializer
 
 # What a run writes and a restart moves aside (the demo's data/ stays).
 RUN_FILES = (
@@ -87,12 +87,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, text_config: BertCon
     """The train state ``config`` gives, as ShapeDtypeStructs (its init traced, never run)."""
     model = build_unimedi(config, text_config, jnp.float32)  # parameters are float32 whatever
     tx = make_optimizer(config.train, optax.constant_schedule(0.0))  # the rate leaves no state
-
-    def init(rng):
-        variables = model.init(rng, *init_inputs(config))
-        return init_train_state(nn.unbox(variables["params"]), tx, config.model.dino_out_dim, rng)
-
-    return jax.eval_shape(init, jax.random.key(0))
+    init = state_initializer(model, tx, config)
+    return jax.eval_shape(lambda rng: nn.unbox(init(rng)), jax.random.key(0))
 
 
 def _key_name(key: Any) -> str:
