@@ -31,7 +31,8 @@ def paper_config() -> ml_collections.ConfigDict:
     c.total_steps = -1  # -1: derived from train.epochs and the 2D training set size
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
-    # The evaluators to run: retrieval | zero_shot | cross_modal | slice_hit_rate | linear_probe
+    # The evaluators to run: retrieval | zero_shot | cross_modal | modality_distance |
+    # slice_hit_rate | linear_probe
     c.evals = ("retrieval",)
     # Their defaults: in-loop every N steps (0: never; >0: also at the last step), split, records
     # per modality. `evaluate` runs them all, whatever their schedule.

@@ -30,7 +30,8 @@ from transformers import BertTokenizerFast
 from data_pipelines import pipeline, prepare
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-_DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py")
+# Resolved as any --config is: the working directory's, else the packaged configs.
+_DEFAULT_CONFIG = "configs/pretrain.py"
 
 
 def define_flags() -> None:
@@ -146,8 +147,13 @@ def main(argv: list[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     from unimedi_jax.core.errors import run_app  # the command's part: one handler for every command
 
     define_flags()
     run_app(main, default_config=_DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,32 +148,10 @@ def check_xray(pixels: np.ndarray, path: PathLike, min_side: int = MIN_XRAY_SIDE
         raise SkipImage(CONSTANT, path, f"{top} of its {pixels.size} pixels are one value")
 
 
-def _read_dicom_pixels(
-    path: PathLike, skip: type = SkipImage
-) -> tuple[pydicom.Dataset, np.ndarray]:
-    """Header and pixels of one DICOM file; `skip` names a damaged, empty or absurd one."""
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:  # pydicom raises many types for bad files
-        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
-    if not any(tag in ds for tag in _PIXEL_DATA_TAGS):
-        raise skip(NO_PIXEL_DATA, path, "the file has no PixelData element")
-    if "Rows" in ds and "Columns" in ds:
-        plane = (int(ds.Rows), int(ds.Columns))
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        itemsize = samples * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
-        _check_size(plane, itemsize, MAX_BYTES_2D, path, skip)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        _check_size((frames, *plane), itemsize, MAX_BYTES_3D, path, skip)
-    try:
-        return ds, ds.pixel_array
-    except Exception as e:  # pydicom raises many types for undecodable pixels
-        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
-
-
 def _read_dicom_2d(path: PathLike) -> np.ndarray:
     """DICOM -> float [0, 1]: modality LUT/rescale, VOI LUT or window, MONOCHROME1 inverted."""
-    ds, pixels = _read_dicom_pixels(path)
+    _, ds = _read_dicom(str(path))
+    pixels = _pixels(str(path), ds)
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or pixels.ndim != 2:
         raise SkipImage(UNSUPPORTED, path, f"{photometric} with pixel shape {pixels.shape}")
@@ -265,8 +244,15 @@ class Volume:
 
 
 def read_volume(path: PathLike) -> Volume:
-    """Read a directory as a DICOM series, anything else as NIfTI."""
-    return read_dicom_series(path) if Path(path).is_dir() else read_nifti(path)
+    """Read a directory as a DICOM series, a DICOM file as a (multi-frame) series, anything else
+    as NIfTI."""
+    if Path(path).is_dir():
+        return read_dicom_series(path)
+    try:
+        dicom = is_dicom_file(path)
+    except OSError as e:
+        raise SkipVolume(UNREADABLE, path, str(e)) from e
+    return read_dicom_series([path]) if dicom else read_nifti(path)
 
 
 def read_nifti(path: PathLike) -> Volume:
@@ -295,37 +281,97 @@ def read_nifti(path: PathLike) -> Volume:
     return Volume(hu, affine, str(path))
 
 
+IMAGE, VOLUME, FOLDER = "image", "volume", "folder"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def input_kind(path: PathLike) -> str:
+    """What a path on disk is to the model, by its content: VOLUME (a NIfTI file, a multi-frame
+    DICOM file, a folder whose DICOM files are placed in space: a CT series), IMAGE (any other
+    file: PNG, JPEG, a single-frame DICOM) or FOLDER (anything else: its entries are inputs).
+    Raises FileNotFoundError for a path that does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        files = (p for p in sorted(path.iterdir()) if p.is_file())
+        return VOLUME if any(_placed_dicom(p) for p in files) else FOLDER
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return VOLUME
+    header = _dicom_header(path)
+    if header is not None and int(header.get("NumberOfFrames", 1) or 1) > 1:
+        return VOLUME
+    return IMAGE
+
+
+def _dicom_header(path: Path) -> pydicom.Dataset | None:
+    """The header of a DICOM file (pixels not read); None for any other or unreadable file."""
+    try:
+        if not is_dicom_file(path):
+            return None
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # pydicom raises many types for bad files; the reader names them later
+        return None
+
+
+def _placed_dicom(path: Path) -> bool:
+    """A DICOM file with a position in the patient: a slice (or frames) of a CT series."""
+    header = _dicom_header(path)
+    return header is not None and (
+        "ImagePositionPatient" in header or "PerFrameFunctionalGroupsSequence" in header
+    )
+
+
+class OtherSeriesWarning(UserWarning):
+    """A DICOM folder held more than one series; the largest was read, the others are named."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    """One 2D frame of a series: a single-frame file or one frame of a multi-frame file."""
+
+    path: str
+    hu: np.ndarray  # float, modality LUT / rescale applied
+    position: np.ndarray  # ImagePositionPatient (LPS mm) of its first pixel
+    orientation: np.ndarray  # ImageOrientationPatient: row cosines, column cosines
+    spacing: tuple[float, float]  # PixelSpacing: between rows, between columns
+    thickness: float
+
+
 def read_dicom_series(source: PathLike | Sequence[PathLike]) -> Volume:
     """Read one DICOM series (a directory or its files) as float32 HU with a RAS+ affine.
 
-    Slices are sorted by ImagePositionPatient along the slice normal (row x column cosines of
-    ImageOrientationPatient) and each is rescaled by its own slope/intercept. Array axes are
-    (slice, row, column) in that order; `canonicalize` puts them into the canonical order.
+    Files are grouped by SeriesInstanceUID; when there are several series the one with the most
+    frames is read and an OtherSeriesWarning names the others (a study folder often holds a
+    scout or a second reconstruction). Multi-frame files (enhanced CT) give one slice a frame,
+    placed by its functional groups. Slices are sorted by ImagePositionPatient along the slice
+    normal (row x column cosines of ImageOrientationPatient), never by file name, and each is
+    rescaled by its own slope/intercept. Array axes are (slice, row, column) in that order;
+    `canonicalize` puts them into the canonical order.
     """
     files = _series_files(source)
-    name = str(Path(files[0]).parent)
-    slices = [_read_dicom_slice(f) for f in files]
-    first = slices[0][0]
-    orient = np.asarray(first.ImageOrientationPatient, np.float64)
-    row_cos, col_cos = orient[:3], orient[3:]
-    normal = np.cross(row_cos, col_cos)
-    for ds, pixels in slices:
-        same_orient = np.allclose(np.asarray(ds.ImageOrientationPatient, float), orient, atol=1e-3)
-        if not same_orient or pixels.shape != slices[0][1].shape:
+    name = str(source) if isinstance(source, str | os.PathLike) else str(Path(files[0]).parent)
+    datasets = [_read_dicom(f, SkipVolume) for f in files]
+    datasets = _largest_series(datasets, name)
+    frames = [frame for path, ds in datasets for frame in _frames(path, ds)]
+    first = frames[0]
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    for frame in frames:
+        same_orient = np.allclose(frame.orientation, first.orientation, atol=1e-3)
+        if not same_orient or frame.hu.shape != first.hu.shape:
             raise SkipVolume(INCONSISTENT_SERIES, name, "slices differ in orientation or size")
-    positions = np.array([np.asarray(ds.ImagePositionPatient, np.float64) for ds, _ in slices])
-    order = np.argsort(positions @ normal, kind="stable")
-    positions = positions[order]
-    if len(files) > 1 and np.min(np.diff(positions @ normal)) < 1e-3:
+    order = np.argsort([frame.position @ normal for frame in frames], kind="stable")
+    frames = [frames[i] for i in order]
+    positions = np.array([frame.position for frame in frames])
+    if len(frames) > 1 and np.min(np.diff(positions @ normal)) < 1e-3:
         raise SkipVolume(INCONSISTENT_SERIES, name, "two slices share a position")
-    hu = np.stack([apply_modality_lut(slices[i][1], slices[i][0]) for i in order]).astype(
-        np.float32
-    )
-    if len(files) > 1:
-        step = (positions[-1] - positions[0]) / (len(files) - 1)
+    hu = np.stack([frame.hu for frame in frames]).astype(np.float32)
+    if len(frames) > 1:
+        step = (positions[-1] - positions[0]) / (len(frames) - 1)
     else:
-        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+        step = normal * first.thickness
+    row_spacing, col_spacing = first.spacing
+    row_cos, col_cos = first.orientation[:3], first.orientation[3:]
     lps = np.eye(4)
     lps[:3, 0] = step
     lps[:3, 1] = col_cos * row_spacing  # moving down one row
@@ -346,14 +392,116 @@ def _series_files(source: PathLike | Sequence[PathLike]) -> list[str]:
     return files
 
 
-def _read_dicom_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
-    ds, pixels = _read_dicom_pixels(path, SkipVolume)
-    for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        if key not in ds:
-            raise SkipVolume(UNREADABLE, path, f"missing {key}")
-    if pixels.ndim != 2:
-        raise SkipVolume(UNSUPPORTED, path, f"pixel shape {pixels.shape}, expected one 2D frame")
-    return ds, pixels
+def _largest_series(
+    datasets: list[tuple[str, pydicom.Dataset]], name: str
+) -> list[tuple[str, pydicom.Dataset]]:
+    """The files of the series with the most frames (ties: the first UID in sorted order),
+    warning with the others' UIDs and frame counts."""
+    series: dict[str, list[tuple[str, pydicom.Dataset]]] = {}
+    for path, ds in datasets:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if len(series) == 1:
+        return datasets
+    frames = {
+        uid: sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in members)
+        for uid, members in series.items()
+    }
+    chosen = min(series, key=lambda uid: (-frames[uid], uid))
+    others = ", ".join(
+        f"{uid or '(no SeriesInstanceUID)'} ({frames[uid]} frames)"
+        for uid in sorted(series)
+        if uid != chosen
+    )
+    warnings.warn(
+        f"{name} holds {len(series)} DICOM series: read the largest, {chosen} "
+        f"({frames[chosen]} frames); left out {others}. Put each series in its own folder to "
+        "read another.",
+        OtherSeriesWarning,
+        stacklevel=3,
+    )
+    return series[chosen]
+
+
+def _read_dicom(path: str, skip: type = SkipImage) -> tuple[str, pydicom.Dataset]:
+    """(path, header) of one DICOM file with pixel data whose declared size is sane."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for bad files
+        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    if not any(tag in ds for tag in _PIXEL_DATA_TAGS):
+        raise skip(NO_PIXEL_DATA, path, "the file has no PixelData element")
+    if "Rows" in ds and "Columns" in ds:
+        plane = (int(ds.Rows), int(ds.Columns))
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        itemsize = samples * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
+        _check_size(plane, itemsize, MAX_BYTES_2D, path, skip)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        _check_size((frames, *plane), itemsize, MAX_BYTES_3D, path, skip)
+    return path, ds
+
+
+def _pixels(path: str, ds: pydicom.Dataset, skip: type = SkipImage) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as e:  # pydicom raises many types for undecodable pixels
+        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+
+
+def _frame_attribute(ds: pydicom.Dataset, index: int, sequence: str, key: str):
+    """`key` of frame `index`: its per-frame functional group, the shared one, or the top level
+    (single-frame files); None when absent."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        items = ds.get(groups)
+        if not items:
+            continue
+        group = items[index] if groups.startswith("PerFrame") and index < len(items) else items[0]
+        inner = group.get(sequence)
+        if inner and key in inner[0]:
+            return inner[0].get(key)
+    return ds.get(key)
+
+
+def _frames(path: str, ds: pydicom.Dataset) -> list[_Frame]:
+    """The frames of one file, each with its geometry and rescale."""
+    pixels = _pixels(path, ds, SkipVolume)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames == 1:
+        pixels = pixels[None] if pixels.ndim == 2 else pixels
+    if pixels.ndim != 3 or len(pixels) != n_frames:
+        raise SkipVolume(UNSUPPORTED, path, f"pixel shape {pixels.shape}, expected 2D frames")
+    frames = []
+    for i, plane in enumerate(pixels):
+        geometry = {
+            key: _frame_attribute(ds, i, sequence, key)
+            for sequence, key in (
+                ("PlanePositionSequence", "ImagePositionPatient"),
+                ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                ("PixelMeasuresSequence", "PixelSpacing"),
+            )
+        }
+        missing = [key for key, value in geometry.items() if value is None]
+        if missing:
+            raise SkipVolume(UNREADABLE, path, f"missing {', '.join(missing)}")
+        if n_frames == 1:
+            hu = apply_modality_lut(plane, ds)
+        else:
+            slope = _frame_attribute(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = _frame_attribute(
+                ds, i, "PixelValueTransformationSequence", "RescaleIntercept"
+            )
+            hu = plane * float(1.0 if slope is None else slope) + float(intercept or 0.0)
+        thickness = _frame_attribute(ds, i, "PixelMeasuresSequence", "SliceThickness")
+        frames.append(
+            _Frame(
+                path=path,
+                hu=np.asarray(hu, np.float64),
+                position=np.asarray(geometry["ImagePositionPatient"], np.float64),
+                orientation=np.asarray(geometry["ImageOrientationPatient"], np.float64),
+                spacing=tuple(float(v) for v in geometry["PixelSpacing"]),
+                thickness=float(thickness or 1.0),
+            )
+        )
+    return frames
 
 
 def canonicalize(volume: Volume, min_slices: int = 16, min_in_plane: int = 64) -> Volume:

@@ -269,10 +269,15 @@ def run(args: Sequence[str]) -> int:
     return reporting_user_errors(command, also=(ValueError,))()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     # The command's part only: the library above stays free of unimedi_jax.
     from unimedi_jax.core.errors import run_app
 
     define_flags()
     # The builders report a bad option (a value, a split file, a window) as ValueError.
     run_app(main, also=(ValueError,))
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,7 +17,9 @@ The image operations themselves (reading, letterbox, resizing, windowing, croppi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +77,76 @@ def volume_from_file(
     """
     stored = imaging.prepare_volume(imaging.read_volume(path), shape)
     return transform_3d(stored, window)
+
+
+# The file preprocessing this version applies; a run records them (`FilePreprocessing`) so a
+# later change shows as a record that this code refuses instead of a silent difference.
+LETTERBOX = "letterbox"  # longer side to the stored size (area shrink, bilinear), centred padding
+AREA_RESIZE = "area"  # `imaging.resize_volume`: area shrink, linear enlarge, spacing ignored
+CANONICAL_ORIENTATION = "".join(imaging.CANONICAL_AXCODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePreprocessing:
+    """How a run turns an X-ray or CT file into a model input: what it trained on, as its
+    config.json records it (`preprocessing`), so the file path of inference reproduces the
+    records the run was trained on, whatever the defaults of a later version."""
+
+    image_stored_size: int | None  # the letterbox size of the stored X-rays; None: none trained on
+    image_crop: int  # the square centre crop of evaluation
+    volume_shape: tuple[int, int, int]  # the stored (= model input) volume shape D, H, W
+    hu_window: tuple[float, float]
+    image_resize: str = LETTERBOX
+    volume_orientation: str = CANONICAL_ORIENTATION
+    volume_resize: str = AREA_RESIZE
+
+    def __post_init__(self):
+        supported = {
+            "image_resize": LETTERBOX,
+            "volume_orientation": CANONICAL_ORIENTATION,
+            "volume_resize": AREA_RESIZE,
+        }
+        for key, value in supported.items():
+            if getattr(self, key) != value:
+                raise ValueError(
+                    f"preprocessing.{key}={getattr(self, key)!r}: this version reads files only "
+                    f"with {value!r}"
+                )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> FilePreprocessing:
+        """From a config.json `preprocessing` group (lists as tuples)."""
+        stored = record["image_stored_size"]
+        return cls(
+            image_stored_size=None if stored is None else int(stored),
+            image_crop=int(record["image_crop"]),
+            volume_shape=tuple(int(n) for n in record["volume_shape"]),
+            hu_window=tuple(float(v) for v in record["hu_window"]),
+            image_resize=record["image_resize"],
+            volume_orientation=record["volume_orientation"],
+            volume_resize=record["volume_resize"],
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The config.json form (JSON types)."""
+        return {
+            **dataclasses.asdict(self),
+            "volume_shape": list(self.volume_shape),
+            "hu_window": list(self.hu_window),
+        }
+
+    def image(self, path: imaging.PathLike) -> np.ndarray:
+        """An X-ray file -> float32 [crop, crop] in [0, 1] (`xray_from_file`)."""
+        if self.image_stored_size is None:
+            raise ValueError(
+                "preprocessing.image_stored_size is null: the run trained on no X-rays, so no "
+                "stored size says how to letterbox a file"
+            )
+        return xray_from_file(path, self.image_crop, self.image_stored_size)
+
+    def volume(self, path: imaging.PathLike) -> np.ndarray:
+        """A CT file or DICOM folder -> float32 `volume_shape` in [0, 1] (`volume_from_file`)."""
+        return volume_from_file(path, self.volume_shape, self.hu_window)
 
 
 def tokenize(reports: Sequence[str], tokenizer, max_length: int, prefix: str) -> dict:

@@ -161,7 +161,7 @@ def test_cli_writes_eval_json_under_the_run(run, data_dir):
         f"--config.data.data_dir={data_dir}",
         "--config.random_init=True",
         "--config.probe.max_epochs=4",
-        f"--checkpoint={run}",
+        f"--workdir={run}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run / "probe" / "phantoms_ct-0.1-random_init" / "eval.json"
@@ -217,8 +217,8 @@ def test_finetune_learns_and_writes_eval_json(run, cc_ccii_dir, tmp_path):
         "--config.train.warmup_epochs=1",
         "--config.train.learning_rate=1e-2",
         "--config.log_every_steps=2",
-        f"--checkpoint={run}",
-        f"--workdir={tmp_path}",
+        f"--workdir={run}",
+        f"--out={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ETA" in proc.stderr
@@ -254,6 +254,7 @@ def _with_batch_hook(monkeypatch, hook):
 
 
 def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_ccii_dir, tmp_path):
+    """In the spelling before --out (--checkpoint=RUN --workdir=DIR), kept for one release."""
     proc = _cli(
         "unimedi_jax.main",
         "--config=configs/finetune.py:dataset=cc_ccii",
@@ -264,6 +265,9 @@ def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_cci
         f"--workdir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"deprecated and goes in the next release: write --workdir={run} --out={tmp_path}" in (
+        proc.stderr
+    )
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["kind"] == "finetune" and results["epochs"] == 1
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -272,18 +276,18 @@ def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_cci
 
 
 @pytest.mark.parametrize(
-    ("module", "arg", "checkpoint", "message"),
+    ("module", "arg", "out", "message"),
     [
-        (finetune_config, "dataset=cc_ccii", None, "needs --checkpoint="),
-        (pretrain_config, "tiny", "runs/x", "--checkpoint=runs/x is for fine-tuning"),
+        (finetune_config, "dataset=cc_ccii", None, "needs --out=DIR"),
+        (pretrain_config, "tiny", "runs/x", "--out=runs/x is the new folder of a fine-tuning"),
         (probe_config, "dataset=cc_ccii", "runs/x", "python -m unimedi_jax.evaluate"),
     ],
 )
 def test_a_config_and_flags_that_make_no_job_are_refused_before_anything_runs(
-    module, arg, checkpoint, message, tmp_path
+    module, arg, out, message, tmp_path
 ):
     with pytest.raises(trainers.TrainerUsageError, match=message):
-        trainers.run(module.get_config(arg), tmp_path / "w", checkpoint)
+        trainers.run(module.get_config(arg), tmp_path / "w", out)
     assert not (tmp_path / "w").exists()
 
 
@@ -291,8 +295,8 @@ def test_main_reports_a_probe_config_as_a_usage_error(tmp_path):
     proc = _cli(
         "unimedi_jax.main",
         "--config=configs/probe.py:dataset=cc_ccii",
-        f"--checkpoint={tmp_path}",
-        f"--workdir={tmp_path}/w",
+        f"--workdir={tmp_path}",
+        f"--out={tmp_path}/w",
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]

@@ -32,7 +32,7 @@ def test_config_names_every_registered_evaluator():
 
 def test_each_evaluator_takes_the_defaults_unless_its_settings_replace_them():
     config = get_config("demo")
-    assert _summary(config) == [(name, 500, "test", 200) for name in settings.NAMES]
+    assert _summary(config) == [(name, 500, "test", 200) for name in config.evals]
     config.eval_settings.linear_probe.update(every_steps=1000, split="validation", limit=50)
     config.eval_settings.retrieval.every_steps = 0
     found = {e.name: e for e in evaluators.from_config(config)}
@@ -83,7 +83,7 @@ def test_a_config_saved_before_per_evaluator_settings_evaluates_as_it_did():
     del old["eval_settings"]
     old.eval_every_steps, old.eval_split, old.eval_limit = 300, "validation", 40
     upgraded = upgrade_config(old)
-    assert _summary(upgraded) == [(name, 300, "validation", 40) for name in settings.NAMES]
+    assert _summary(upgraded) == [(name, 300, "validation", 40) for name in current.evals]
 
 
 SHARDED = textwrap.dedent(

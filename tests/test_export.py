@@ -23,10 +23,12 @@ from flax import linen as nn
 from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file
 
+from configs.pretrain import get_config
 from tests.tiny_models import TINY_BERT, TINY_VIT
 from unimedi_jax.interop import torch_export
 from unimedi_jax.models.text import BertConfig, BertEncoder, train_wordpiece_tokenizer
 from unimedi_jax.models.vit import VisionTransformer
+from unimedi_jax.torch_model import load_monai_weights
 
 REPORTS = [
     "The heart size is normal.",
@@ -81,7 +83,7 @@ def _tokens(model, params, x) -> np.ndarray:
 def _assert_safe_files(out) -> None:
     """Only safetensors, JSON and the tokenizer's vocab.txt: nothing that unpickles."""
     suffixes = {path.suffix for path in out.iterdir()}
-    assert suffixes <= {".safetensors", ".json", ".txt"}, suffixes
+    assert suffixes <= {".safetensors", ".json", ".txt", ".md"}, suffixes
     assert (out / torch_export.WEIGHTS).is_file()
     json.loads((out / torch_export.CONFIG).read_text())
 
@@ -124,7 +126,7 @@ def test_monai_vit_loads_all_but_head_and_matches(tmp_path, vision, volume_size)
     # MONAI's own LayerNorm eps (1e-5, ours 1e-6) is not negligible: [CLS] enters the first
     # block with a tiny variance. Left at 1e-5 the error here is ~1e-3 on [CLS] and ~2e-4 on
     # the patches; load_monai_weights sets eps to ours, which leaves float32 rounding (~1e-6).
-    assert sorted(torch_export.load_monai_weights(vit, out)) == sorted(HEAD)
+    assert sorted(load_monai_weights(vit, out)) == sorted(HEAD)
     theirs, logits = _monai_tokens(vit, volumes)
     assert logits.shape == (2, 3)
     assert _max_err(theirs, ours) < 1e-5
@@ -156,7 +158,7 @@ def test_unetr_vit_loads_all_but_cls_token_and_runs(tmp_path):
     ).eval()
     result = unetr.vit.load_state_dict(load_file(out / torch_export.WEIGHTS), strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == ["cls_token"]
-    assert torch_export.load_monai_weights(unetr.vit, out) == []
+    assert load_monai_weights(unetr.vit, out) == []
 
     volumes = np.random.default_rng(1).random((1, *model.volume_size), dtype=np.float32)
     x = torch.from_numpy(volumes)[:, None]
@@ -173,7 +175,7 @@ def test_load_monai_weights_rejects_a_vit_of_other_depth(tmp_path, vision):
     out = torch_export.export_monai(params, model, tmp_path)
     kwargs = {**json.loads((out / torch_export.CONFIG).read_text())["kwargs"], "num_layers": 3}
     with pytest.raises(ValueError, match="does not match the export"):
-        torch_export.load_monai_weights(ViT(**kwargs), out)
+        load_monai_weights(ViT(**kwargs), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def test_hf_bert_loads_without_pooler_and_matches(tmp_path, text):
 # A loaded run, as the command exports it
 
 
-@pytest.mark.parametrize("fmt", torch_export.FORMATS)
+@pytest.mark.parametrize("fmt", ("monai", "timm", "hf_bert"))  # torch: tests/test_torch_model.py
 def test_export_run_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, fmt):
     model, params = vision
     text_model, text_params, tokenizer = text
@@ -334,6 +336,8 @@ def test_export_run_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, 
         teacher={"vision": params, "text": text_params},
         student=None,
         tokenizer=tokenizer,
+        config=get_config("tiny"),
+        step=2,
     )
     fake = types.ModuleType("unimedi_jax.inference")
     fake.load = lambda path: run if path == "runs/x" else None
@@ -350,3 +354,4 @@ def test_export_run_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, 
         assert config["model_args"]["in_chans"] == 3
     else:
         assert (tmp_path / "tokenizer.json").is_file()
+    assert "step 2" in (tmp_path / torch_export.MODEL_CARD).read_text()

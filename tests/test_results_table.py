@@ -102,5 +102,7 @@ def test_a_later_file_for_the_same_cell_wins_with_a_warning(runs, capsys):
 
 
 def test_no_results_is_a_user_error_naming_the_paths(tmp_path):
-    with pytest.raises(paper_tables.NoResultsError, match=r"no probe or fine-tuning eval\.json"):
+    with pytest.raises(
+        paper_tables.NoResultsError, match=r"no probe, fine-tuning or zero-shot eval\.json"
+    ):
         paper_tables.tables_of([tmp_path])

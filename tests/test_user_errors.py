@@ -179,17 +179,15 @@ def test_unknown_evaluator_names_the_evals_field():
             [
                 "--config=configs/probe.py:dataset=chexpert",
                 "--config.limt.train=5",
-                "--checkpoint={tmp}",
+                "--workdir={tmp}",
             ],
             ["ConfigError", "limt", "Did you mean limit"],
             id="evaluate-probe-unknown-override",
         ),
-        pytest.param(
-            "unimedi_jax.evaluate", [], ["--checkpoint=PATH"], id="evaluate-no-checkpoint"
-        ),
+        pytest.param("unimedi_jax.evaluate", [], ["--workdir=RUN"], id="evaluate-no-checkpoint"),
         pytest.param(
             "unimedi_jax.evaluate",
-            ["--config=configs/probe.py:dataset=chexpert", "--checkpoint={tmp}/no-run"],
+            ["--config=configs/probe.py:dataset=chexpert", "--workdir={tmp}/no-run"],
             ["DownstreamError", "{tmp}/no-run"],
             id="evaluate-probe-missing-run",
         ),
@@ -204,8 +202,8 @@ def test_unknown_evaluator_names_the_evals_field():
             [
                 "--config=configs/finetune.py:dataset=cc_ccii",
                 "--config.optim.lr=1",
-                "--checkpoint={tmp}",
-                "--workdir={tmp}/ft",
+                "--workdir={tmp}",
+                "--out={tmp}/ft",
             ],
             ["ConfigError", "optim"],
             id="finetune-unknown-override",
@@ -214,8 +212,8 @@ def test_unknown_evaluator_names_the_evals_field():
             "unimedi_jax.finetune",
             [
                 "--config=configs/finetune.py:dataset=cc_ccii",
-                "--checkpoint={tmp}/no-run",
-                "--workdir={tmp}/ft",
+                "--workdir={tmp}/no-run",
+                "--out={tmp}/ft",
             ],
             ["DownstreamError", "{tmp}/no-run"],
             id="finetune-missing-run",
@@ -336,9 +334,12 @@ def test_evaluate_overrides_apply_to_the_saved_config(tiny_run, tmp_path):
         "--config.evals=('retrieval',)",
         "--config.eval_split=test",
         "--config.eval_limit=8",
-        f"--out_dir={tmp_path}",
+        f"--out_dir={tmp_path}",  # the spelling before --out, kept for one release
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--out_dir is deprecated and goes in the next release: write --out={tmp_path}" in (
+        proc.stderr
+    )
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results and all(name.startswith("retrieval_") for name in results), sorted(results)
     assert all(np.isfinite(v) for v in results.values())

@@ -13,6 +13,7 @@ import pytest
 
 from configs.pretrain import get_config
 from unimedi_jax.config.checks import ConfigError, check_config
+from unimedi_jax.config.preprocessing import before_recorded
 from unimedi_jax.core.text_tower import text_tower_config
 from unimedi_jax.models.text import train_wordpiece_tokenizer
 from unimedi_jax.train.checkpoint import Checkpointer
@@ -20,6 +21,14 @@ from unimedi_jax.train.metric_writer import MetricWriter, rewind_jsonl
 from unimedi_jax.train.workdir import abstract_train_state, prepare_workdir
 
 REPORTS = ["no acute findings", "small left pleural effusion", "right lower lobe nodule"]
+
+
+def _tiny():
+    """The tiny preset as ``train`` passes it to ``prepare_workdir``: with the preprocessing
+    group it records at the start of a run (for phantoms, what ``before_recorded`` gives)."""
+    config = get_config("tiny")
+    config.preprocessing = before_recorded(config)
+    return config
 
 
 def test_keeps_the_latest_k_plus_every_mth(tmp_path):
@@ -45,8 +54,8 @@ def _previous_run(workdir, config):
 
 
 def test_workdir_with_other_shapes_is_refused_naming_the_params_and_fields(tmp_path):
-    saved = _previous_run(tmp_path, get_config("tiny"))
-    config = get_config("tiny")
+    saved = _previous_run(tmp_path, _tiny())
+    config = _tiny()
     config.model.width = 48
     config.text.hidden_size = 64
     with pytest.raises(ConfigError) as error:
@@ -67,8 +76,8 @@ def test_workdir_with_other_shapes_is_refused_naming_the_params_and_fields(tmp_p
 
 def test_changed_optimizer_make_up_is_a_shape_change(tmp_path):
     """No hand-kept list of fields: a change that only the optimizer state shows is caught."""
-    _previous_run(tmp_path, get_config("tiny"))
-    config = get_config("tiny")
+    _previous_run(tmp_path, _tiny())
+    config = _tiny()
     config.train.grad_clip_norm = 0.0  # no clipping: one transformation less in the chain
     with pytest.raises(
         ConfigError, match=r"opt_state/0/count absent -> int32\[\].*train.grad_clip_norm 3.0 -> 0.0"
@@ -79,19 +88,19 @@ def test_changed_optimizer_make_up_is_a_shape_change(tmp_path):
 def test_same_shapes_resume_with_an_older_runs_config(tmp_path, caplog):
     """A config.json an older version wrote (fields added since are missing) is upgraded before
     the comparison: only the fields that really changed are named."""
-    _previous_run(tmp_path, get_config("tiny"))
+    _previous_run(tmp_path, _tiny())
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["kind"], saved["text"]["pooling"], saved["selection"]["layers"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    config = get_config("tiny")
+    config = _tiny()
     with caplog.at_level(logging.WARNING):
         prepare_workdir(config, tmp_path)  # the tiny config pools reports by their mean
     assert "changed config: text.pooling cls -> mean" in caplog.text
 
 
 def test_other_changes_resume_with_a_warning(tmp_path, caplog):
-    _previous_run(tmp_path, get_config("tiny"))
-    config = get_config("tiny")
+    _previous_run(tmp_path, _tiny())
+    config = _tiny()
     previous = config.train.learning_rate
     config.train.learning_rate = previous / 10
     with caplog.at_level(logging.WARNING):
@@ -102,8 +111,8 @@ def test_other_changes_resume_with_a_warning(tmp_path, caplog):
 
 
 def test_restart_moves_the_previous_run_aside(tmp_path):
-    _previous_run(tmp_path, get_config("tiny"))
-    config = get_config("tiny")
+    _previous_run(tmp_path, _tiny())
+    config = _tiny()
     config.model.depth = 3
     config.on_shape_change = "restart"
     prepare_workdir(config, tmp_path)
@@ -172,7 +181,7 @@ def test_rewind_drops_later_and_cut_short_lines(tmp_path):
     ],
 )
 def test_new_fields_are_checked_at_start(field, value, message):
-    config = get_config("tiny")
+    config = _tiny()
     *sections, name = field.split(".")
     node = config
     for section in sections:

@@ -35,5 +35,10 @@ def main(argv: list[str]) -> None:
     print(step_report(_CONFIG.value, _STEPS.value, _PEAK.value, _COMPARE.value))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -45,5 +45,10 @@ def main(argv: list[str]) -> int:
     return 0 if passed else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """``python -m unimedi_jax.evaluate``: evaluate a checkpoint and write ``eval.json``.
 
-Pre-training evaluators, ``--workdir=W`` (or ``--checkpoint=W``): reads the run's saved config
+Pre-training evaluators, ``--workdir=W``: reads the run's saved config
 (``--config`` replaces it; ``--config.X=Y`` overrides fields of ``--config`` or, without it,
 of the saved config), runs every evaluator the config's ``evals`` names (retrieval Recall@K,
 zero-shot AUROC, cross-modal mAP, slice-selection hit rate, linear probe), each on its held-out
@@ -8,8 +8,14 @@ split and limit (``eval_split``/``eval_limit``, or its ``eval_settings.<name>``)
 in-loop schedule, and writes ``W/eval.json``: the evaluators and figures of in-loop evaluation.
 
 Linear probe (paper Tables 1-2), ``--config=configs/probe.py:dataset=NAME[,fraction=F]
---checkpoint=PATH``: writes ``<run workdir>/probe/<dataset>-<fractions>[-random_init]/eval.json``
-(or ``--out_dir/eval.json``); see ``unimedi_jax/evaluation/downstream.py``.
+--workdir=PATH``: writes ``<run workdir>/probe/<dataset>-<fractions>[-random_init]/eval.json``
+(or ``--out=DIR``: ``DIR/eval.json``); see ``unimedi_jax/evaluation/downstream.py``.
+``--checkpoint`` and ``--out_dir``, the spellings before ``--workdir`` and ``--out``, still work
+for one release, with a deprecation line.
+
+Zero-shot and retrieval benchmarks, ``--config=configs/zero_shot.py:dataset=NAME --workdir=RUN
+--out=DIR``: writes ``DIR/eval.json`` (default ``<run workdir>/zero_shot/<benchmark>``); see
+``unimedi_jax/evaluation/zero_shot.py``.
 """
 
 from __future__ import annotations
@@ -24,16 +30,18 @@ from ml_collections import config_flags
 from unimedi_jax import inference
 from unimedi_jax.config.overrides import apply_overrides, config_given, override_args
 from unimedi_jax.core.errors import parse_absl_flags, run_app
-from unimedi_jax.evaluation import downstream
+from unimedi_jax.evaluation import downstream, zero_shot
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or one of its checkpoint dirs).")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Run workdir (latest checkpoint) or <workdir>/checkpoints/<step>."
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The run (its latest checkpoint) or <run>/checkpoints/<step>."
 )
-_OUT_DIR = flags.DEFINE_string(
-    "out_dir", None, "Where eval.json goes (default: the run's workdir; probes: under probe/)."
+_OUT = flags.DEFINE_string(
+    "out", None, "Where eval.json goes (default: the run's workdir; probes: under probe/)."
 )
+# The spellings before --workdir and --out, kept for one release with a deprecation line.
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Deprecated: --workdir.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Deprecated: --out.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional config replacing the run's, or configs/probe.py:dataset=NAME."
 )
@@ -60,27 +68,43 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return [*parse_absl_flags([a for a in argv if a not in overrides]), *overrides]
 
 
+def _flag(new: flags.FlagHolder, old: flags.FlagHolder) -> str | None:
+    """The value of ``new``, or of its deprecated spelling ``old`` with a deprecation line."""
+    if old.value is None:
+        return new.value
+    if new.value is not None and new.value != old.value:
+        raise app.UsageError(f"give --{new.name}, not --{old.name} as well")
+    logging.warning(
+        "--%s is deprecated and goes in the next release: write --%s=%s",
+        old.name,
+        new.name,
+        old.value,
+    )
+    return old.value
+
+
 def main(argv: list[str]) -> None:
     overrides = override_args(argv[1:])
-    if _WORKDIR.value and _CHECKPOINT.value and _WORKDIR.value != _CHECKPOINT.value:
-        raise app.UsageError("give --checkpoint or --workdir, not both")
-    path = _CHECKPOINT.value or _WORKDIR.value
+    path, out = _flag(_WORKDIR, _CHECKPOINT), _flag(_OUT, _OUT_DIR)
     if not path:
-        raise app.UsageError("--checkpoint=PATH (or --workdir=PATH) is required")
+        raise app.UsageError("--workdir=RUN (or RUN/checkpoints/STEP) is required")
     config = _CONFIG.value
     kind = config.get("kind") if config is not None else None
     if kind == "finetune":
         raise app.UsageError("fine-tuning configs run with python -m unimedi_jax.finetune")
     if kind == "probe":
         results = downstream.probe(config, path)
-        out_dir = _OUT_DIR.value or downstream.default_out_dir(config, path)
+        out_dir = out or downstream.default_out_dir(config, path)
         _log_probe(results)
+    elif kind == "zero_shot":
+        results = zero_shot.evaluate(config, path)
+        out_dir = out or zero_shot.default_out_dir(config, path)
     else:
         workdir = inference.resolve_run(path)[0]
         if overrides:
             config = apply_overrides(inference.load_config(workdir), overrides)
         results = evaluate_checkpoint(path, config)
-        out_dir = _OUT_DIR.value or workdir
+        out_dir = out or workdir
         width = max(map(len, results))
         for name, value in sorted(results.items()):
             logging.info("%-*s %.4f", width, name, value)
@@ -89,5 +113,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,12 +1,14 @@
 """``python -m unimedi_jax.finetune``: fine-tune a checkpoint's vision encoder on a 3D dataset.
 
     python -m unimedi_jax.finetune --config=configs/finetune.py:dataset=cc_ccii \
-        --checkpoint=runs/paper --workdir=runs/paper/finetune/cc_ccii
+        --workdir=runs/paper --out=runs/paper/finetune/cc_ccii
 
 An alias of ``python -m unimedi_jax.main`` (same flags, same dispatch on the config's kind) that
-takes fine-tuning configs only and requires ``--checkpoint``. Writes ``workdir/eval.json`` (test
-accuracy and AUROC of the best-validation epoch, the history) and ``workdir/metrics.jsonl``;
-see ``unimedi_jax/train/finetuning.py``.
+takes fine-tuning configs only: ``--workdir`` is the pre-training run (or one of its
+``checkpoints/<step>``), ``--out`` the new folder (the deprecated ``--checkpoint=RUN
+--workdir=DIR`` still works for one release). Writes ``out/eval.json`` (test accuracy and AUROC
+of the best-validation epoch, the history) and ``out/metrics.jsonl``; see
+``unimedi_jax/train/finetuning.py``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from absl import app, flags
 from unimedi_jax import main as command
 from unimedi_jax.core.errors import run_app
 
-flags.mark_flags_as_required(["checkpoint"])
-
 
 def main(argv: list[str]) -> None:
     if flags.FLAGS.config.get("kind") != "finetune":
@@ -25,5 +25,10 @@ def main(argv: list[str]) -> None:
     command.main(argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,11 +2,15 @@
 
     model = inference.load("runs/demo")               # a workdir or one of its checkpoint dirs
     image_emb = model.embed_images(xrays)             # [N, H, W] float in [0, 1] -> [N, E]
+    image_emb = model.embed_images(model.read_image("chest.dcm"))  # a file (PNG, JPEG, DICOM)
+    volume_emb = model.embed_volumes(model.read_volume("ct.nii.gz"))  # or a DICOM series folder
     volume_emb = model.embed_volumes(cts)             # [N, D, H, W] -> [N, E], with slice selection
     text_emb = model.embed_texts(["No pleural effusion.", ...])
     indices, scores = model.select_slices(cts, k=4)
 
-Inputs are what the pipeline's eval transforms produce. Work is batched internally with a fixed
+Array inputs are what the pipeline's eval transforms produce; ``read_image`` / ``read_volume``
+produce them from files with the preprocessing the run recorded (config.json's
+``preprocessing``). Work is batched internally with a fixed
 batch size (the last batch padded), so each input shape compiles once. The functions are
 ``evaluation.predict``'s, which in-loop evaluation runs on the sharded training state.
 """
@@ -21,10 +25,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from data_pipelines.transforms import tokenize
+from data_pipelines import imaging
+from data_pipelines.transforms import FilePreprocessing, tokenize
 from unimedi_jax.config.upgrade import read_run_config
 from unimedi_jax.core import sharding
-from unimedi_jax.core.errors import UserError
+from unimedi_jax.core.errors import ConfigError, UserError
 from unimedi_jax.core.precision import compute_dtype
 from unimedi_jax.core.run_folders import PRETRAIN, describe, run_kind
 from unimedi_jax.core.text_tower import load_text_tower
@@ -35,6 +40,10 @@ from unimedi_jax.train.checkpoint import Checkpointer
 
 class RunNotFoundError(UserError, FileNotFoundError):
     """A path that is not a pre-training run (or one of its checkpoints)."""
+
+
+class InputFileError(UserError):
+    """A file that cannot be read as the model input asked for; the message says why."""
 
 
 def resolve_run(path: str | Path) -> tuple[Path, int | None]:
@@ -99,6 +108,45 @@ class UniMedIInference:
 
     def _params(self, use_teacher: bool) -> dict:
         return self.teacher if use_teacher else self.student
+
+    @property
+    def preprocessing(self) -> FilePreprocessing:
+        """How this run turns files into inputs: its config.json's ``preprocessing``."""
+        try:
+            return FilePreprocessing.from_record(self.config.preprocessing)
+        except ValueError as err:
+            raise ConfigError(
+                f"the run's config.json records a preprocessing this version cannot apply: "
+                f"{err}. Read it with the version that trained the run, or pass arrays."
+            ) from err
+
+    def read_image(self, path: imaging.PathLike) -> np.ndarray:
+        """An X-ray file (PNG, JPEG, DICOM: MONOCHROME1 inverted, VOI LUT or window applied)
+        -> float32 [1, crop, crop], as the run's stored records were: a batch of one for
+        ``embed_images``."""
+        try:
+            return self.preprocessing.image(path)[None]
+        except imaging.SkipImage as err:
+            raise InputFileError(
+                f"{err}: give a PNG, JPEG or single-frame grey DICOM X-ray"
+            ) from err
+        except ValueError as err:  # the run recorded no stored X-ray size
+            raise ConfigError(
+                f"{path}: {err} (the run's config.json). Pass embed_images an array [N, H, W] "
+                "in [0, 1]."
+            ) from err
+
+    def read_volume(self, path: imaging.PathLike) -> np.ndarray:
+        """A CT (a NIfTI file, a multi-frame DICOM file or a folder holding a DICOM series:
+        the largest series, slices by position) -> float32 [1, D, H, W], canonically
+        oriented, resized and HU-windowed as the run's stored records were."""
+        try:
+            return self.preprocessing.volume(path)[None]
+        except imaging.SkipVolume as err:
+            raise InputFileError(
+                f"{err}: give a NIfTI file, a multi-frame DICOM file or a folder of one "
+                "axial DICOM series"
+            ) from err
 
     def image_features(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
         """Final-norm [CLS] features [N, width] of X-rays [N, H, W]: linear-probe inputs."""

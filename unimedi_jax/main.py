@@ -1,8 +1,8 @@
 """Entry point of every trainer; it dispatches on the config's ``kind`` (``train/trainers.py``).
 
     python -m unimedi_jax.main --config=configs/pretrain.py[:preset] --workdir=DIR
-    python -m unimedi_jax.main --config=configs/finetune.py:dataset=NAME --checkpoint=RUN \
-        --workdir=DIR
+    python -m unimedi_jax.main --config=configs/finetune.py:dataset=NAME --workdir=RUN \
+        --out=DIR
 
 Pre-training initialises multi-host JAX when running under a cluster (or when the coordinator
 flags are given) and resumes a workdir that already holds checkpoints. Fine-tuning prints a JSON
@@ -15,7 +15,7 @@ import json
 import sys
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unimedi_jax.core.errors import run_app
@@ -27,12 +27,17 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job stopped b
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, figures.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "The run to train or continue (checkpoints, metrics); fine-tuning: the pre-training run "
+    "(its latest checkpoint) or <run>/checkpoints/<step> to start from.",
+)
+_OUT = flags.DEFINE_string("out", None, "Fine-tuning only: the new folder of the fine-tuning run.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
     None,
-    "Fine-tuning only: the pre-training run's workdir (latest checkpoint) or "
-    "<workdir>/checkpoints/<step>.",
+    "Deprecated (fine-tuning: --checkpoint=RUN --workdir=DIR is --workdir=RUN --out=DIR).",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside SLURM/TPU."
@@ -78,8 +83,19 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
     maybe_initialize_distributed()
+    workdir, out = _WORKDIR.value, _OUT.value
+    if _CHECKPOINT.value is not None:  # the spelling before --out, kept for one release
+        if out is not None:
+            raise app.UsageError("give --workdir=RUN --out=DIR, not --checkpoint as well")
+        logging.warning(
+            "--checkpoint=RUN --workdir=DIR is deprecated and goes in the next release: write "
+            "--workdir=%s --out=%s",
+            _CHECKPOINT.value,
+            workdir,
+        )
+        workdir, out = _CHECKPOINT.value, workdir
     try:
-        summary = trainers.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+        summary = trainers.run(_CONFIG.value, workdir, out)
     except Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(EXIT_PREEMPTED)
@@ -87,5 +103,10 @@ def main(argv: list[str]) -> None:
         print(json.dumps(summary))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

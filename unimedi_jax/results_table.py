@@ -25,5 +25,10 @@ def main(argv: list[str]) -> None:
     print(tables_of(paths), end="")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -15,8 +15,27 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from unimedi_jax.core.errors import run_app
-from unimedi_jax.evaluation.figures import DEFAULT_NUM, FIGURES, draw_figure
+from unimedi_jax.core.errors import UserError, report, run_app
+
+VIZ_MODULES = ("matplotlib", "sklearn")  # the `viz` extra of pyproject.toml
+
+
+class MissingExtraError(UserError):
+    """A command needs a package of an extra that this install left out."""
+
+
+try:
+    from unimedi_jax.evaluation.figures import DEFAULT_NUM, FIGURES, draw_figure
+except ModuleNotFoundError as err:  # before any flag is parsed, so reported here
+    if (err.name or "").split(".")[0] not in VIZ_MODULES:
+        raise
+    report(
+        MissingExtraError(
+            f"visualize draws with matplotlib and scikit-learn, which the base install leaves "
+            f"out ({err.name} is missing): install the viz extra, pip install 'unimedi-jax[viz]' "
+            "(from a checkout: pip install -e '.[viz]')."
+        )
+    )
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory or a checkpoint dir.")
 _OUT = flags.DEFINE_string("out", None, "PNG file to write, outside the run's folder.")
@@ -45,5 +64,10 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

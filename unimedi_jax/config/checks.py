@@ -12,6 +12,7 @@ import jax
 
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.core.precision import COMPUTE_DTYPES
+from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
 from unimedi_jax.core.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
 from unimedi_jax.method.selection import MODES
 from unimedi_jax.models.layers import REMAT_POLICIES
@@ -53,8 +54,9 @@ def check_model(config) -> None:
         )
 
 
-def check_training(config) -> None:
-    """Modes, ratios, precision, batch sizes and the text-model directory."""
+def check_training(config, workdir: Path | None = None) -> None:
+    """Modes, ratios, precision, batch sizes and the text-model directory (which a run resumed
+    in ``workdir`` no longer needs once it holds its copy of the config and tokenizer)."""
     for field, value, valid in (
         ("selection.mode", config.selection.mode, MODES),
         ("masking.mode", config.masking.mode, MODES),
@@ -101,7 +103,8 @@ def check_training(config) -> None:
     if not (config.data.sources_2d or config.data.sources_3d):
         raise ConfigError("data.sources_2d and data.sources_3d are both empty; name a dataset.")
     path = config.text.path
-    if path and not (Path(path) / "config.json").is_file():
+    copied = workdir is not None and (Path(workdir) / RUN_TEXT_TOWER / "config.json").is_file()
+    if path and not copied and not (Path(path) / "config.json").is_file():
         raise ConfigError(
             f"text.path={path!r} is not a Hugging Face model directory (no config.json there). "
             "Download the model (e.g. emilyalsentzer/Bio_ClinicalBERT) to that path, or set "
@@ -151,8 +154,8 @@ def check_mesh(config, device_count: int) -> None:
             )
 
 
-def check_config(config) -> None:
+def check_config(config, workdir: Path | None = None) -> None:
     """Every start-up check; the mesh one needs the device count (after jax.distributed)."""
     check_model(config)
-    check_training(config)
+    check_training(config, workdir)
     check_mesh(config, jax.device_count())

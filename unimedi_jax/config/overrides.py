@@ -9,7 +9,9 @@ evaluate the same overrides on a run's saved config.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -32,6 +34,45 @@ def _unknown_field(dotted: str, walked: list[str], name: str, valid: list[str]) 
 def config_given(argv: Sequence[str]) -> bool:
     """Whether a command line names its config file (``--config=F`` or ``--config F``)."""
     return any(a == "--config" or a.startswith("--config=") for a in argv)
+
+
+PACKAGED_CONFIGS = "unimedi_configs"  # the wheel's copy of configs/ (pyproject.toml)
+
+
+def packaged_config_dir() -> Path | None:
+    """configs/ as installed (the ``unimedi_configs`` package), or the checkout's configs/ when
+    the project runs from a checkout that was not installed."""
+    spec = importlib.util.find_spec(PACKAGED_CONFIGS)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    return checkout if (checkout / "pretrain.py").is_file() else None
+
+
+def resolve_config_file(argument: str) -> str:
+    """A ``--config`` value (``FILE[:ARG]``) whose FILE does not exist under the working
+    directory, e.g. ``configs/pretrain.py:tiny`` run outside a checkout, pointed at the
+    packaged configs; an existing file, or one the packaged configs lack, is left as given."""
+    file, sep, arg = argument.partition(":")
+    if not file or Path(file).exists() or Path(file).is_absolute():
+        return argument
+    packaged = packaged_config_dir()
+    relative = Path(file).parts[1:] if Path(file).parts[0] == "configs" else Path(file).parts
+    if packaged is None or not relative or not (packaged.joinpath(*relative)).is_file():
+        return argument
+    return f"{packaged.joinpath(*relative)}{sep}{arg}"
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with its ``--config=FILE[:ARG]`` (or ``--config FILE[:ARG]``) resolved by
+    ``resolve_config_file``."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + resolve_config_file(a[len("--config=") :])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config_file(out[i + 1])
+    return out
 
 
 def override_args(argv: Sequence[str]) -> list[str]:
@@ -72,7 +113,9 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]
     """``flag_values(argv)``, the unknown ``--config.X`` names of ``argv`` failing as
     ConfigError with the closest names (ml_collections would fail on the first with a bare
     AttributeError), checked against the config the ``--config`` flag loads: the file runs once.
+    A ``--config`` file missing under the working directory is taken from the packaged configs.
     """
+    argv = resolve_config_args(argv)
     if "config" not in flag_values:
         return flag_values(list(argv))
     flag = flag_values["config"]

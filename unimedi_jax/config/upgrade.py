@@ -17,10 +17,12 @@ from typing import Any
 
 import ml_collections
 
+from unimedi_jax.config import preprocessing
 from unimedi_jax.core.run_folders import PRETRAIN
 from unimedi_jax.evaluation import settings
 
-# (field, the value that reproduces a run saved before the field existed), oldest first.
+# (field, the value that reproduces a run saved before the field existed, or a function of the
+# upgraded config that gives it), oldest first.
 ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     # In-loop evaluation came with these; a run without them evaluated as the defaults say.
     ("evals", ("retrieval",)),
@@ -44,6 +46,8 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     ("train.clip_mode", "global"),  # the global gradient norm was clipped
     # Every evaluator took the run-wide eval_every_steps, eval_split and eval_limit.
     ("eval_settings", settings.inherit_defaults()),
+    # Files were read with the defaults of the time: X-rays stored at prepare's default size.
+    ("preprocessing", preprocessing.before_recorded),
 )
 
 
@@ -57,7 +61,7 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         for section in sections:
             node = node[section]
         if name not in node:
-            node[name] = value
+            node[name] = value(upgraded) if callable(value) else value
     return upgraded
 
 

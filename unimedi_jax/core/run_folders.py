@@ -25,6 +25,7 @@ _DESCRIPTIONS = {
     PROBE: "a linear-probe result",
     EXPORT: "a PyTorch export",
 }
+RUN_TEXT_TOWER = "text_tower"  # a run's copy of text.path's config and tokenizer (core/text_tower)
 _EXPORT_WEIGHTS = "model.safetensors"  # export.WEIGHTS (export imports jax and torch names)
 
 

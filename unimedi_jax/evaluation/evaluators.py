@@ -27,19 +27,8 @@ from data_pipelines.pipeline import eval_batches, parse_sources
 from unimedi_jax import inference
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.evaluation import downstream, linear_probe, metrics, tasks
+from unimedi_jax.evaluation import zero_shot as zero_shot_protocols
 from unimedi_jax.train.loop import is_due
-
-# Zero-shot prompts per dataset: finding -> (positive, negative), worded like the reports.
-ZERO_SHOT_PROMPTS: dict[str, dict[str, tuple[str, str]]] = {
-    "phantoms": {
-        "pleural_effusion_left": ("Left pleural effusion.", "No pleural effusion."),
-        "pleural_effusion_right": ("Right pleural effusion.", "No pleural effusion."),
-        "nodule": ("Pulmonary nodule.", "No pulmonary nodule."),
-        "consolidation": ("There is consolidation.", "No focal consolidation."),
-        "ground_glass_opacity": ("Ground-glass opacity.", "No ground-glass opacity."),
-        "cardiomegaly": ("Cardiomegaly is present.", "The heart is normal in size."),
-    },
-}
 
 
 class Modality(NamedTuple):
@@ -110,19 +99,20 @@ def retrieval(model, data: EvalSet) -> dict[str, float]:
 
 
 def zero_shot(model, data: EvalSet) -> dict[str, float]:
-    """Per-finding AUROC of positive-vs-negative prompts, per modality."""
-    prompts = ZERO_SHOT_PROMPTS.get(data.dataset)
-    if prompts is None:
-        raise ValueError(
-            f"no zero-shot prompts for dataset {data.dataset!r}; known: {sorted(ZERO_SHOT_PROMPTS)}"
-        )
-    names = list(prompts)
-    positive = model.embed_texts([prompts[n][0] for n in names])
-    negative = model.embed_texts([prompts[n][1] for n in names])
+    """Per-finding AUROC of positive-vs-negative prompts, per modality: the ``pairs`` of each
+    evaluated source's prompt file (``configs/prompts/<source>.json``)."""
     out = {}
     for key, m in data.modalities.items():
+        source = data.sources[key]
+        prompts = zero_shot_protocols.load_prompts(zero_shot_protocols.prompts_path(source))
+        names = list(prompts.pairs)
+        columns = zero_shot_protocols.label_columns(
+            names, zero_shot_protocols.label_names(source), prompts.path
+        )
+        positive = model.embed_texts([prompts.pairs[n][0] for n in names])
+        negative = model.embed_texts([prompts.pairs[n][1] for n in names])
         scores = metrics.zero_shot_scores(m.image_emb, positive, negative)
-        found = metrics.zero_shot_auroc(m.labels, scores, names)
+        found = metrics.zero_shot_auroc(m.labels[:, columns], scores, names)
         out.update({f"zero_shot_{key}/{name}": value for name, value in found.items()})
     return out
 
@@ -139,6 +129,19 @@ def cross_modal(model, data: EvalSet) -> dict[str, float]:
         "cross_modal/volume_to_image_mAP": metrics.label_map(
             volume.image_emb, volume.labels, image.image_emb, image.labels
         ),
+    }
+
+
+def modality_distance(model, data: EvalSet) -> dict[str, float]:
+    """X-ray vs CT centroid distance per shared finding, relative to the groups' spread (the
+    paper's Figs. 2/7 claim that UniMedI brings them together; lower is closer)."""
+    if len(data.modalities) < 2:
+        return {}
+    image, volume = data.modalities["image"], data.modalities["volume"]
+    return {
+        "cross_modal/distance_2d_3d": metrics.modality_distance(
+            image.image_emb, image.labels, volume.image_emb, volume.labels
+        )
     }
 
 
@@ -179,6 +182,7 @@ EVALUATORS: dict[str, Callable[[inference.UniMedIInference, EvalSet], dict[str, 
     "retrieval": retrieval,
     "zero_shot": zero_shot,
     "cross_modal": cross_modal,
+    "modality_distance": modality_distance,
     "slice_hit_rate": slice_hit_rate,
     "linear_probe": frozen_probe,
 }

@@ -282,24 +282,24 @@ def finding_classes(labels: np.ndarray, names: Sequence[str]) -> list[str]:
     return [names[int(np.argmax(row))] if row.any() else "normal" for row in positive]
 
 
-def tsne_figure(
+def _finding_colours(classes: Sequence[Sequence[str]]) -> dict[str, tuple]:
+    """One colour per finding class across panels, 'normal' first."""
+    names = sorted({c for group in classes for c in group}, key=lambda c: (c != "normal", c))
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    return {c: palette[i % len(palette)] for i, c in enumerate(names)}
+
+
+def _tsne_panel(
+    ax,
     embeddings: Mapping[str, np.ndarray],
     classes: Mapping[str, Sequence[str]],
-    perplexity: float = 30.0,
-) -> Figure:
-    """Figs. 2 / 7: one t-SNE of all groups; marker = group (modality), colour = finding class.
-
-    embeddings: group name -> [n, E] (names from ``MODALITY_MARKERS`` get their markers);
-    classes: group name -> n class names. One axis, with a modality and a finding legend.
-    """
+    colour: Mapping[str, tuple],
+    perplexity: float,
+) -> dict[str, str]:
+    """Draws one t-SNE of all groups on ``ax``; returns each group's marker."""
     groups = list(embeddings)
     points = tsne(np.concatenate([embeddings[g] for g in groups]), perplexity)
-    names = sorted({c for g in groups for c in classes[g]}, key=lambda c: (c != "normal", c))
-    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
-    colour = {c: palette[i % len(palette)] for i, c in enumerate(names)}
     spare_markers = iter("DPX*phd")
-    fig = Figure(figsize=(9.0, 7.0), layout="constrained")
-    ax = fig.add_subplot()
     start, marker_of = 0, {}
     for group in groups:
         stop = start + len(embeddings[group])
@@ -314,12 +314,41 @@ def tsne_figure(
             linewidths=0.3,
         )
         start = stop
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return marker_of
+
+
+def _finding_legend(ax, colour: Mapping[str, tuple], anchor_y: float) -> None:
+    ax.legend(
+        handles=[Patch(color=c, label=name.replace("_", " ")) for name, c in colour.items()],
+        title="finding",
+        loc="upper left",
+        bbox_to_anchor=(1.01, anchor_y),
+        fontsize=9,
+    )
+
+
+def tsne_figure(
+    embeddings: Mapping[str, np.ndarray],
+    classes: Mapping[str, Sequence[str]],
+    perplexity: float = 30.0,
+) -> Figure:
+    """Figs. 2 / 7: one t-SNE of all groups; marker = group (modality), colour = finding class.
+
+    embeddings: group name -> [n, E] (names from ``MODALITY_MARKERS`` get their markers);
+    classes: group name -> n class names. One axis, with a modality and a finding legend.
+    """
+    colour = _finding_colours(list(classes.values()))
+    fig = Figure(figsize=(9.0, 7.0), layout="constrained")
+    ax = fig.add_subplot()
+    marker_of = _tsne_panel(ax, embeddings, classes, colour, perplexity)
     modality_legend = ax.legend(
         handles=[
             Line2D(
                 [], [], ls="", marker=marker_of[g], color="0.3", label=f"{g} ({len(embeddings[g])})"
             )
-            for g in groups
+            for g in embeddings
         ],
         title="modality",
         loc="upper left",
@@ -327,16 +356,32 @@ def tsne_figure(
         fontsize=9,
     )
     ax.add_artist(modality_legend)
-    ax.legend(
-        handles=[Patch(color=colour[c], label=c.replace("_", " ")) for c in names],
-        title="finding",
-        loc="upper left",
-        bbox_to_anchor=(1.01, 0.55),
+    _finding_legend(ax, colour, 0.55)
+    ax.set_title("t-SNE of the shared embedding space (held-out set)", fontsize=11)
+    return fig
+
+
+def tsne_side_by_side(
+    panels: Mapping[str, tuple[Mapping[str, np.ndarray], Mapping[str, Sequence[str]]]],
+    perplexity: float = 30.0,
+) -> Figure:
+    """Fig. 2 as a comparison: one t-SNE per model (panel title -> (embeddings, classes) as
+    ``tsne_figure`` takes them), side by side with one colour per finding across all panels,
+    so the same finding can be followed from model to model."""
+    colour = _finding_colours([c for _, classes in panels.values() for c in classes.values()])
+    fig = Figure(figsize=(5.0 * len(panels) + 2.0, 5.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    markers = {}
+    for ax, (title, (embeddings, classes)) in zip(axes, panels.items(), strict=True):
+        markers.update(_tsne_panel(ax, embeddings, classes, colour, perplexity))
+        ax.set_title(title, fontsize=10)
+    fig.legend(
+        handles=[Line2D([], [], ls="", marker=m, color="0.3", label=g) for g, m in markers.items()],
+        loc="outside lower center",
+        ncol=len(markers),
         fontsize=9,
     )
-    ax.set_title("t-SNE of the shared embedding space (held-out set)", fontsize=11)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _finding_legend(axes[-1], colour, 1.0)
     return fig
 
 
@@ -378,7 +423,7 @@ def held_out(
     }
 
 
-def _label_names(config: ml_collections.ConfigDict, modality: str, split: str) -> list[str]:
+def label_names(config: ml_collections.ConfigDict, modality: str, split: str) -> list[str]:
     """The label vocabulary a prepared source records (phantoms: 'findings', others 'labels')."""
     path = open_source(_source(config, modality), config.data.data_dir, modality, split).path
     metadata = tfds.builder_from_directory(path).info.metadata or {}
@@ -409,7 +454,7 @@ def run_tsne(model: inference.UniMedIInference, split: str, num: int) -> Figure:
     data = build_eval_set(model, config, split, num).modalities
     present = [m for m in (("image", "2d", "X-ray"), ("volume", "3d", "CT")) if m[0] in data]
     found = {
-        key: finding_classes(data[key].labels, _label_names(config, modality, split))
+        key: finding_classes(data[key].labels, label_names(config, modality, split))
         for key, modality, _ in present
     }
     groups = [(f"{name} ({modality.upper()})", key, "image_emb") for key, modality, name in present]

@@ -310,6 +310,42 @@ def label_map(
     return _nanmean(aps)
 
 
+def modality_distance(
+    emb_a: np.ndarray,
+    labels_a: np.ndarray,
+    emb_b: np.ndarray,
+    labels_b: np.ndarray,
+    min_positives: int = 2,
+) -> float:
+    """How far apart two modalities place the same finding (the paper's Figs. 2 and 7).
+
+    Per finding: the distance between the centroids of the (L2-normalised) embeddings of A's and
+    B's samples positive for it, divided by the mean of the two groups' spreads (each group's mean
+    distance to its own centroid). 0 means both modalities put the finding in one place; above 1
+    the groups lie further apart than they are wide. Returns the mean over the findings with at
+    least ``min_positives`` positives in both sets (NaN when none has).
+    """
+    a, b = _l2_normalise(emb_a, "emb_a"), _l2_normalise(emb_b, "emb_b")
+    _check_same_dim(a, b, "emb_a", "emb_b")
+    labels_a = _check_binary(_as_2d(labels_a, "labels_a"), "labels_a")
+    labels_b = _check_binary(_as_2d(labels_b, "labels_b"), "labels_b")
+    _check_same_length(a, labels_a, "emb_a", "labels_a")
+    _check_same_length(b, labels_b, "emb_b", "labels_b")
+    _check_same_dim(labels_a, labels_b, "labels_a", "labels_b")
+    ratios = []
+    for finding in range(labels_a.shape[1]):
+        group_a, group_b = a[labels_a[:, finding]], b[labels_b[:, finding]]
+        if min(len(group_a), len(group_b)) < max(min_positives, 2):
+            continue
+        centre_a, centre_b = group_a.mean(axis=0), group_b.mean(axis=0)
+        spread = 0.5 * (
+            np.linalg.norm(group_a - centre_a, axis=1).mean()
+            + np.linalg.norm(group_b - centre_b, axis=1).mean()
+        )
+        ratios.append(np.linalg.norm(centre_a - centre_b) / max(spread, _EPS))
+    return _nanmean(ratios)
+
+
 def zero_shot_scores(
     image_emb: np.ndarray,
     positive_prompt_emb: np.ndarray,

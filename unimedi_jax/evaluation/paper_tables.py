@@ -5,8 +5,9 @@ probe) and ``python -m unimedi_jax.finetune`` write under the given directories 
 themselves) and renders Markdown tables laid out like the paper's Tables 1-3, in %, with the
 paper's UniMedI and Random Init rows first for comparison. A row is an encoder: a run at a
 checkpoint step, or "Random Init (run)". Cells without a result are '-'. Results on other
-datasets (the phantoms, a LUNA16 probe, ...) go to an "Other" table. Pre-training evaluations'
-eval.json are skipped.
+datasets (the phantoms, a LUNA16 probe, ...) go to an "Other" table. Zero-shot benchmarks
+(``configs/zero_shot.py``) get a table each, after the published figures of the same protocol
+with their source (``ZERO_SHOT_TABLES``). Pre-training evaluations' eval.json are skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from unimedi_jax.evaluation.tasks import FRACTIONS
 
 
 class NoResultsError(UserError):
-    """None of the paths given holds a probe or fine-tuning eval.json."""
+    """None of the paths given holds a probe, fine-tuning or zero-shot eval.json."""
 
 
 _PERCENT = {0.01: "1%", 0.1: "10%", 1.0: "100%"}
@@ -81,6 +82,51 @@ PAPER_TABLES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTable:
+    """A zero-shot benchmark's figures (in %) with the published rows of the same protocol,
+    each with its source."""
+
+    title: str
+    benchmark: str  # configs/zero_shot.py's dataset=NAME
+    figures: tuple[tuple[str, str], ...]  # (eval.json key under 'zero_shot', column title)
+    published: dict[str, tuple[tuple[float | None, ...], str]]  # row -> (values, source)
+
+
+ZERO_SHOT_TABLES = (
+    ZeroShotTable(
+        "CT-RATE zero-shot, 18 abnormalities (CT-CLIP's protocol; means over the abnormalities, %)",
+        "ct_rate",
+        (
+            ("mean_auroc", "AUROC"),
+            ("mean_f1", "F1 (weighted)"),
+            ("mean_accuracy", "ACC"),
+            ("mean_precision", "Precision"),
+        ),
+        # CT-CLIP's published figures go here once checked against its paper's table.
+        {},
+    ),
+    ZeroShotTable(
+        "RSNA Pneumonia zero-shot (pneumonia vs normal prompts, %)",
+        "rsna_pneumonia",
+        (("auroc", "AUROC"), ("accuracy", "ACC"), ("f1", "F1")),
+        {},
+    ),
+    ZeroShotTable(
+        "CheXpert 5x200 zero-shot (GLoRIA's protocol, %)",
+        "chexpert_5x200",
+        (("accuracy", "ACC"),),
+        {},
+    ),
+    ZeroShotTable(
+        "MIMIC-CXR 5x200 zero-shot (GLoRIA's protocol, %)",
+        "mimic_5x200",
+        (("accuracy", "ACC"),),
+        {},
+    ),
+)
+
+
 def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
     """(file, content) of every probe / fine-tuning eval.json at or under ``paths``, sorted."""
     files = set()
@@ -91,7 +137,7 @@ def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any]
     found = []
     for file in sorted(files):
         content = json.loads(file.read_text())
-        if content.get("kind") in ("probe", "finetune"):
+        if content.get("kind") in ("probe", "finetune", "zero_shot"):
             found.append((file, content))
     return found
 
@@ -135,6 +181,8 @@ def render(results: Sequence[tuple[Path, dict[str, Any]]]) -> str:
     """The Markdown of Tables 1-3 (always) and of the other results (when there are any)."""
     runs: dict[str, dict[Column, float]] = {}
     origin: dict[tuple[str, Column], Path] = {}
+    zero_shot = [r for _, r in results if r["kind"] == "zero_shot"]
+    results = [(f, r) for f, r in results if r["kind"] != "zero_shot"]
     for file, result in results:
         label = row_label(result)
         for column, value in cells(result).items():
@@ -162,7 +210,37 @@ def render(results: Sequence[tuple[Path, dict[str, Any]]]) -> str:
             if any(v is not None for v in found):
                 rows[label] = [None if v is None else 100.0 * v for v in found]
         blocks.append(_markdown(table.title, table.headers, rows))
+    blocks += _zero_shot_blocks(zero_shot)
     return "\n\n".join(blocks) + "\n"
+
+
+def _zero_shot_blocks(results: Sequence[dict[str, Any]]) -> list[str]:
+    """A table per zero-shot benchmark with results: the published rows (with their source)
+    first, then each run; CT-RATE adds the mean AUROC's 95% bootstrap interval."""
+    blocks = []
+    for table in ZERO_SHOT_TABLES:
+        found = [r for r in results if r["benchmark"] == table.benchmark]
+        if not found:
+            continue
+        headers = [title for _, title in table.figures] + ["Source"]
+        lines = [f"### {table.title}", "", "| Method | " + " | ".join(headers) + " |"]
+        lines.append("|---|" + "---:|" * (len(headers) - 1) + "---|")
+        for label, (values, source) in table.published.items():
+            lines.append(f"| {label} | " + " | ".join(map(_format, values)) + f" | {source} |")
+        for result in found:
+            figures = result["zero_shot"]
+            values = [100.0 * figures[key] if key in figures else None for key, _ in table.figures]
+            interval = figures.get("mean_auroc_ci")
+            source = f"prompts {Path(result['prompts']).name}" + (
+                f"; AUROC 95% CI {_format(100 * interval[0])}-{_format(100 * interval[1])}"
+                if interval
+                else ""
+            )
+            lines.append(
+                f"| {row_label(result)} | " + " | ".join(map(_format, values)) + f" | {source} |"
+            )
+        blocks.append("\n".join(lines))
+    return blocks
 
 
 def tables_of(paths: Sequence[str | Path]) -> str:
@@ -170,8 +248,8 @@ def tables_of(paths: Sequence[str | Path]) -> str:
     results = find_results(paths)
     if not results:
         raise NoResultsError(
-            f"no probe or fine-tuning eval.json under {', '.join(map(str, paths))}: give the "
-            "folders that python -m unimedi_jax.evaluate (linear probe) or python -m "
-            "unimedi_jax.finetune wrote, or their eval.json files."
+            f"no probe, fine-tuning or zero-shot eval.json under {', '.join(map(str, paths))}: "
+            "give the folders that python -m unimedi_jax.evaluate (linear probe, zero-shot) or "
+            "python -m unimedi_jax.finetune wrote, or their eval.json files."
         )
     return render(results)

@@ -6,7 +6,14 @@ Free of jax, so config files and ``config/upgrade.py`` read them; the evaluators
 
 from __future__ import annotations
 
-NAMES = ("retrieval", "zero_shot", "cross_modal", "slice_hit_rate", "linear_probe")
+NAMES = (
+    "retrieval",
+    "zero_shot",
+    "cross_modal",
+    "modality_distance",
+    "slice_hit_rate",
+    "linear_probe",
+)
 
 
 def inherit_defaults() -> dict[str, dict[str, int | str]]:

@@ -23,7 +23,9 @@ from jax.experimental import multihost_utils
 from data_pipelines.pipeline import TrainStream
 from data_pipelines.prepare import ensure_prepared
 from unimedi_jax.config.checks import check_batch_for_mesh, check_config
+from unimedi_jax.config.preprocessing import record_preprocessing
 from unimedi_jax.core import sharding
+from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.core.precision import compute_dtype
 from unimedi_jax.core.run_folders import PRETRAIN, check_new_run
 from unimedi_jax.core.text_tower import TextTower, prepare_text_tower
@@ -131,11 +133,12 @@ def train(config, workdir: str | Path) -> dict:
     """Trains (or resumes) UniMedI in ``workdir``; returns the last logged metrics."""
     workdir = Path(workdir)
     is_chief = jax.process_index() == 0
-    check_config(config)
+    check_config(config, workdir)
     check_new_run(workdir, PRETRAIN)
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
     prepare_demo_data(config, workdir)
+    record_preprocessing(config)  # config.json says how files become this run's inputs
     prepare_workdir(config, workdir)
     text = prepare_text_tower(config, workdir)
     data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
@@ -160,6 +163,13 @@ def train(config, workdir: str | Path) -> dict:
         start, state, data_state = restored
         data.set_state(data_state)
         logging.info("Resumed from %s at step %d", checkpointer.directory, start)
+    elif text.params is None and config.text.path:
+        checkpointer.close()
+        raise ConfigError(
+            f"text.path={config.text.path!r} is not readable and {checkpointer.directory} holds "
+            "no readable checkpoint to take the text tower's weights from: point "
+            "--config.text.path at the pretrained BERT to start this run afresh."
+        )
 
     # The step loop on the shared parts (train/loop.py), with in-loop evaluation.
     log_run_layout(state.params, mesh)

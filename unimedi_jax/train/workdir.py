@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from unimedi_jax.config.checks import ConfigError
 from unimedi_jax.config.upgrade import read_run_config
+from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
 from unimedi_jax.core.text_tower import text_tower_config
 from unimedi_jax.models.text import BertConfig
 from unimedi_jax.models.unimedi import build_unimedi
@@ -45,6 +46,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "tensorboard",
     "tokenizer",
+    RUN_TEXT_TOWER,
     "eval.json",
 )
 _LISTED_SHAPES = 3  # parameters named in the error; the rest are counted

@@ -1,0 +1,88 @@
+"""Embed X-ray and CT files with a run: ``python -m unimedi_jax.embed --workdir=RUN --out=F.npz
+PATH... [--texts TEXT...]``.
+
+    python -m unimedi_jax.embed --workdir=runs/demo --out=embeddings.npz scans/ chest.dcm \
+        --texts "No pleural effusion." "Large left pleural effusion."
+
+Each PATH is a file or a folder: PNG, JPEG and single-frame DICOM files are X-rays; NIfTI files,
+multi-frame DICOM files and folders holding a DICOM series are CTs; other folders are walked.
+All are read with the preprocessing the run recorded. ``--out`` gets ``embeddings`` [N, E],
+``paths`` and ``kinds`` (``np.load(F, allow_pickle=False)``) and the inputs that failed with the
+reason (also printed); the command exits 0 when at least one input was embedded. ``--texts``
+(the arguments after it, up to the next flag, or ``--texts=T`` repeated) also prints each input
+against each text (cosine similarity) and saves it as ``similarity`` [N, T].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import flags
+
+from data_pipelines import imaging
+from unimedi_jax import inference
+from unimedi_jax.core.errors import UserError, parse_absl_flags, run_app
+from unimedi_jax.evaluation.embed_files import embed_files, zero_shot_table
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")
+_OUT = flags.DEFINE_string("out", None, "The .npz file to write.")
+_TEXTS = flags.DEFINE_multi_string(
+    "texts", [], "Report texts to compare each input with (the arguments after --texts)."
+)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs per compiled batch.", lower_bound=1)
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+class NothingEmbeddedError(UserError):
+    """No input could be read."""
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parsing, with ``--texts A B C`` (each argument up to the next flag) spelled
+    ``--texts=A --texts=B --texts=C`` first, so texts with spaces need no repeated flag."""
+    rewritten, in_texts = [argv[0]], False
+    for arg in argv[1:]:
+        if arg == "--texts":
+            in_texts = True
+        elif in_texts and not arg.startswith("--"):
+            rewritten.append(f"--texts={arg}")
+        else:
+            in_texts = False
+            rewritten.append(arg)
+    return parse_absl_flags(rewritten)
+
+
+def main(argv: list[str]) -> None:
+    paths = argv[1:]
+    if not paths:
+        raise UserError("give the files or folders to embed after the flags: embed ... PATH...")
+    model = inference.load(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
+    embedded = embed_files(model, paths)
+    for path, note in embedded.notes:
+        print(f"warning {path}: {note}")
+    for path, reason in embedded.failed:
+        print(f"failed {path}: {reason}")
+    if not embedded.paths:
+        raise NothingEmbeddedError(
+            f"none of the {len(embedded.failed)} inputs could be embedded (each is listed "
+            "above with the reason); nothing was written to --out"
+        )
+    texts = _TEXTS.value
+    similarity = embedded.embeddings @ model.embed_texts(texts).T if texts else None
+    embedded.save(_OUT.value, texts, similarity)
+    images = embedded.kinds.count(imaging.IMAGE)
+    print(
+        f"wrote {_OUT.value}: {len(embedded.paths)} embeddings ({images} images, "
+        f"{len(embedded.paths) - images} volumes), {len(embedded.failed)} failed"
+    )
+    if texts:
+        print(zero_shot_table(embedded, texts, similarity))
+
+
+def cli() -> None:
+    """The command, for ``python -m`` and the console script alike."""
+    run_app(main, _parse_flags)
+
+
+if __name__ == "__main__":
+    cli()
