@@ -1,12 +1,14 @@
 """PyTorch export of a run: ``python -m unimedi_jax.export --workdir=W --format=F --out=DIR``.
 
+    python -m unimedi_jax.export --workdir=runs/demo --format=torch --out=export/torch
     python -m unimedi_jax.export --workdir=runs/demo --format=monai --out=export/monai
     python -m unimedi_jax.export --workdir=runs/demo --format=timm --out=export/timm --size=224,224
     python -m unimedi_jax.export --workdir=runs/demo --format=hf_bert --out=export/bert
 
-Formats: monai (3D path, MONAI's ViT/UNETR), timm (2D path), hf_bert (text tower). Each is a
-directory with ``model.safetensors`` and ``config.json``; the loading recipes are in
-``unimedi_jax/interop/torch_export.py``, which does the work.
+Formats: torch (the whole model, for ``unimedi_jax.torch_model.load``), monai (3D path, MONAI's
+ViT/UNETR), timm (2D path), hf_bert (text tower). Each is a directory with
+``model.safetensors``, ``config.json`` and a ``README.md`` model card; the loading recipes are
+in ``unimedi_jax/interop/torch_export.py``, which does the work.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ _OUT = flags.DEFINE_string(
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")
 _SIZE = flags.DEFINE_list(
-    "size", None, "timm: image H,W; monai: volume D,H,W (default: the training size)."
+    "size",
+    None,
+    "timm: image H,W; monai: volume D,H,W (default: the training size; torch and hf_bert are "
+    "written at the training sizes).",
 )
 _IN_CHANS = flags.DEFINE_integer("in_chans", 1, "timm: input channels.", lower_bound=1)
 _STUDENT = flags.DEFINE_bool(
@@ -52,5 +57,10 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

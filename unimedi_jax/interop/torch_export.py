@@ -1,26 +1,34 @@
-"""PyTorch export: the 3D path for MONAI's ViT/UNETR, the 2D path for timm, the text tower for HF.
+"""PyTorch export: the whole model for ``unimedi_jax.torch_model``, the 3D path for MONAI's
+ViT/UNETR, the 2D path for timm, the text tower for HF.
 
 The library of ``python -m unimedi_jax.export``. It lives apart from ``models/`` because it
 writes files and speaks other frameworks' names; models stay pure flax. Every format is a
 directory holding ``model.safetensors`` (float32, written by safetensors.numpy,
-so exporting needs neither torch nor pickle) and ``config.json`` (the constructor arguments). The
-exported networks reproduce our features: MONAI's ViT and timm's VisionTransformer return the
-final-norm tokens of ``VisionTransformer.apply(params, x).tokens`` (volumes without slices,
-images), and transformers' BertModel returns the text tower's last hidden states. Loading the
-files needs ``pip install torch safetensors`` plus monai, timm or transformers.
+so exporting needs neither torch nor pickle), ``config.json`` (the constructor arguments) and a
+``README.md`` model card (what it holds, training data and config, the run's eval.json figures,
+the preprocessing, the loading recipe). The exported networks reproduce our features: MONAI's
+ViT and timm's VisionTransformer return the final-norm tokens of
+``VisionTransformer.apply(params, x).tokens`` (volumes without slices, images), transformers'
+BertModel returns the text tower's last hidden states, and ``torch_model.load`` of the torch
+format gives the embeddings of ``inference.load(run)``. Loading the files needs
+``pip install torch safetensors`` plus transformers, monai or timm.
 
-    python -m unimedi_jax.export --workdir=runs/demo --format=monai --out=export/monai
+    python -m unimedi_jax.export --workdir=runs/demo --format=torch --out=export/torch
 
-or ``export_run(workdir, "monai", out)`` from Python.
+or ``export_run(workdir, "torch", out)`` from Python.
 
 Recipes (``state = safetensors.torch.load_file(out / "model.safetensors")``):
 
+- torch: ``model = unimedi_jax.torch_model.load(out)``; ``model.encode_image``,
+  ``encode_volume`` (with the attentive slice selection), ``encode_text``, ``logit_scale``.
+  ``text/`` is the text tower as an hf_bert export; ``config.json`` states the preprocessing.
 - monai: ``vit = monai.networks.nets.ViT(**config["kwargs"], num_classes=C)`` then
-  ``load_monai_weights(vit, out)``. MONAI builds its LayerNorms with torch's eps 1e-5 and
-  exposes no argument for it; ours is 1e-6, and eps is not in a state dict, so the loader sets it
-  (left at 1e-5, [CLS] is off by ~1e-3: it enters the first block with a tiny variance).
-  For UNETR (needs depth 12 and patch 16x16x16): ``load_monai_weights(unetr.vit, out)``.
-  UNETR's ViT has no class token, so its tokens see no [CLS] and differ from ours.
+  ``unimedi_jax.torch_model.load_monai_weights(vit, out)``. MONAI builds its LayerNorms with
+  torch's eps 1e-5 and exposes no argument for it; ours is 1e-6, and eps is not in a state dict,
+  so the loader sets it (left at 1e-5, [CLS] is off by ~1e-3: it enters the first block with a
+  tiny variance). For UNETR (needs depth 12 and patch 16x16x16):
+  ``load_monai_weights(unetr.vit, out)``. UNETR's ViT has no class token, so its tokens see no
+  [CLS] and differ from ours.
 - timm: ``timm.create_model(f"local-dir:{out}", pretrained=True)`` or
   ``VisionTransformer(**config["model_args"]).load_state_dict(state)``.
 - hf_bert: ``BertModel.from_pretrained(out, add_pooling_layer=False)`` (there is no pooler; with
@@ -41,21 +49,30 @@ import numpy as np
 import safetensors.numpy
 from flax import linen as nn
 
+from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import check_output, written_atomically
+from unimedi_jax.interop.formats import (
+    CONFIG,
+    LAYER_NORM_EPS,
+    MODEL_CARD,
+    MONAI_LAYER_NORM_EPS,
+    TEXT_DIR,
+    WEIGHTS,
+)
 from unimedi_jax.models.text import _EMBEDDING_SOURCES, _FILE_LEAVES, _LAYER_SOURCES, BertConfig
 from unimedi_jax.models.vit import VisionTransformer, resample_grid, token_grid
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
-FORMATS = ("monai", "timm", "hf_bert")
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-LAYER_NORM_EPS = 1e-6  # vit.layer_norm; timm's ViT uses the same, MONAI's ViT 1e-5
-MONAI_LAYER_NORM_EPS = 1e-5
+FORMATS = ("torch", "monai", "timm", "hf_bert")
 
 Tensors = dict[str, np.ndarray]
+
+
+class ExportError(UserError, ValueError):
+    """An export asked for with flags that do not fit its format."""
+
 
 # Our block's sub-modules -> each library's names for them.
 _MONAI_BLOCK = {
@@ -303,7 +320,7 @@ def export_monai(
         "unetr_compatible": unetr_ok,
         "notes": [
             "MONAI hard-codes LayerNorm eps 1e-5 and eps is not in a state dict: after loading, "
-            "set it to layer_norm_eps (unimedi_jax.interop.torch_export.load_monai_weights "
+            "set it to layer_norm_eps (unimedi_jax.torch_model.load_monai_weights "
             "does, or: for m in vit.modules(): if isinstance(m, torch.nn.LayerNorm): "
             "m.eps = 1e-6). Left at "
             "1e-5, [CLS] features are off by ~1e-3 (it enters the blocks with a tiny variance).",
@@ -373,29 +390,236 @@ def export_hf_bert(
     return out
 
 
-def load_monai_weights(vit: torch.nn.Module, directory: str | Path) -> list[str]:
-    """Loads a monai export into a MONAI ViT (or ``unetr.vit``) and sets LayerNorm eps to ours.
+def torch_vision_state(params: Mapping[str, Any], vision: VisionTransformer) -> Tensors:
+    """Both vision paths for ``unimedi_jax.torch_model``: the raw tokenizer convolutions (the
+    model standardises its inputs with pixel_mean/std itself, as ours does), the position tables
+    at the training grids (X-ray, CT slice, volume: resampled here as our model does), [CLS],
+    the shared blocks under timm's names and the final norm."""
+    p = _host(params)
+    embed_2d, embed_3d = p["embed_2d"], p["embed_3d"]
+    grids = {
+        "pos_image": (embed_2d, token_grid(vision.image_size, vision.patch_2d)),
+        "pos_slice": (embed_2d, token_grid(vision.volume_size[1:], vision.patch_2d)),
+        "pos_volume": (embed_3d, token_grid(vision.volume_size, vision.patch_3d)),
+    }
+    return {
+        "cls_token": p["cls_token"],
+        "embed_2d.weight": _conv_weight(embed_2d["proj"]["kernel"]),
+        "embed_2d.bias": embed_2d["proj"]["bias"],
+        "embed_3d.weight": _conv_weight(embed_3d["proj"]["kernel"]),
+        "embed_3d.bias": embed_3d["proj"]["bias"],
+        **{name: _positions(embed, grid) for name, (embed, grid) in grids.items()},
+        **_backbone(p["encoder"], _TIMM_BLOCK),
+    }
 
-    Returns the keys left at their initial values: the classification head, if the ViT has one.
-    Anything else missing or unexpected is an error: the ViT was built with other arguments.
-    """
-    import torch
-    from safetensors.torch import load_file
 
-    state = load_file(Path(directory) / WEIGHTS)
-    if "cls_token" not in vit.state_dict():  # UNETR builds its ViT without a class token
-        del state["cls_token"]
-    result = vit.load_state_dict(state, strict=False)
-    stray = [k for k in result.missing_keys if not k.startswith("classification_head.")]
-    if stray or result.unexpected_keys:
-        raise ValueError(
-            f"the ViT does not match the export (missing {stray}, unexpected "
-            f"{result.unexpected_keys}); build it with the kwargs in {CONFIG}"
+def preprocessing(config) -> dict[str, Any]:
+    """What a run's inputs went through before the model, in words and values (export configs
+    and model cards), from the run's own config and its recorded ``preprocessing`` group."""
+    model, data = config.model, config.data
+    recorded = config.get("preprocessing")  # the run's record; None before runs kept one
+    if recorded is not None and hasattr(recorded, "to_dict"):
+        recorded = recorded.to_dict()
+    stored = (recorded or {}).get("image_stored_size")
+    square = f"a {stored}x{stored} square" if stored else "a square of the prepared size"
+    described = {
+        "image": {
+            "input": "X-rays [B, H, W] float32 in [0, 1], grey, frontal view",
+            "size": list(model.image_size),
+            "steps": "read (DICOM: modality and VOI LUT / window, MONOCHROME1 inverted; JPEG/PNG "
+            f"as grey), scaled to [0, 255], letterboxed to {square}, centre-cropped to "
+            f"{model.image_size[0]}x{model.image_size[1]}, divided by 255",
+        },
+        "volume": {
+            "input": "CT volumes [B, D, H, W] float32 in [0, 1], axial slices along D",
+            "size": list(model.volume_size),
+            "hu_window": list(data.hu_window),
+            "steps": "read (NIfTI, or a DICOM series ordered by slice position), reoriented to "
+            f"the canonical orientation, resized to {'x'.join(map(str, model.volume_size))} "
+            f"(D x H x W), Hounsfield units clipped to {list(data.hu_window)} and mapped "
+            "linearly to [0, 1]",
+        },
+        "standardisation": {
+            "pixel_mean": model.pixel_mean,
+            "pixel_std": model.pixel_std,
+            "where": "inside the model: (x - pixel_mean) / pixel_std before each tokenizer "
+            "(torch format), folded into the patch projection (monai, timm); "
+            "give the model the [0, 1] inputs above",
+        },
+        "text": {
+            "max_length": config.text.max_length,
+            "steps": "the exported tokenizer, padded and truncated to max_length tokens",
+            "pooling": config.text.pooling,
+        },
+    }
+    if recorded is not None:
+        described["recorded"] = recorded
+        described["from_files"] = (
+            "data_pipelines.transforms.FilePreprocessing.from_record(recorded).image(path) / "
+            ".volume(path) apply these steps to a file (numpy, no jax); torch_model's "
+            "read_image / read_volume call them"
         )
-    for module in vit.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.eps = LAYER_NORM_EPS
-    return list(result.missing_keys)
+    return described
+
+
+def torch_vision_config(vision: VisionTransformer, k: int) -> dict[str, Any]:
+    """The vision part of the torch format's config.json (``torch_model.VisionTower``)."""
+    return {
+        "width": vision.width,
+        "depth": vision.depth,
+        "num_heads": vision.num_heads,
+        "mlp_dim": vision.mlp_dim,
+        "patch_2d": list(vision.patch_2d),
+        "patch_3d": list(vision.patch_3d),
+        "image_size": list(vision.image_size),
+        "volume_size": list(vision.volume_size),
+        "pixel_mean": vision.pixel_mean,
+        "pixel_std": vision.pixel_std,
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "attention_layers": vision.attention_layers,
+        "selection_k": k,
+    }
+
+
+def torch_config(run) -> dict[str, Any]:
+    """config.json of the torch format: everything ``torch_model.load`` builds from."""
+    vision, config = run.model.vision, run.config
+    return {
+        "format": "torch",
+        "model": "UniMedI",
+        "loader": "unimedi_jax.torch_model.load",
+        "step": run.step,
+        "vision": torch_vision_config(vision, config.selection.k),
+        "text": {
+            "dir": TEXT_DIR,
+            "max_length": config.text.max_length,
+            "pooling": config.text.pooling,
+        },
+        "embed_dim": run.model.embed_dim,
+        "preprocessing": preprocessing(config),
+    }
+
+
+def export_torch(run, out: str | Path, student: bool = False) -> Path:
+    """Writes the whole model of a loaded run (``inference.load``) for ``torch_model.load``:
+    the vision tower inference uses (EMA teacher, or the student's), both projections, the
+    capped logit scale CLIP trained with, and the text tower with its tokenizer as a Hugging
+    Face directory under ``text/``."""
+    vision_params = (run.student if student else run.teacher)["vision"]
+    p = _host({key: run.student[key] for key in ("image_proj", "text_proj", "logit_scale")})
+    scale = np.exp(min(float(p["logit_scale"]["value"]), np.log(run.config.loss.max_logit_scale)))
+    vision = torch_vision_state(vision_params, run.model.vision)
+    tensors = {
+        **{f"vision.{name}": value for name, value in vision.items()},
+        "image_proj.weight": p["image_proj"]["Dense_0"]["kernel"].T,
+        "text_proj.weight": p["text_proj"]["Dense_0"]["kernel"].T,
+        "logit_scale": np.asarray(scale, np.float32),
+    }
+    out = _write(out, tensors, torch_config(run))
+    export_hf_bert(run.student["text"], run.model.text.config, out / TEXT_DIR, run.tokenizer)
+    return out
+
+
+_RECIPES = {
+    "torch": """```python
+from unimedi_jax import torch_model  # needs torch, safetensors, transformers; never jax
+
+model = torch_model.load("{out}")
+images = model.encode_image(xrays)      # [B, H, W] float in [0, 1] -> [B, E], L2-normalised
+volumes = model.encode_volume(cts)      # [B, D, H, W] in [0, 1], attentive slice selection
+texts = model.encode_text(["Left pleural effusion."])
+probs = (model.logit_scale * images @ texts.T).softmax(dim=-1)  # zero-shot
+```""",
+    "monai": """```python
+import json
+
+from monai.networks.nets import ViT
+from unimedi_jax.torch_model import load_monai_weights  # sets LayerNorm eps to 1e-6
+
+vit = ViT(**json.load(open("{out}/config.json"))["kwargs"], num_classes=C)
+load_monai_weights(vit, "{out}")   # volumes [B, 1, D, H, W] in [0, 1]
+```""",
+    "timm": """```python
+import timm
+
+vit = timm.create_model("local-dir:{out}", pretrained=True)  # images [B, C, H, W] in [0, 1]
+```""",
+    "hf_bert": """```python
+from transformers import AutoTokenizer, BertModel
+
+bert = BertModel.from_pretrained("{out}", add_pooling_layer=False)
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+```""",
+}
+_HOLDS = {
+    "torch": "the whole model: both vision paths (2D and 3D tokenizers, shared backbone), the "
+    "text tower with its tokenizer (`text/`), both projections into the shared space and the "
+    "logit scale",
+    "monai": "the 3D path (3D tokenizer and shared backbone) for MONAI's `ViT` / UNETR",
+    "timm": "the 2D path (2D tokenizer and shared backbone) for timm's `VisionTransformer`",
+    "hf_bert": "the text tower as a Hugging Face `BertModel` directory with its tokenizer",
+}
+
+
+def _figures(workdir: Path) -> str:
+    """The run's held-out figures (its eval.json) as a Markdown table, or a line saying why not."""
+    path = workdir / "eval.json"
+    if not path.is_file():
+        return "No `eval.json` in the run: run `python -m unimedi_jax.evaluate` on it first."
+    results = json.loads(path.read_text())
+    rows = [
+        f"| {name} | {value:.4f} |"
+        for name, value in sorted(results.items())
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+
+def model_card(run, fmt: str, workdir: Path) -> str:
+    """README.md of an export: what it holds, the training data and config, the run's held-out
+    figures, the preprocessing, and how to load it."""
+    config, model = run.config, run.model
+    vision = model.vision
+    text = config.text
+    lines = [
+        f"# UniMedI ({fmt} export)",
+        "",
+        "UniMedI (Unified Medical Image Pre-training in Language-Guided Common Semantic Space): "
+        "one ViT with a 2D and a 3D tokenizer, trained with a text tower so that chest X-rays, "
+        "chest CT volumes and their radiology reports share one embedding space. Exported by "
+        f"unimedi-jax from `{workdir}`, checkpoint step {run.step}.",
+        "",
+        f"This folder holds {_HOLDS[fmt]}.",
+        "",
+        "## Training",
+        "",
+        f"- data: X-rays from `{config.data.sources_2d}`, CTs from `{config.data.sources_3d}`",
+        f"- vision: width {vision.width}, depth {vision.depth}, heads {vision.num_heads}, MLP "
+        f"{vision.mlp_dim}, patches {list(vision.patch_2d)} (2D) and {list(vision.patch_3d)} (3D),"
+        f" X-rays {list(vision.image_size)}, volumes {list(vision.volume_size)}",
+        f"- text: {'`' + text.path + '`' if text.path else 'BERT trained from scratch'}, "
+        f"max_length {text.max_length}, pooling {text.pooling}",
+        f"- selection: {config.selection.mode}, k={config.selection.k} slices, "
+        f"Eq. 1 over {config.selection.layers} layers",
+        f"- steps: {config.total_steps}, seed {config.seed}; the full config is the run's "
+        "`config.json`",
+        "",
+        "## Held-out figures",
+        "",
+        _figures(workdir),
+        "",
+        "## Preprocessing",
+        "",
+        "```json",
+        json.dumps(preprocessing(config), indent=2),
+        "```",
+        "",
+        "## Loading",
+        "",
+        _RECIPES[fmt].replace("{out}", "EXPORT_DIR"),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def export_run(
@@ -408,23 +632,32 @@ def export_run(
     student: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Loads a run (``unimedi_jax.inference.load``) and exports one format into ``out``, which
-    must lie outside the run and appears only when complete. ``size``: timm image H,W or monai
-    volume D,H,W (default: the training size); ``student``: the student's vision weights, not
-    the EMA teacher's."""
+    """Loads a run (``unimedi_jax.inference.load``) and exports one format with its model card
+    into ``out``, which must lie outside the run and appears only when complete. ``size``: timm
+    image H,W or monai volume D,H,W (default: the training size); ``student``: the student's
+    vision weights, not the EMA teacher's."""
     # Imported here: inference loads a whole run, which the conversions above never need.
     from unimedi_jax.inference import load, resolve_run
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
-    check_output(out, resolve_run(workdir)[0], overwrite, is_dir=True)
+    if fmt in ("torch", "hf_bert") and size is not None:
+        raise ExportError(
+            f"--size applies to the monai and timm formats; the {fmt} format is written at the "
+            "run's training sizes. Leave --size out."
+        )
+    run_dir = resolve_run(workdir)[0]
+    check_output(out, run_dir, overwrite, is_dir=True)
     run = load(workdir)
     params = run.student if student else run.teacher
     with written_atomically(out, is_dir=True) as partial:
-        if fmt == "monai":
+        if fmt == "torch":
+            export_torch(run, partial, student)
+        elif fmt == "monai":
             export_monai(params["vision"], run.model.vision, partial, size)
         elif fmt == "timm":
             export_timm(params["vision"], run.model.vision, partial, size, in_chans)
         else:
             export_hf_bert(params["text"], run.model.text.config, partial, run.tokenizer)
+        (Path(partial) / MODEL_CARD).write_text(model_card(run, fmt, run_dir))
     return Path(out)
