@@ -1,6 +1,12 @@
 """Figures from a tiny trained run, the PNGs the command writes, and the t-SNE against known
 clusters."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +16,8 @@ from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import inference
 from unimedi_jax.evaluation import figures
 from unimedi_jax.train.pretraining import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +102,60 @@ def test_draw_figure_writes_a_png(run, tmp_path, figure):
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.width > 0 and image.height > 0
+
+
+def test_tsne_is_deterministic():
+    x = np.random.default_rng(1).normal(size=(60, 8))
+    np.testing.assert_array_equal(figures.tsne(x), figures.tsne(x))
+
+
+def _write_log(folder, rows):
+    folder.mkdir(parents=True)
+    lines = [json.dumps(row) for row in rows]
+    lines.insert(1, json.dumps({"step": rows[0]["step"], "retrieval/R@1": 0.5}))  # an eval line
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _log(seed, steps):
+    rng = np.random.default_rng(seed)
+    keys = [key for key, _ in figures.CURVES]
+    return [{"step": s, **{k: float(rng.uniform(0, 10)) for k in keys}} for s in steps]
+
+
+def test_curves_overlay_every_run_with_the_logged_values(tmp_path):
+    logs = {"a": _log(0, [10, 20, 30]), "b": _log(1, [10, 20])}
+    for name, rows in logs.items():
+        _write_log(tmp_path / name, rows)
+    runs = {name: figures.read_training_log(tmp_path / name) for name in logs}
+    fig = figures.curves_figure(runs)
+    for ax, (key, _) in zip(fig.axes, figures.CURVES, strict=False):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["a", "b"]
+        for line, rows in zip(lines, logs.values(), strict=True):
+            assert list(line.get_xdata()) == [row["step"] for row in rows]
+            assert list(line.get_ydata()) == [row[key] for row in rows]
+
+
+def test_visualize_curves_command(tmp_path):
+    # The README line, on two logged runs overlaid; a folder without a log is a user error.
+    for name, seed in (("demo", 0), ("other", 1)):
+        _write_log(tmp_path / "runs" / name, _log(seed, [20, 40]))
+    command = [sys.executable, "-m", "unimedi_jax.visualize", "curves"]
+    done = subprocess.run(
+        [*command, "--workdir=runs/demo", "runs/other", "--out=curves.png"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.format == "PNG"
+    (tmp_path / "empty").mkdir()
+    missing = subprocess.run(
+        [*command, f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'c.png'}"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "CurvesError" in missing.stderr

@@ -3,12 +3,14 @@
     python -m unimedi_jax.visualize slices  --workdir=W --out=slices.png   [--num=3] [--split=test]
     python -m unimedi_jax.visualize masking --workdir=W --out=masking.png  [--num=4]
     python -m unimedi_jax.visualize tsne    --workdir=W --out=tsne.png     [--num=200]
+    python -m unimedi_jax.visualize curves  --workdir=W [W2 ...] --out=curves.png
 
 ``slices``: CT volumes as strips of axial slices, the k slices picked by Eq. 2 framed, the score
 curve under each strip and, where the data knows them (phantoms), the lesion slices marked.
 ``masking``: X-rays, the tokens the teacher's Eq. 1 attention keeps unmasked, the attention map.
 ``tsne``: a t-SNE of held-out X-ray, CT and report embeddings, by modality (marker) and finding
-(colour). The figures are drawn by ``unimedi_jax/evaluation/figures.py``.
+(colour). ``curves``: loss terms, learning rate and throughput from metrics.jsonl, the runs
+overlaid. The figures are drawn by ``unimedi_jax/evaluation/figures.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class MissingExtraError(UserError):
 
 
 try:
-    from unimedi_jax.evaluation.figures import DEFAULT_NUM, FIGURES, draw_figure
+    from unimedi_jax.evaluation.figures import DEFAULT_NUM, FIGURES, draw_curves, draw_figure
 except ModuleNotFoundError as err:  # before any flag is parsed, so reported here
     if (err.name or "").split(".")[0] not in VIZ_MODULES:
         raise
@@ -51,16 +53,19 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv: list[str]) -> None:
-    figures = argv[1:]
-    if len(figures) != 1 or figures[0] not in FIGURES:
+    figure, *more_runs = argv[1:] or [""]
+    if figure == "curves":  # more runs may follow the figure name, to overlay
+        out = draw_curves([_WORKDIR.value, *more_runs], _OUT.value, _OVERWRITE.value)
+    elif figure in FIGURES and not more_runs:
+        out = draw_figure(
+            figure, _WORKDIR.value, _OUT.value, _NUM.value, _SPLIT.value, _OVERWRITE.value
+        )
+    else:
         raise app.UsageError(
-            f"name one figure before the flags, one of {', '.join(sorted(FIGURES))} (got "
-            f"{' '.join(figures) or 'none'}), e.g. python -m unimedi_jax.visualize slices "
+            f"name one figure before the flags, one of {', '.join(sorted([*FIGURES, 'curves']))}"
+            f" (got {' '.join(argv[1:]) or 'none'}), e.g. python -m unimedi_jax.visualize slices "
             "--workdir=runs/demo --out=slices.png"
         )
-    out = draw_figure(
-        figures[0], _WORKDIR.value, _OUT.value, _NUM.value, _SPLIT.value, _OVERWRITE.value
-    )
     print(f"wrote {out}")
 
 

@@ -5,13 +5,15 @@ The library of ``python -m unimedi_jax.visualize``; ``draw_figure`` is the comma
 curve under each strip and, where the data knows them (phantoms), the lesion slices marked.
 ``masking``: X-rays, the tokens the teacher's Eq. 1 attention keeps unmasked, the attention map.
 ``tsne``: a t-SNE of held-out X-ray, CT and report embeddings, by modality (marker) and finding
-(colour). The figure functions take arrays and return a matplotlib Figure built without pyplot,
+(colour). ``curves``: loss terms, learning rate and throughput of one or more runs, overlaid.
+The figure functions take arrays and return a matplotlib Figure built without pyplot,
 so they need no display and leave no global state behind.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from data_pipelines.pipeline import eval_batches, open_source, parse_sources
 from unimedi_jax import inference
+from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import check_output, written_atomically
 from unimedi_jax.evaluation.evaluators import build_eval_set
 from unimedi_jax.method import selection
@@ -44,79 +47,23 @@ DEFAULT_NUM = {"slices": 3, "masking": 4, "tsne": 200}
 # ------------------------------------------------------------------------------------ t-SNE
 
 
-def _squared_distances(x: np.ndarray) -> np.ndarray:
-    sq = np.sum(x * x, axis=1)
-    return np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+def tsne(x: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
+    """A 2-D t-SNE of x [N, F]: scikit-learn's Barnes-Hut (O(N log N), so thousands of points
+    take seconds), PCA start and a fixed seed, so the layout is deterministic."""
+    from sklearn.manifold import TSNE
 
-
-def _conditional_affinities(
-    sq_dist: np.ndarray, perplexity: float, steps: int = 100, tol: float = 1e-5
-) -> np.ndarray:
-    """P(j|i): per-row Gaussians whose entropy is log(perplexity), by bisection on the precision."""
-    n = len(sq_dist)
-    dist = sq_dist / max(float(np.median(sq_dist)), 1e-12)  # scale-free start at precision 1
-    np.fill_diagonal(dist, np.inf)
-    target = np.log(perplexity)
-    beta, low, high = np.ones(n), np.zeros(n), np.full(n, np.inf)
-    for _ in range(steps):
-        logits = -dist * beta[:, None]
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        entropy = -np.sum(p * np.log(np.maximum(p, 1e-300)), axis=1)
-        too_flat = entropy > target  # too wide a Gaussian: raise its precision
-        low = np.where(too_flat, beta, low)
-        high = np.where(too_flat, high, beta)
-        beta = np.where(np.isinf(high), beta * 2.0, (low + high) / 2.0)
-        if np.all(np.abs(entropy - target) < tol):
-            break
-    return p
-
-
-def _pca_init(x: np.ndarray) -> np.ndarray:
-    """The first two principal components, scaled to a tiny spread (deterministic start)."""
-    centred = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    y = centred @ vt[:2].T
-    if y.shape[1] < 2:
-        y = np.pad(y, ((0, 0), (0, 2 - y.shape[1])))
-    return y / max(float(y[:, 0].std()), 1e-12) * 1e-4
-
-
-def tsne(
-    x: np.ndarray,
-    perplexity: float = 30.0,
-    iterations: int = 1000,
-    exaggeration: float = 12.0,
-    exaggeration_iterations: int = 250,
-) -> np.ndarray:
-    """Exact t-SNE (van der Maaten & Hinton, 2008) of x [N, F] -> [N, 2], O(N^2) per step.
-
-    Plain numpy so figures need no extra dependency; meant for the few hundred to ~1000 held-out
-    points a figure shows. PCA start, early exaggeration, momentum and per-coordinate gains as in
-    the reference implementation, so the layout is deterministic.
-    """
     x = np.asarray(x, np.float64)
     n = len(x)
     if n < 4:
         raise ValueError(f"t-SNE needs at least 4 points, got {n}")
-    perplexity = min(perplexity, (n - 1) / 3.0)
-    conditional = _conditional_affinities(_squared_distances(x), perplexity)
-    p = np.maximum((conditional + conditional.T) / (2.0 * n), 1e-12)
-    learning_rate = max(n / exaggeration / 4.0, 50.0)
-    y = _pca_init(x)
-    update, gains = np.zeros_like(y), np.ones_like(y)
-    for step in range(iterations):
-        early = step < exaggeration_iterations
-        kernel = 1.0 / (1.0 + _squared_distances(y))
-        np.fill_diagonal(kernel, 0.0)
-        q = np.maximum(kernel / kernel.sum(), 1e-12)
-        weights = ((exaggeration if early else 1.0) * p - q) * kernel
-        grad = 4.0 * (weights.sum(axis=1, keepdims=True) * y - weights @ y)
-        same_sign = np.sign(grad) == np.sign(update)
-        gains = np.maximum(np.where(same_sign, gains * 0.8, gains + 0.2), 0.01)
-        update = (0.5 if early else 0.8) * update - learning_rate * gains * grad
-        y = y + update
-    return y - y.mean(axis=0)
+    embedded = TSNE(
+        n_components=2,
+        perplexity=min(perplexity, (n - 1) / 3.0),
+        init="pca",
+        random_state=seed,
+        method="barnes_hut",
+    ).fit_transform(x)
+    return embedded - embedded.mean(axis=0)
 
 
 # ------------------------------------------------------------------------------ figure parts
@@ -461,6 +408,64 @@ def run_tsne(model: inference.UniMedIInference, split: str, num: int) -> Figure:
     groups += [(f"{name} report", key, "text_emb") for key, _, name in present]
     embeddings = {group: getattr(data[key], field) for group, key, field in groups}
     return tsne_figure(embeddings, {group: found[key] for group, key, _ in groups})
+
+
+# ----------------------------------------------------------------------------- training curves
+
+
+class CurvesError(UserError):
+    """A folder that holds no training log to plot."""
+
+
+CURVES = (  # (metrics.jsonl key, panel title)
+    ("loss", "loss"),
+    ("loss_vl", "L_vl (CLIP)"),
+    ("loss_icl", "L_icl (DINO [CLS])"),
+    ("loss_pcl", "L_pcl (iBOT patches)"),
+    ("learning_rate", "learning rate"),
+    ("samples_per_sec", "samples / s"),
+)
+
+
+def read_training_log(workdir: str | Path) -> list[dict[str, float]]:
+    """The logged training steps of a run's metrics.jsonl (evaluation lines left out)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise CurvesError(
+            f"{workdir} has no metrics.jsonl: pass a training run's --workdir (the folder "
+            "python -m unimedi_jax.main wrote)"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if "loss" in row]
+
+
+def curves_figure(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
+    """The loss terms, learning rate and throughput over steps, one line per run (overlaid)."""
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for name, rows in runs.items():
+            points = [(row["step"], row[key]) for row in rows if key in row]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=name, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if key == "learning_rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def draw_curves(workdirs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> Path:
+    """Writes the training curves of ``workdirs`` (overlaid, named by folder) as PNG ``out``,
+    a file outside every run that appears only when complete; returns ``out``."""
+    for workdir in workdirs:
+        check_output(out, workdir, overwrite, is_dir=False)
+    runs = {str(workdir): read_training_log(workdir) for workdir in workdirs}
+    with written_atomically(out, is_dir=False) as partial:
+        curves_figure(runs).savefig(partial, dpi=110)
+    return Path(out)
 
 
 FIGURES = {"slices": run_slices, "masking": run_masking, "tsne": run_tsne}
