@@ -87,7 +87,11 @@ def test_export_out_exists_needs_overwrite_and_is_replaced_whole(run, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
     export_run(run, "timm", out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     assert [p.name for p in out.parent.iterdir()] == ["timm"]  # no temporary sibling left
     state = Checkpointer(run / "checkpoints", keep=3).restore_raw(4)
     cls = safetensors.numpy.load_file(out / "model.safetensors")["cls_token"]
