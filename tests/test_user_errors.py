@@ -251,7 +251,7 @@ def test_unknown_evaluator_names_the_evals_field():
         pytest.param(
             "unimedi_jax.visualize",
             ["--workdir={tmp}", "--out={tmp}/f.png"],
-            ["UsageError", "one of masking, slices, tsne"],
+            ["UsageError", "one of curves, masking, slices, tsne"],
             id="visualize-no-figure",
         ),
         pytest.param(
