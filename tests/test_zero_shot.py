@@ -5,6 +5,7 @@ out like the real release, run on a tiny trained model."""
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ from tests.test_builders_real import (
     _write_csv,
 )
 from unimedi_jax import inference
-from unimedi_jax.evaluation import paper_tables, tasks, zero_shot
+from unimedi_jax.evaluation import evaluators, paper_tables, tasks, zero_shot
 from unimedi_jax.evaluation.downstream import DownstreamError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,71 @@ def test_bootstrap_intervals_by_brute_force():
         assert report["classes"]["a"]["auroc_ci"] == pytest.approx((ordered[24], ordered[974]))
 
 
+def _masked_auroc(labels, scores):
+    """scikit-learn's AUROC on the records whose label is 0 or 1."""
+    known = np.isin(labels, (0, 1))
+    return roc_auc_score(labels[known], scores[known])
+
+
+def _chexpert_style_labels(rng, n, c):
+    """Labels as CheXpert and MIMIC state them: 1, 0, -1 (uncertain) and blank (NaN)."""
+    return rng.choice([0.0, 1.0, -1.0, np.nan], size=(n, c), p=[0.45, 0.25, 0.15, 0.15])
+
+
+def test_multilabel_report_leaves_out_uncertain_and_blank_labels_per_label():
+    rng = np.random.default_rng(5)
+    labels, scores = _chexpert_style_labels(rng, 60, 3), rng.random((60, 3))
+    found = zero_shot.multilabel_report(labels, scores, ["a", "b", "c"], samples=20, seed=0)
+    for c, name in enumerate("abc"):
+        known = np.isin(labels[:, c], (0, 1))
+        assert found["classes"][name]["auroc"] == pytest.approx(
+            _masked_auroc(labels[:, c], scores[:, c])
+        )
+        assert found["classes"][name]["records"] == known.sum()
+        assert found["classes"][name]["positives"] == (labels[:, c] == 1).sum()
+        threshold = found["classes"][name]["threshold"]
+        predicted = scores[known, c] > threshold
+        assert found["classes"][name]["f1"] == pytest.approx(
+            f1_score(labels[known, c], predicted, average="weighted")
+        )
+    assert found["mean_auroc"] == pytest.approx(
+        np.mean([_masked_auroc(labels[:, c], scores[:, c]) for c in range(3)])
+    )
+
+
+def test_in_loop_zero_shot_scores_each_finding_on_the_records_that_state_it():
+    """The training loop's zero_shot evaluator on CT-RATE-labelled volumes with uncertain and
+    blank labels (a volume without labels, MIMIC-style cells): AUROC per finding on the records
+    whose label is 0/1, against scikit-learn on brute-force prompt scores."""
+    names = list(zero_shot.load_prompts(zero_shot.prompts_path("ct_rate")).pairs)
+    rng = np.random.default_rng(7)
+    n, dim = 40, 6
+    image_emb = rng.normal(size=(n, dim))
+    labels = _chexpert_style_labels(rng, n, len(ct_rate.ABNORMALITIES))
+    labels[3] = np.nan  # a volume without labels
+    text_vectors: dict[str, np.ndarray] = {}
+
+    class Model:
+        def embed_texts(self, texts):
+            return np.stack([text_vectors.setdefault(t, rng.normal(size=dim)) for t in texts])
+
+    empty = np.zeros((n, 0))
+    modality = evaluators.Modality(empty, labels, [], image_emb, empty, None)
+    data = evaluators.EvalSet("ct_rate", {"volume": modality}, {"volume": "ct_rate"}, None, n)
+    found = evaluators.zero_shot(Model(), data)
+
+    prompts = zero_shot.load_prompts(zero_shot.prompts_path("ct_rate")).pairs
+    unit = lambda v: v / np.linalg.norm(v)
+    expected = []
+    for name in names:
+        c = list(ct_rate.ABNORMALITIES).index(name)
+        positive, negative = (unit(text_vectors[t]) for t in prompts[name])
+        margin = np.array([unit(e) @ positive - unit(e) @ negative for e in image_emb])
+        expected.append(_masked_auroc(labels[:, c], 1 / (1 + np.exp(-margin))))
+        assert found[f"zero_shot_volume/auroc/{name}"] == pytest.approx(expected[-1])
+    assert found["zero_shot_volume/mean_auroc"] == pytest.approx(np.mean(expected))
+
+
 def test_class_scores_are_glorias():
     rng = np.random.default_rng(1)
     images = rng.normal(size=(9, 4))
@@ -265,7 +331,7 @@ def _cli(*args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path):
+def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path, monkeypatch):
     _, ct_rate_dir = ct_rate_dir
     proc = _cli(
         "--config=configs/zero_shot.py:dataset=ct_rate",
@@ -321,6 +387,25 @@ def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path):
     assert results["retrieval"]["volume_to_report/R@1"] == pytest.approx(r1)
     assert results["retrieval"]["volume_to_report/R@50"] == 1.0
     assert set(results["retrieval"]) >= {f"report_to_volume/R@{k}" for k in (1, 5, 10, 50)}
+
+    # The results table puts this eval.json under the published rows of the protocol, each with
+    # its source (a row as a checked figure would be entered in ZERO_SHOT_TABLES).
+    table = dataclasses.replace(
+        paper_tables.ZERO_SHOT_TABLES[0],
+        published={"Other model (published)": ((73.1, 70.7, 66.8, None), "Someone, Table 1")},
+    )
+    monkeypatch.setattr(
+        paper_tables, "ZERO_SHOT_TABLES", (table, *paper_tables.ZERO_SHOT_TABLES[1:])
+    )
+    lines = paper_tables.tables_of([tmp_path]).split("### CT-RATE zero-shot")[1].splitlines()
+    assert lines[4] == "| Other model (published) | 73.1 | 70.7 | 66.8 | - | Someone, Table 1 |"
+    low, high = (f"{100 * v:.1f}" for v in found["mean_auroc_ci"])
+    ours = [f"{100 * found[k]:.1f}" for k in ("mean_auroc", "mean_f1", "mean_accuracy")]
+    ours.append(f"{100 * found['mean_precision']:.1f}")
+    assert lines[5] == (
+        f"| {Path(run).name} @{results['step']} | " + " | ".join(ours)
+        + f" | prompts ct_rate.json; AUROC 95% CI {low}-{high} |"
+    )  # fmt: skip
 
 
 def test_data_of_other_sizes_stops_with_the_probes_fix(run, ct_rate_dir, tmp_path):
@@ -436,6 +521,48 @@ def test_5x200_draw_is_seeded_and_exactly_one_positive():
         zero_shot.draw_5x200(labels, 500, seed=3, where="chexpert split 'test'")
 
 
+def _glorias_5x200_rows(rows: list[dict], five, others) -> dict[str, set[int]]:
+    """GLoRIA's preprocess_chexpert_5x200_data filter, re-done row by row: blanks read as 0, a
+    row is class ``name``'s when it equals that class's one-hot vector over ``five`` and
+    ``others``."""
+    found = {}
+    for name in five:
+        found[name] = {
+            i
+            for i, row in enumerate(rows)
+            if all(
+                (0.0 if math.isnan(row[column]) else row[column]) == float(column == name)
+                for column in [*five, *others]
+            )
+        }
+    return found
+
+
+def test_5x200_draw_selects_as_gloria_does_on_real_label_conventions():
+    columns = list(mimic_cxr_jpg.CHEXPERT_LABELS)
+    others = [n for n in columns if n not in FIVE and n != "No Finding"]
+    rng = np.random.default_rng(11)
+    cells = rng.choice(
+        [0.0, 1.0, -1.0, np.nan], size=(3000, len(columns)), p=[0.2, 0.05, 0.05, 0.7]
+    )
+    rows = [dict(zip(columns, map(float, r), strict=True)) for r in cells]
+    reference = _glorias_5x200_rows(rows, FIVE, others)
+    labels = cells[:, [columns.index(n) for n in FIVE]]
+    rest = cells[:, [columns.index(n) for n in others]]
+    counts = {c: len(reference[n]) for c, n in enumerate(FIVE)}
+    with pytest.raises(zero_shot.PromptError, match=re.escape(str(counts))):
+        zero_shot.draw_5x200(labels, 10_000, 0, "mimic_cxr_jpg split 'test'", rest)
+    per_class = min(counts.values())
+    assert per_class >= 5  # the draw below has something to choose from
+    for seed in range(3):
+        chosen = zero_shot.draw_5x200(labels, per_class, seed, "x", rest)
+        for c, name in enumerate(FIVE):
+            assert set(chosen[c]) <= reference[name]
+    alone = _glorias_5x200_rows(rows, FIVE[:1], others)[FIVE[0]]
+    everything = zero_shot.draw_5x200(labels[:, :1], len(alone), 0, "x", rest)
+    assert set(everything[0]) == alone
+
+
 def test_precision_at_k_by_brute_force():
     rng = np.random.default_rng(2)
     query, gallery = rng.normal(size=(7, 3)), rng.normal(size=(12, 3))
@@ -527,32 +654,39 @@ def _mimic_report(c: int) -> str:
 
 @pytest.fixture(scope="module")
 def mimic_dir(tmp_path_factory):
-    """MIMIC-CXR-JPG laid out as released (as tests/test_builders_real.py builds it): in the
-    test split 3 frontal images per class, each study positive for exactly that one; one image in
-    train and in validation."""
+    """MIMIC-CXR-JPG laid out as released (as tests/test_builders_real.py builds it), with its
+    label conventions (1, 0, -1 uncertain, blank): in the test split 3 frontal images per class
+    that GLoRIA's 5x200 takes (positive for that one class, the rest 0 or blank) and 2 it leaves
+    out (another of the five uncertain; Pneumonia positive too); one image in train and in
+    validation. Returns (data_dir, the ids of the images GLoRIA takes)."""
     root = tmp_path_factory.mktemp("mimic-5x200")
-    images = [(f"d{i:02d}", f"100000{i:02d}", f"500000{i:02d}", i % 5) for i in range(15)]
-    images += [("d98", "10000098", "50000098", None), ("d99", "10000099", "50000099", None)]
+    labels = mimic_cxr_jpg.CHEXPERT_LABELS
+    images = [(f"d{i:02d}", f"100000{i:02d}", f"500000{i:02d}", i % 5, {}) for i in range(15)]
+    for c in range(5):  # positive for class c, and uncertain for the next / Pneumonia positive
+        images.append((f"u{c}", f"1000010{c}", f"5000010{c}", c, {FIVE[(c + 1) % 5]: "-1.0"}))
+        images.append((f"p{c}", f"1000020{c}", f"5000020{c}", c, {"Pneumonia": "1.0"}))
+    images += [(f"d{i}", f"100000{i}", f"500000{i}", None, {}) for i in (98, 99)]
     chexpert_rows = []
-    for i, (dicom, subject, study, c) in enumerate(images):
+    for i, (dicom, subject, study, c, cells) in enumerate(images):
         study_dir = root / "files" / f"p{subject[:2]}" / f"p{subject}"
         _jpeg(study_dir / f"s{study}" / f"{dicom}.jpg", i)
         (study_dir / f"s{study}.txt").write_text(_mimic_report(c or 0))
-        row = ["0.0"] * len(mimic_cxr_jpg.CHEXPERT_LABELS)
+        blank = i % 3 == 0  # some studies leave the unmentioned labels blank
+        row = {n: "" if blank else "0.0" for n in labels} | cells
         if c is not None:
-            row[mimic_cxr_jpg.CHEXPERT_LABELS.index(FIVE[c])] = "1.0"
-        chexpert_rows.append([subject, study, *row])
+            row[FIVE[c]] = "1.0"
+        chexpert_rows.append([subject, study, *(row[n] for n in labels)])
     _write_csv(
         root / mimic_cxr_jpg.METADATA,
         ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-        [[d, sub, st, "PA"] for d, sub, st, _ in images],
+        [[d, sub, st, "PA"] for d, sub, st, *_ in images],
     )
     _write_csv(
         root / mimic_cxr_jpg.SPLIT,
         ["dicom_id", "study_id", "subject_id", "split"],
         [
             [d, st, sub, {"d98": "train", "d99": "validate"}.get(d, "test")]
-            for d, sub, st, c in images
+            for d, sub, st, *_ in images
         ],
     )
     _write_csv(
@@ -562,10 +696,11 @@ def mimic_dir(tmp_path_factory):
     )
     data_dir = tmp_path_factory.mktemp("mimic-data")
     ensure_prepared("mimic_cxr_jpg", data_dir, manual_dir=str(root), image_size=32, num_workers=0)
-    return data_dir
+    return data_dir, {d for d, *_ in images[:15]}
 
 
 def test_mimic_5x200_adds_retrieval_precision_by_class(run, mimic_dir, tmp_path):
+    mimic_dir, glorias = mimic_dir
     proc = _cli(
         "--config=configs/zero_shot.py:dataset=mimic_5x200",
         f"--config.data.data_dir={mimic_dir}",
@@ -577,6 +712,9 @@ def test_mimic_5x200_adds_retrieval_precision_by_class(run, mimic_dir, tmp_path)
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["benchmark"] == "mimic_5x200" and results["records"] == 15
     assert {len(v) for v in results["selection"]["ids"].values()} == {3}
+    # GLoRIA's selection on MIMIC's label conventions: uncertain anywhere or another finding
+    # positive leaves an image out; blank reads as 0.
+    assert {i for v in results["selection"]["ids"].values() for i in v} == glorias
 
     model = inference.load(run)
     records = list(pipeline.open_source("mimic_cxr_jpg", mimic_dir, "2d", "test").open())

@@ -72,7 +72,9 @@ def open_downstream(
     eval_config.data.data_dir = config.data.data_dir
     eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
     sources = {
-        role: _open_split(task, eval_config, config.splits[role], path, not config.random_init)
+        role: open_checked_split(
+            task, eval_config, config.splits[role], path, not config.random_init
+        )
         for role in tasks.ROLES
     }
     try:
@@ -82,7 +84,7 @@ def open_downstream(
     return DownstreamSetup(task, eval_config, sources, model)
 
 
-def _open_split(
+def open_checked_split(
     task: tasks.Downstream,
     config: ml_collections.ConfigDict,
     split: str,

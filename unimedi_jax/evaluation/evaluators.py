@@ -100,7 +100,8 @@ def retrieval(model, data: EvalSet) -> dict[str, float]:
 
 def zero_shot(model, data: EvalSet) -> dict[str, float]:
     """Per-finding AUROC of positive-vs-negative prompts, per modality: the ``pairs`` of each
-    evaluated source's prompt file (``configs/prompts/<source>.json``)."""
+    evaluated source's prompt file (``configs/prompts/<source>.json``); each finding on the
+    records that state it (uncertain and blank labels left out)."""
     out = {}
     for key, m in data.modalities.items():
         source = data.sources[key]
@@ -112,7 +113,7 @@ def zero_shot(model, data: EvalSet) -> dict[str, float]:
         positive = model.embed_texts([prompts.pairs[n][0] for n in names])
         negative = model.embed_texts([prompts.pairs[n][1] for n in names])
         scores = metrics.zero_shot_scores(m.image_emb, positive, negative)
-        found = metrics.zero_shot_auroc(m.labels[:, columns], scores, names)
+        found = zero_shot_protocols.per_label_auroc(m.labels[:, columns], scores, names)
         out.update({f"zero_shot_{key}/{name}": value for name, value in found.items()})
     return out
 

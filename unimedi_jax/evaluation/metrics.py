@@ -370,14 +370,6 @@ def zero_shot_scores(
     return np.exp(-np.logaddexp(0.0, -margin))
 
 
-def zero_shot_auroc(
-    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]
-) -> dict[str, float]:
-    """Per-class and macro mean AUROC of zero-shot scores: {'mean_auroc', 'auroc/<class>'}."""
-    mean, per_class = mean_auroc(labels, scores, class_names)
-    return {"mean_auroc": mean, **{f"auroc/{name}": value for name, value in per_class.items()}}
-
-
 def slice_hit_rate(selected: np.ndarray, lesion_slices: np.ndarray) -> tuple[float, float]:
     """How often selected slices fall on annotated lesion slices, and the chance level.
 

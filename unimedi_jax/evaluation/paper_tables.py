@@ -103,7 +103,8 @@ ZERO_SHOT_TABLES = (
             ("mean_accuracy", "ACC"),
             ("mean_precision", "Precision"),
         ),
-        # CT-CLIP's published figures go here once checked against its paper's table.
+        # CT-CLIP's published figures go here once read in its paper's table (arXiv 2403.17834):
+        # the stored copies available to us hold the paper's opening only, not its tables.
         {},
     ),
     ZeroShotTable(

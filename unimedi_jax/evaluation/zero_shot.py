@@ -13,7 +13,8 @@ Protocols (``python -m unimedi_jax.evaluate --config=configs/zero_shot.py:datase
   scoring (``class_scores``): AUROC, accuracy and F1.
 - ``chexpert_5x200``, ``mimic_5x200``: GLoRIA's (Huang et al. 2021, github.com/marshuang80/
   gloria) 5x200 set (``draw_5x200``: 200 images per class positive for exactly that one of
-  Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion, drawn with a fixed seed and
+  Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion and 0 or blank for every other
+  label the records hold (an uncertain -1 leaves an image out), drawn with a fixed seed and
   listed in eval.json), GLoRIA's template prompts and class scoring: accuracy of the argmax over
   the five and per-class precision, recall and F1; MIMIC adds image-to-text precision@{5,10,50}
   (a report is relevant when its image has the query's class), overall and by class.
@@ -24,7 +25,7 @@ negative]; or ``classes``: class -> [prompt, ...] or GLoRIA's template parts), r
 other modality as that modality's reports do (CT findings in X-ray wording and the reverse):
 scored beside the dataset's own prompts, a test of UniMedI's one space for both. Embeddings
 come from ``inference`` (the one prediction path); the data check is the probe's
-(``downstream._open_split`` -> ``pipeline.open_for_model``).
+(``downstream.open_checked_split`` -> ``pipeline.open_for_model``).
 """
 
 from __future__ import annotations
@@ -223,6 +224,34 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(values[index(tail)]), float(values[index(1.0 - tail)])
 
 
+def definite_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels as float 1/0 with NaN where a record's label is neither: CheXpert's and MIMIC's
+    uncertain (-1) and blank (NaN) cells, a CT-RATE volume without labels. Zero-shot AUROC
+    scores each label on the records that state it, as CT-CLIP (whose labels are all 0/1) and
+    the CheXpert-labelled benchmarks do."""
+    labels = np.asarray(labels, np.float64)
+    return np.where((labels == 0) | (labels == 1), labels, np.nan)
+
+
+def _known_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC on the records whose label (from ``definite_labels``) is known."""
+    known = ~np.isnan(labels)
+    return metrics.auroc(labels[known].astype(bool), scores[known])
+
+
+def per_label_auroc(
+    labels: np.ndarray, scores: np.ndarray, names: Sequence[str]
+) -> dict[str, float]:
+    """{'mean_auroc', 'auroc/<name>'} of [N, C] zero-shot scores, each label on the records
+    that state it (``definite_labels``); the mean over the labels where AUROC is defined."""
+    labels = definite_labels(labels)
+    found = {name: _known_auroc(labels[:, c], scores[:, c]) for c, name in enumerate(names)}
+    return {
+        "mean_auroc": _mean(list(found.values())),
+        **{f"auroc/{n}": v for n, v in found.items()},
+    }
+
+
 def bootstrap_resamples(n: int, samples: int, seed: int) -> np.ndarray:
     """[samples, n] row indices drawn with replacement: the resamples of every interval."""
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
@@ -231,10 +260,11 @@ def bootstrap_resamples(n: int, samples: int, seed: int) -> np.ndarray:
 def bootstrap_auroc(
     labels: np.ndarray, scores: np.ndarray, samples: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class AUROC [samples, C] and their macro mean [samples] over resampled rows."""
+    """Per-class AUROC [samples, C] and their macro mean [samples] over resampled rows (NaN
+    labels, unknown, left out of their class)."""
     per_class = np.array(
         [
-            [metrics.auroc(labels[rows, c], scores[rows, c]) for c in range(labels.shape[1])]
+            [_known_auroc(labels[rows, c], scores[rows, c]) for c in range(labels.shape[1])]
             for rows in bootstrap_resamples(len(labels), samples, seed)
         ]
     ).reshape(samples, labels.shape[1])
@@ -261,25 +291,30 @@ def multilabel_report(
     level: float = 0.95,
 ) -> dict[str, Any]:
     """CT-CLIP's figures of [N, C] scores: per class AUROC with its interval and the threshold
-    figures at CT-CLIP's threshold; their macro means ('mean_auroc' with its interval)."""
+    figures at CT-CLIP's threshold; their macro means ('mean_auroc' with its interval). A label
+    that is not 0/1 (``definite_labels``) leaves its record out of that class's figures."""
+    labels = definite_labels(labels)
     boot_class, boot_mean = bootstrap_auroc(labels, scores, samples, seed)
     classes = {}
     for c, name in enumerate(names):
-        threshold = ct_clip_threshold(labels[:, c], scores[:, c])
+        known = ~np.isnan(labels[:, c])
+        truth, score = labels[known, c].astype(bool), scores[known, c]
+        threshold = ct_clip_threshold(truth, score)
         found = (
-            threshold_metrics(labels[:, c], scores[:, c] > threshold)
+            threshold_metrics(truth, score > threshold)
             if not math.isnan(threshold)
             else dict.fromkeys(("f1", "f1_positive", "precision", "recall", "accuracy"), math.nan)
         )
         classes[name] = {
-            "auroc": metrics.auroc(labels[:, c], scores[:, c]),
+            "auroc": metrics.auroc(truth, score),
             "auroc_ci": interval(boot_class[:, c], level),
             "threshold": threshold,
-            "positives": int(labels[:, c].sum()),
+            "positives": int(truth.sum()),
+            "records": int(known.sum()),
             **found,
         }
     out: dict[str, Any] = {
-        "mean_auroc": metrics.mean_auroc(labels, scores)[0],
+        "mean_auroc": _mean([v["auroc"] for v in classes.values()]),
         "mean_auroc_ci": interval(boot_mean, level),
     }
     for key in ("f1", "precision", "recall", "accuracy"):
@@ -360,7 +395,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[
     eval_config = ml_collections.ConfigDict(inference.load_config(workdir).to_dict())
     eval_config.data.data_dir = config.data.data_dir
     eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
-    downstream._open_split(task, eval_config, config.split, path, pretrained=True)
+    downstream.open_checked_split(task, eval_config, config.split, path, pretrained=True)
     model = inference.load(path, config.batch_size)
     out: dict[str, Any] = {
         **downstream.describe(task, False, path, model.step),
@@ -392,8 +427,10 @@ def _pairs_protocol(model, prompts: Prompts, task, data: dict, config) -> dict[s
     and image<->report retrieval."""
     if not prompts.pairs:
         raise PromptError(f'{prompts.path} has no "pairs": the {task.name} protocol needs them')
-    labels = data["labels"][:, label_columns(list(prompts.pairs), task.classes, prompts.path)]
-    labelled = ~np.isnan(labels).any(1)
+    labels = definite_labels(
+        data["labels"][:, label_columns(list(prompts.pairs), task.classes, prompts.path)]
+    )
+    labelled = ~np.isnan(labels).all(1)  # a record stating none of the labels scores nothing
     scale = _logit_scale(model)
 
     def report(pairs: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -402,7 +439,7 @@ def _pairs_protocol(model, prompts: Prompts, task, data: dict, config) -> dict[s
         positive = model.embed_texts([pairs[n][0] for n in names])
         negative = model.embed_texts([pairs[n][1] for n in names])
         scores = metrics.zero_shot_scores(data["emb"][labelled], positive, negative, scale)
-        truth = data["labels"][labelled][:, columns].astype(bool)
+        truth = data["labels"][labelled][:, columns]
         return multilabel_report(
             truth, scores, names, config.bootstrap.samples, config.bootstrap.seed
         )
@@ -459,13 +496,22 @@ def _classes_protocol(model, prompts: Prompts, task, data: dict) -> dict[str, An
     return {"records": len(labels), "zero_shot": found}
 
 
-def draw_5x200(labels: np.ndarray, per_class: int, seed: int, where: str) -> np.ndarray:
-    """GLoRIA's 5x200 set: for each of the C classes (columns of ``labels``, 1 = positive), up to
-    ``per_class`` rows positive for exactly that one class, drawn without replacement with
-    ``seed``; returns [C, per_class] row indices (each class's sorted). Too few rows for a class
-    is a PromptError naming ``where`` (the dataset and split) and the counts."""
-    positive = np.asarray(labels) == 1
-    only = positive & (positive.sum(1, keepdims=True) == 1)
+def draw_5x200(
+    labels: np.ndarray, per_class: int, seed: int, where: str, others: np.ndarray | None = None
+) -> np.ndarray:
+    """GLoRIA's 5x200 set (preprocess_chexpert_5x200_data): for each of the C classes (columns
+    of ``labels``), ``per_class`` rows drawn without replacement with ``seed`` among those whose
+    row, blanks (NaN) read as 0, is exactly 1 for that class and 0 for every other class and
+    every column of ``others`` (the other observations GLoRIA checks; not 'No Finding'): an
+    uncertain (-1) cell anywhere leaves the row out. Returns [C, per_class] row indices (each
+    class's sorted). Too few rows for a class is a PromptError naming ``where`` (the dataset and
+    split) and the counts."""
+    cells = np.nan_to_num(np.asarray(labels, np.float64), nan=0.0)
+    rest = np.nan_to_num(np.asarray(others, np.float64), nan=0.0) if others is not None else None
+    clear = (cells == 0) | (cells == 1)
+    if rest is not None:
+        clear &= (rest == 0).all(1, keepdims=True)
+    only = clear.all(1, keepdims=True) & (cells == 1) & ((cells == 1).sum(1, keepdims=True) == 1)
     counts = only.sum(0)
     if counts.min() < per_class:
         raise PromptError(
@@ -499,12 +545,15 @@ def _five_by_200(model, prompts: Prompts, task, eval_config, config) -> dict[str
         raise PromptError(f'{prompts.path} has no "classes": the 5x200 protocol needs them')
     names = list(prompts.classes)
     columns = label_columns(names, task.classes, prompts.path)
+    # GLoRIA also requires the dataset's other observations (MIMIC's 14 CheXpert labels) at 0.
+    other = [i for i, n in enumerate(task.classes) if i not in columns and n != "No Finding"]
     labels, ids = [], []
     for batch in pipeline.eval_batches(eval_config, task.name, task.modality, config.split):
-        labels.append(np.asarray(batch[task.label_key])[:, columns])
+        labels.append(np.asarray(batch[task.label_key]))
         ids.extend(batch.get("id", []))
     where = f"{task.name} split {config.split!r}"
-    chosen = draw_5x200(np.concatenate(labels), config.per_class, config.seed, where)
+    found = np.concatenate(labels)
+    chosen = draw_5x200(found[:, columns], config.per_class, config.seed, where, found[:, other])
     rows = chosen.reshape(-1)
     truth = np.repeat(np.arange(len(names)), config.per_class)
     position = {int(r): i for i, r in enumerate(rows)}
