@@ -28,6 +28,7 @@ import numpy as np
 
 from unimedi_jax.config.checks import check_batch_for_mesh, check_mesh, check_model
 from unimedi_jax.core import sharding
+from unimedi_jax.core.host_memory import huge_pages_requested
 from unimedi_jax.core.precision import compute_dtype
 from unimedi_jax.core.text_tower import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
 from unimedi_jax.train.pretraining import build_trainer, count_params
@@ -118,23 +119,40 @@ def device_batch(config, mesh: jax.sharding.Mesh, text: TextTower) -> dict[str, 
     return sharding.global_batch(host_batch(config, mesh, text.config.vocab_size, rng), mesh)
 
 
-def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> StepTiming:
-    """Builds the trainer, compiles its step and times ``steps`` steps after one warm-up."""
+class CompiledStep(NamedTuple):
+    trainer: Any  # pretraining.Trainer: its state is the step's first input
+    batch: dict[str, jax.Array]
+    lowered: Any  # jax.stages.Lowered
+    compiled: Any  # jax.stages.Compiled: (state, batch) -> (state, metrics)
+    lower_s: float
+    compile_s: float
+
+
+def compile_step(config, mesh: jax.sharding.Mesh, text: TextTower) -> CompiledStep:
+    """The real trainer of ``config``, a random batch of its shapes and its step, lowered and
+    compiled (timed): what the benchmark times and the step profile traces."""
     trainer = build_trainer(config, text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP)
     batch = device_batch(config, mesh, text)
     lowered, lower_s = timed(lambda: trainer.step.lower(trainer.state, batch))
     compiled, compile_s = timed(lowered.compile)
-    (state, _), _ = timed(lambda: compiled(trainer.state, batch))  # warm-up
+    return CompiledStep(trainer, batch, lowered, compiled, lower_s, compile_s)
+
+
+def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> StepTiming:
+    """Builds the trainer, compiles its step and times ``steps`` steps after one warm-up."""
+    step = compile_step(config, mesh, text)
+    compiled, batch = step.compiled, step.batch
+    (state, _), _ = timed(lambda: compiled(step.trainer.state, batch))  # warm-up
     times = []
     for _ in range(steps):
         (state, _), seconds = timed(lambda s=state: compiled(s, batch))
         times.append(seconds)
     return StepTiming(
         params=count_params(state.params),
-        lower_s=lower_s,
-        compile_s=compile_s,
+        lower_s=step.lower_s,
+        compile_s=step.compile_s,
         step_s=statistics.median(times),
-        flops=lowered_flops(lowered),
+        flops=lowered_flops(step.lowered),
         memory=peak_memory_bytes(),
     )
 
@@ -236,7 +254,8 @@ def step_report(
     lines = [
         f"{jax.device_count()} x {device.device_kind} ({platform.processor() or platform.machine()}"
         f"), jax {jax.__version__}, preset {config.get('preset', '?')}, compute {dtype.name}, "
-        f"mesh {dict(mesh.shape)}, peak {'n/a' if peak is None else f'{peak:g}'} TFLOP/s/device",
+        f"mesh {dict(mesh.shape)}, peak {'n/a' if peak is None else f'{peak:g}'} TFLOP/s/device"
+        f", host malloc huge pages {'on' if huge_pages_requested() else 'off'}",
         table(report_rows(config, timing._replace(flops=flops), data, peak, steps)),
     ]
     if unrolled is not None:
