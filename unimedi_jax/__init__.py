@@ -1,1 +1,8 @@
 """UniMedI in JAX/Flax: unified 2D + 3D medical vision-language pre-training."""
+
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m unimedi_jax.<command>`, before the command imports JAX
+    from unimedi_jax.core.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()

@@ -102,6 +102,10 @@ def run_app(
     from absl import app
 
     from unimedi_jax.config.overrides import config_given
+    from unimedi_jax.core.host_memory import restart_with_huge_pages
+
+    if main.__module__.startswith("unimedi_jax."):  # our console scripts (`python -m` did it
+        restart_with_huge_pages()  # in unimedi_jax/__init__.py, before importing JAX)
 
     def parse(argv: Sequence[str]) -> list[str]:
         if default_config is not None and not config_given(argv):

@@ -1,0 +1,76 @@
+"""`python -m unimedi_jax.benchmark` (the README's line, at the tiny preset) and the huge-page
+restart every command makes (core/host_memory.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from unimedi_jax.core import host_memory
+
+BENCHMARK = ["-m", "unimedi_jax.benchmark", "--config=configs/pretrain.py:tiny", "--steps", "1"]
+
+
+@pytest.mark.parametrize(("opt_out", "pages"), [(None, "on"), ("0", "off")])
+def test_benchmark_readme_line_restarts_with_huge_pages(opt_out, pages):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
+    if opt_out is not None:
+        env[host_memory.OPT_OUT] = opt_out
+    flags = ["--compare_unrolled"] if opt_out is None else []
+    out = subprocess.run(
+        [sys.executable, *BENCHMARK, *flags], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert f"host malloc huge pages {pages}" in out
+    assert "| step s (median of 1) |" in out
+    if flags:
+        assert "| scanned |" in out and "| unrolled |" in out
+
+
+@pytest.fixture
+def exec_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(host_memory.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(host_memory, "_kernel_offers_huge_pages", lambda: True)
+    monkeypatch.setattr(host_memory.sys, "platform", "linux")
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(host_memory.sys, "orig_argv", ["python", "-m", "unimedi_jax.main", "--x"])
+    monkeypatch.delenv(host_memory.OPT_OUT, raising=False)
+    return calls
+
+
+def test_restart_keeps_the_arguments_and_other_tunables(exec_calls, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    host_memory.restart_with_huge_pages()
+    [(executable, argv, env)] = exec_calls
+    assert executable == sys.executable
+    assert argv == ["python", "-m", "unimedi_jax.main", "--x"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert host_memory.huge_pages_requested(env)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's own choice stands
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},  # already restarted
+        {host_memory.OPT_OUT: "0"},
+    ],
+)
+def test_no_restart_when_set_or_opted_out(exec_calls, monkeypatch, setting):
+    for key, value in setting.items():
+        monkeypatch.setenv(key, value)
+    host_memory.restart_with_huge_pages()
+    assert exec_calls == []
+
+
+def test_no_restart_without_glibc_or_huge_pages(exec_calls, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
+    host_memory.restart_with_huge_pages()
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(host_memory, "_kernel_offers_huge_pages", lambda: False)
+    host_memory.restart_with_huge_pages()
+    assert exec_calls == []
