@@ -175,11 +175,15 @@ def test_a_config_missing_here_resolves_to_the_packaged_one(tmp_path, monkeypatc
     assert resolve_config_file("configs/pretrain.py:tiny") == "configs/pretrain.py:tiny"
 
 
-def test_visualize_without_the_viz_extra_names_it():
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [("visualize", "'tsne', '--workdir=run', '--out=t.png'"), ("ablate", "'--out=ablation'")],
+)
+def test_commands_without_the_viz_extra_name_it(command, args):
     hide = (
         "import sys, runpy; sys.modules['matplotlib'] = None; "
-        "sys.argv = ['visualize', 'tsne', '--workdir=run', '--out=t.png']; "
-        "runpy.run_module('unimedi_jax.visualize', run_name='__main__')"
+        f"sys.argv = ['{command}', {args}]; "
+        f"runpy.run_module('unimedi_jax.{command}', run_name='__main__')"
     )
     proc = subprocess.run(
         [sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=120

@@ -15,8 +15,10 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.errors import run_app
-from unimedi_jax.evaluation.ablation import ROWS, run_ablation
+from unimedi_jax.core.errors import VIZ_EXTRA, require_extra, run_app
+
+require_extra("ablate", "viz", VIZ_EXTRA)  # its t-SNE figure
+from unimedi_jax.evaluation.ablation import ROWS, run_ablation  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Folder of the ablation: runs, tables, figures.")
 _BUDGET = flags.DEFINE_integer(

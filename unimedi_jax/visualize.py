@@ -17,27 +17,15 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from unimedi_jax.core.errors import UserError, report, run_app
+from unimedi_jax.core.errors import VIZ_EXTRA, require_extra, run_app
 
-VIZ_MODULES = ("matplotlib", "sklearn")  # the `viz` extra of pyproject.toml
-
-
-class MissingExtraError(UserError):
-    """A command needs a package of an extra that this install left out."""
-
-
-try:
-    from unimedi_jax.evaluation.figures import DEFAULT_NUM, FIGURES, draw_curves, draw_figure
-except ModuleNotFoundError as err:  # before any flag is parsed, so reported here
-    if (err.name or "").split(".")[0] not in VIZ_MODULES:
-        raise
-    report(
-        MissingExtraError(
-            f"visualize draws with matplotlib and scikit-learn, which the base install leaves "
-            f"out ({err.name} is missing): install the viz extra, pip install 'unimedi-jax[viz]' "
-            "(from a checkout: pip install -e '.[viz]')."
-        )
-    )
+require_extra("visualize", "viz", VIZ_EXTRA)
+from unimedi_jax.evaluation.figures import (  # noqa: E402  (after the check above)
+    DEFAULT_NUM,
+    FIGURES,
+    draw_curves,
+    draw_figure,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory or a checkpoint dir.")
 _OUT = flags.DEFINE_string("out", None, "PNG file to write, outside the run's folder.")

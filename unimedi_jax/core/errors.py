@@ -13,6 +13,7 @@ Every command (absl flags) runs under it:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -58,6 +59,28 @@ def report(err: BaseException) -> NoReturn:
     message = re.sub(r"\s*\n\s*", " ", str(err)).strip()
     print(f"error: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+class MissingExtraError(UserError):
+    """A command needs a package of an extra that this install left out."""
+
+
+VIZ_EXTRA = ("matplotlib", "sklearn")  # the `viz` extra of pyproject.toml
+
+
+def require_extra(command: str, extra: str, modules: Sequence[str]) -> None:
+    """Reports a MissingExtraError (exit 2) naming ``extra`` when one of its ``modules`` is not
+    installed. Commands call it before importing what needs them, so the report comes before
+    any flag is parsed instead of an import traceback."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        report(
+            MissingExtraError(
+                f"{command} needs {', '.join(modules)}, which the base install leaves out "
+                f"({', '.join(missing)} missing): install the {extra} extra, pip install "
+                f"'unimedi-jax[{extra}]' (from a checkout: pip install -e '.[{extra}]')."
+            )
+        )
 
 
 def reporting_user_errors(
