@@ -3,20 +3,21 @@ restart every command makes (core/host_memory.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.tiny_runs import fast_compile_env
 from unimedi_jax.core import host_memory
 
 BENCHMARK = ["-m", "unimedi_jax.benchmark", "--config=configs/pretrain.py:tiny", "--steps", "1"]
 
 
 @pytest.mark.parametrize(("opt_out", "pages"), [(None, "on"), ("0", "off")])
-def test_benchmark_readme_line_restarts_with_huge_pages(opt_out, pages):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
+def test_benchmark_readme_line_restarts_with_huge_pages(opt_out, pages, tmp_path):
+    env = fast_compile_env(tmp_path / "cache")
+    env = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
     if opt_out is not None:
         env[host_memory.OPT_OUT] = opt_out
     flags = ["--compare_unrolled"] if opt_out is None else []
