@@ -43,6 +43,11 @@ def paper_config() -> ml_collections.ConfigDict:
     # Per evaluator, replacing a default: every_steps (-1: eval_every_steps), split ('':
     # eval_split), limit (-1: eval_limit); e.g. --config.eval_settings.linear_probe.every_steps=5000
     c.eval_settings = ml_collections.ConfigDict(settings.inherit_defaults())
+    # The vision tower evaluation, inference, probes and exports use: student (what L_vl trains
+    # with the text tower and the projections they share) | teacher (the EMA copy, DINO's choice).
+    # The teacher lags the student, most at the end as its momentum goes to 1 (docs/benchmarks.md,
+    # "The demo run").
+    c.vision_weights = "student"
     c.keep_checkpoints = 3  # the latest K ...
     c.keep_checkpoint_every_steps = 0  # ... plus every step divisible by M (0: none)
     # A workdir whose checkpoints have other shapes (model, text sizes): refuse (stop at start)
@@ -110,6 +115,10 @@ def paper_config() -> ml_collections.ConfigDict:
     # True: the ratio applies to a volume's 3D tokens and to its slice tokens separately (one
     # top-k over both, the default, can mask one part almost entirely).
     c.masking.per_part = False
+    # This last fraction of the steps shows the student every token (FLIP's unmasked tuning; 0:
+    # the paper, which masks to the end): the embeddings are trained on masked sequences but
+    # evaluated on full ones.
+    c.masking.unmasked_tuning_fraction = 0.0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.self_distill = True
@@ -198,6 +207,9 @@ def demo_config() -> ml_collections.ConfigDict:
     # One softmax over X-rays and CTs stalls at "X-ray or CT" on the demo (docs/benchmarks.md).
     c.loss.contrast = "per_modality"
     c.train.teacher_momentum = 0.99
+    # Masked to the end, the student's embeddings fit the masked sequences it trained on, not the
+    # full ones it is evaluated on (docs/benchmarks.md, "Session 7").
+    c.masking.unmasked_tuning_fraction = 0.25
     return c
 
 

@@ -30,6 +30,7 @@ def test_presets_pass():
         ("train.clip_mode", "per_layer", "train.clip_mode='per_layer'; valid: .'global'"),
         ("selection.layers", "first", "selection.layers='first'; valid: .'all', 'last'"),
         ("masking.ratio", 1.0, r"masking.ratio=1.0 must be in \[0, 1\)"),
+        ("masking.unmasked_tuning_fraction", 1.0, r"unmasked_tuning_fraction=1.0 must be in"),
         ("precision.compute_dtype", "fp8", "precision.compute_dtype='fp8'"),
         ("text.path", "/nowhere/bert", "text.path='/nowhere/bert' is not a Hugging Face"),
         ("text.pooling", "max", "text.pooling='max'; valid: .'cls', 'mean'"),

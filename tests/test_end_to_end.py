@@ -1,6 +1,7 @@
 """A tiny run end to end: phantoms -> train -> checkpoint -> resume -> inference -> evaluate."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from configs.pretrain import get_config
 from unimedi_jax import inference
+from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
@@ -66,12 +68,12 @@ def test_inference_matches_the_model_and_selection(run):
     assert emb.shape == (5, config.model.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # Batching (fixed size 16, padded) gives what one direct call gives.
-    direct = model.model.apply({"params": model.teacher}, images, method=UniMedI.encode_vision)
+    direct = model.model.apply({"params": model.params}, images, method=UniMedI.encode_vision)
     np.testing.assert_allclose(model.image_features(images), direct.tokens[:, 0], atol=1e-5)
 
     indices, scores = model.select_slices(volumes)
     attention = model.model.apply(
-        {"params": model.teacher}, volumes, method=UniMedI.encode_vision
+        {"params": model.params}, volumes, method=UniMedI.encode_vision
     ).cls_attention
     grid = tuple(s // p for s, p in zip(volumes.shape[1:], config.model.patch_3d, strict=True))
     expected_scores = selection.slice_scores(attention, grid, volumes.shape[1])
@@ -81,7 +83,7 @@ def test_inference_matches_the_model_and_selection(run):
     joint = model.volume_features(volumes, with_slices=True)
     slices = selection.gather_slices(volumes, indices)
     expected = model.model.apply(
-        {"params": model.teacher}, volumes, slices, method=UniMedI.encode_vision
+        {"params": model.params}, volumes, slices, method=UniMedI.encode_vision
     ).tokens[:, 0]
     np.testing.assert_allclose(joint, expected, atol=1e-5)
     assert not np.allclose(joint, model.volume_features(volumes))
@@ -99,6 +101,41 @@ def test_inference_matches_the_model_and_selection(run):
         method=UniMedI.embed_text,
     )
     np.testing.assert_allclose(texts[:1], one, atol=1e-5)
+
+
+def test_inference_uses_the_vision_tower_the_run_names(run, tmp_path):
+    """A run embeds with the student's vision tower (``vision_weights``' default), the one L_vl
+    trains with the text tower; ``weights="teacher"`` picks the EMA teacher, and so does a run
+    saved before the field existed, as it did then."""
+    model = inference.load(run)
+    images = np.random.default_rng(1).random((3, *model.config.model.image_size), np.float32)
+
+    def cls(params):
+        out = model.model.apply({"params": params}, images, method=UniMedI.encode_vision)
+        return np.asarray(out.tokens[:, 0])
+
+    student, teacher = cls(model.student), cls(model.teacher)
+    assert np.abs(student - teacher).max() > 1e-4  # 3 EMA steps apart
+    np.testing.assert_allclose(model.image_features(images), student, atol=1e-5)
+    np.testing.assert_allclose(model.image_features(images, weights="teacher"), teacher, atol=1e-5)
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["vision_weights"]
+    (old / "config.json").write_text(json.dumps(saved))
+    np.testing.assert_allclose(inference.load(old).image_features(images), teacher, atol=1e-5)
+    as_new = inference.load(old, vision_weights="student")
+    np.testing.assert_allclose(as_new.image_features(images), student, atol=1e-5)
+    # evaluate's --config.vision_weights reaches the model it evaluates.
+    config = inference.load(old).config
+    config.eval_limit = 24
+    config.evals = ("cross_modal",)
+    by_teacher = evaluate_checkpoint(old, config)
+    config.vision_weights = "student"
+    by_student = evaluate_checkpoint(old, config)
+    assert by_student == evaluate_checkpoint(run, config) != by_teacher
+    with pytest.raises(ConfigError, match="vision_weights='ema'"):
+        inference.load(old, vision_weights="ema")
 
 
 def test_load_a_specific_checkpoint_directory(run):

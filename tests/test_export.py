@@ -167,7 +167,7 @@ def test_unetr_vit_loads_all_but_cls_token_and_runs(tmp_path):
         assert unetr(x).shape == (1, 2, *model.volume_size)
     # UNETR's ViT has no [CLS]: it equals our backbone run on the patch tokens alone.
     no_cls = model.apply({"params": params}, volumes, method=lambda m, v: m.encoder(m.embed_3d(v)))
-    assert _max_err(tokens.numpy(), no_cls.tokens) < 1e-5
+    assert _max_err(tokens.numpy(), no_cls.tokens) < 2e-5  # float32 sums, any thread count
 
 
 def test_load_monai_weights_rejects_a_vit_of_other_depth(tmp_path, vision):
@@ -333,8 +333,7 @@ def test_export_run_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, 
     text_model, text_params, tokenizer = text
     run = types.SimpleNamespace(
         model=types.SimpleNamespace(vision=model, text=text_model),
-        teacher={"vision": params, "text": text_params},
-        student=None,
+        params_for=lambda weights: {"vision": params, "text": text_params},
         tokenizer=tokenizer,
         config=get_config("tiny"),
         step=2,

@@ -137,7 +137,7 @@ def _assert_matches_inference(
         np.testing.assert_allclose(theirs[name], expected, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(np.linalg.norm(theirs[name], axis=1), 1.0, atol=1e-5)
     # The joint pass with the selected slices is what embed_volumes gives, not the volume alone.
-    alone = ours.predictor.embed_vision(ours.teacher, data["volumes"])
+    alone = ours.predictor.embed_vision(ours.params, data["volumes"])
     assert np.abs(alone - volumes).max() > 1e-3
     scale = min(np.exp(float(ours.student["logit_scale"]["value"])), 100.0)
     np.testing.assert_allclose(theirs["logit_scale"], scale, rtol=1e-6)

@@ -104,6 +104,28 @@ def test_vl_only_ablation_drops_distillation_terms():
     np.testing.assert_array_equal(new_state.center_cls, state.center_cls)
 
 
+def test_unmasked_tuning_shows_the_student_every_token_in_the_last_steps():
+    """``masking.unmasked_tuning_fraction=0.3`` of 10 steps: steps 0-6 mask as configured, steps
+    7-9 give exactly what a student without masking (``masking.ratio=0``) gives."""
+    config = get_config("tiny")
+    config.masking.unmasked_tuning_fraction = 0.3
+    state, step = build(config, total_steps=10)
+    unmasked = get_config("tiny")
+    unmasked.masking.ratio = 0.0
+    _, reference_step = build(unmasked, total_steps=10)
+    batch = tiny_batch(config, ("image", "volume"))
+    for at, masked in ((6, True), (7, False), (9, False)):
+        here = state.replace(step=jnp.asarray(at, state.step.dtype))
+        _, metrics = step(here, batch)
+        _, reference = reference_step(here, batch)
+        assert (metrics["loss_pcl"] > 0) == masked  # L_pcl averages over the masked patches
+        for name in ("loss_vl", "loss_icl"):
+            if masked:
+                assert not np.isclose(metrics[name], reference[name], rtol=1e-4), (at, name)
+            else:
+                np.testing.assert_allclose(metrics[name], reference[name], rtol=1e-6)
+
+
 def test_weight_decay_mask_spares_biases_norms_and_embeddings():
     config = get_config("tiny")
     state, _ = build(config)

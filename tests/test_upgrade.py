@@ -27,6 +27,8 @@ OLD_BEHAVIOUR = {
     "text.pooling": "cls",
     "selection.layers": "all",
     "masking.per_part": False,
+    "masking.unmasked_tuning_fraction": 0.0,
+    "vision_weights": "teacher",
     "loss.contrast": "joint",
     "loss.pcl_tokens": "masked",
     "train.clip_mode": "global",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from unimedi_jax.config.checks import VISION_WEIGHTS
 from unimedi_jax.core.errors import run_app
 from unimedi_jax.interop.torch_export import FORMATS, export_run
 
@@ -31,8 +32,11 @@ _SIZE = flags.DEFINE_list(
     "written at the training sizes).",
 )
 _IN_CHANS = flags.DEFINE_integer("in_chans", 1, "timm: input channels.", lower_bound=1)
-_STUDENT = flags.DEFINE_bool(
-    "student", False, "Export the student's vision weights, not the EMA teacher's."
+_VISION_WEIGHTS = flags.DEFINE_enum(
+    "vision_weights",
+    None,
+    VISION_WEIGHTS,
+    "The vision tower to export (default: the run's vision_weights in its config.json).",
 )
 flags.mark_flags_as_required(["workdir", "format", "out"])
 flags.register_validator(
@@ -51,7 +55,7 @@ def main(argv: list[str]) -> None:
         _OUT.value,
         size=size,
         in_chans=_IN_CHANS.value,
-        student=_STUDENT.value,
+        weights=_VISION_WEIGHTS.value,
         overwrite=_OVERWRITE.value,
     )
     print(f"wrote {out}")

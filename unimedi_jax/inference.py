@@ -8,7 +8,9 @@
     text_emb = model.embed_texts(["No pleural effusion.", ...])
     indices, scores = model.select_slices(cts, k=4)
 
-Array inputs are what the pipeline's eval transforms produce; ``read_image`` / ``read_volume``
+Every vision function uses the tower the run's ``vision_weights`` names (the student by default;
+``weights="teacher"`` or ``"student"`` picks one). Array inputs are what the pipeline's eval
+transforms produce; ``read_image`` / ``read_volume``
 produce them from files with the preprocessing the run recorded (config.json's
 ``preprocessing``). Work is batched internally with a fixed
 batch size (the last batch padded), so each input shape compiles once. The functions are
@@ -27,6 +29,7 @@ from flax import linen as nn
 
 from data_pipelines import imaging
 from data_pipelines.transforms import FilePreprocessing, tokenize
+from unimedi_jax.config.checks import VISION_WEIGHTS
 from unimedi_jax.config.upgrade import read_run_config
 from unimedi_jax.core import sharding
 from unimedi_jax.core.errors import ConfigError, UserError
@@ -102,12 +105,20 @@ class UniMedIInference:
         self.model = model
         self.student = params
         self.teacher = {**params, **teacher}  # teacher vision + DINO head, student projections
+        # What the run is used with (``vision_weights``): embeddings, features, exports.
+        self.params = self.params_for(config.vision_weights)
         self.tokenizer = tokenizer
         self.predictor = Predictor(model, mesh or local_mesh(), batch_size)
         self.batch_size = self.predictor.batch_size
 
-    def _params(self, use_teacher: bool) -> dict:
-        return self.teacher if use_teacher else self.student
+    def params_for(self, weights: str | None) -> dict:
+        """The student's or the teacher's vision tower (None: the run's ``vision_weights``),
+        with the student's text tower and projections either way."""
+        if weights is None:
+            return self.params
+        if weights not in VISION_WEIGHTS:
+            raise ConfigError(f"vision_weights={weights!r}; valid: {VISION_WEIGHTS}.")
+        return self.teacher if weights == "teacher" else self.student
 
     @property
     def preprocessing(self) -> FilePreprocessing:
@@ -148,32 +159,32 @@ class UniMedIInference:
                 "axial DICOM series"
             ) from err
 
-    def image_features(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
+    def image_features(self, images: np.ndarray, weights: str | None = None) -> np.ndarray:
         """Final-norm [CLS] features [N, width] of X-rays [N, H, W]: linear-probe inputs."""
-        return self.predictor.cls_features(self._params(use_teacher), as_float(images))
+        return self.predictor.cls_features(self.params_for(weights), as_float(images))
 
     def volume_features(
-        self, volumes: np.ndarray, with_slices: bool = False, use_teacher: bool = True
+        self, volumes: np.ndarray, with_slices: bool = False, weights: str | None = None
     ) -> np.ndarray:
         """[CLS] features of volumes alone (what the PyTorch export reproduces) or with slices."""
         k = self.config.selection.k if with_slices else 0
-        return self.predictor.cls_features(self._params(use_teacher), as_float(volumes), k)
+        return self.predictor.cls_features(self.params_for(weights), as_float(volumes), k)
 
-    def embed_images(self, images: np.ndarray, use_teacher: bool = True) -> np.ndarray:
+    def embed_images(self, images: np.ndarray, weights: str | None = None) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of X-rays."""
-        return self.predictor.embed_vision(self._params(use_teacher), as_float(images))
+        return self.predictor.embed_vision(self.params_for(weights), as_float(images))
 
-    def embed_volumes(self, volumes: np.ndarray, use_teacher: bool = True) -> np.ndarray:
+    def embed_volumes(self, volumes: np.ndarray, weights: str | None = None) -> np.ndarray:
         """Embeddings of volumes with attentive slice selection and the joint pass, as trained."""
-        params, k = self._params(use_teacher), self.config.selection.k
+        params, k = self.params_for(weights), self.config.selection.k
         return self.predictor.embed_vision(params, as_float(volumes), k)
 
     def select_slices(
-        self, volumes: np.ndarray, k: int | None = None, use_teacher: bool = True
+        self, volumes: np.ndarray, k: int | None = None, weights: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(indices [N, k] sorted, per-slice scores [N, D]) of Eq. 2's attentive selection."""
         k = k or self.config.selection.k
-        return self.predictor.select_slices(self._params(use_teacher), as_float(volumes), k)
+        return self.predictor.select_slices(self.params_for(weights), as_float(volumes), k)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of report texts."""
@@ -192,16 +203,23 @@ def _fresh_vision_params(model: UniMedI, config, seed: int = 0) -> dict:
 
 
 def load(
-    path: str | Path, batch_size: int = 16, random_init: bool = False, seed: int = 0
+    path: str | Path,
+    batch_size: int = 16,
+    random_init: bool = False,
+    seed: int = 0,
+    vision_weights: str | None = None,
 ) -> UniMedIInference:
     """Loads the newest readable (or the given) checkpoint of a run for inference on the local
     device; a damaged newest checkpoint is skipped with a logged line. Creates nothing.
+
+    ``vision_weights``: student | teacher, in place of the run's own (its config.json's).
 
     ``random_init``: replace the vision tower (student and teacher) by fresh weights from
     ``seed``, keeping the checkpoint's architecture, as a baseline for downstream evaluation.
     """
     workdir, step = resolve_run(path)
     config = load_config(workdir)
+    config.vision_weights = vision_weights or config.vision_weights
     text = load_text_tower(config, workdir)
     model = build_unimedi(config, text.config, compute_dtype(config.precision.compute_dtype))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)

@@ -23,6 +23,7 @@ from unimedi_jax.train.step import PCL_TOKENS
 
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
 ON_SHAPE_CHANGE = ("refuse", "restart")  # on_shape_change (unimedi_jax.train.workdir)
+VISION_WEIGHTS = ("student", "teacher")  # vision_weights: the tower a trained run is used with
 
 
 def _check_divisible(field: str, size, patch, patch_field: str) -> None:
@@ -66,6 +67,7 @@ def check_training(config, workdir: Path | None = None) -> None:
         ("selection.layers", config.selection.layers, ATTENTION_LAYERS),
         ("loss.pcl_tokens", config.loss.pcl_tokens, PCL_TOKENS),
         ("train.clip_mode", config.train.clip_mode, CLIP_MODES),
+        ("vision_weights", config.vision_weights, VISION_WEIGHTS),
     ):
         if value not in valid:
             raise ConfigError(f"{field}={value!r}; valid: {valid}.")
@@ -81,6 +83,11 @@ def check_training(config, workdir: Path | None = None) -> None:
         )
     if not 0.0 <= config.masking.ratio < 1.0:
         raise ConfigError(f"masking.ratio={config.masking.ratio} must be in [0, 1).")
+    if not 0.0 <= config.masking.unmasked_tuning_fraction < 1.0:
+        raise ConfigError(
+            f"masking.unmasked_tuning_fraction={config.masking.unmasked_tuning_fraction} must be "
+            "in [0, 1) (0: the student's tokens are masked to the end)."
+        )
     if not 0.0 <= config.data.max_failure_fraction <= 1.0:
         raise ConfigError(
             f"data.max_failure_fraction={config.data.max_failure_fraction} must be in [0, 1]."

@@ -44,6 +44,8 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     ("masking.per_part", False),  # one top-k over a volume's whole sequence
     ("selection.layers", "all"),  # Eq. 1 averaged over all layers
     ("train.clip_mode", "global"),  # the global gradient norm was clipped
+    ("masking.unmasked_tuning_fraction", 0.0),  # the student's tokens were masked to the end
+    ("vision_weights", "teacher"),  # evaluation, inference and exports used the EMA teacher
     # Every evaluator took the run-wide eval_every_steps, eval_split and eval_limit.
     ("eval_settings", settings.inherit_defaults()),
     # Files were read with the defaults of the time: X-rays stored at prepare's default size.

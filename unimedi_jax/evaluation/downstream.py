@@ -175,7 +175,7 @@ def probe_features(
     for role, source in sources.items():
         started = time.perf_counter()
         features[role] = extract_features(
-            model.predictor, model.teacher, eval_config, task, source, limits[role], with_slices
+            model.predictor, model.params, eval_config, task, source, limits[role], with_slices
         )
         logging.info(
             "features of %s/%s: %s in %s",

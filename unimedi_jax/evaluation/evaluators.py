@@ -245,8 +245,9 @@ def run_evaluators(
 
 
 def evaluate_checkpoint(path: str | Path, config=None) -> dict[str, float]:
-    """Loads the checkpoint at ``path`` and runs every evaluator the config names."""
-    model = inference.load(path)
+    """Loads the checkpoint at ``path`` and runs every evaluator the config names (``config``:
+    the run's own when None), with the vision tower the config names."""
+    model = inference.load(path, vision_weights=config.vision_weights if config else None)
     if config is None:
         config = model.config
     elif not config.data.data_dir:

@@ -500,12 +500,13 @@ def torch_config(run) -> dict[str, Any]:
     }
 
 
-def export_torch(run, out: str | Path, student: bool = False) -> Path:
+def export_torch(run, out: str | Path, weights: str | None = None) -> Path:
     """Writes the whole model of a loaded run (``inference.load``) for ``torch_model.load``:
-    the vision tower inference uses (EMA teacher, or the student's), both projections, the
+    the vision tower inference uses (``weights``: student | teacher, None: the run's
+    ``vision_weights``), both projections, the
     capped logit scale CLIP trained with, and the text tower with its tokenizer as a Hugging
     Face directory under ``text/``."""
-    vision_params = (run.student if student else run.teacher)["vision"]
+    vision_params = run.params_for(weights)["vision"]
     p = _host({key: run.student[key] for key in ("image_proj", "text_proj", "logit_scale")})
     scale = np.exp(min(float(p["logit_scale"]["value"]), np.log(run.config.loss.max_logit_scale)))
     vision = torch_vision_state(vision_params, run.model.vision)
@@ -575,7 +576,7 @@ def _figures(workdir: Path) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
-def model_card(run, fmt: str, workdir: Path) -> str:
+def model_card(run, fmt: str, workdir: Path, weights: str | None = None) -> str:
     """README.md of an export: what it holds, the training data and config, the run's held-out
     figures, the preprocessing, and how to load it."""
     config, model = run.config, run.model
@@ -599,6 +600,8 @@ def model_card(run, fmt: str, workdir: Path) -> str:
         f" X-rays {list(vision.image_size)}, volumes {list(vision.volume_size)}",
         f"- text: {'`' + text.path + '`' if text.path else 'BERT trained from scratch'}, "
         f"max_length {text.max_length}, pooling {text.pooling}",
+        f"- vision weights: the {weights or config.vision_weights}'s (the run's held-out figures "
+        f"below are the {config.vision_weights}'s)",
         f"- selection: {config.selection.mode}, k={config.selection.k} slices, "
         f"Eq. 1 over {config.selection.layers} layers",
         f"- steps: {config.total_steps}, seed {config.seed}; the full config is the run's "
@@ -629,13 +632,13 @@ def export_run(
     *,
     size: Sequence[int] | None = None,
     in_chans: int = 1,
-    student: bool = False,
+    weights: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Loads a run (``unimedi_jax.inference.load``) and exports one format with its model card
     into ``out``, which must lie outside the run and appears only when complete. ``size``: timm
-    image H,W or monai volume D,H,W (default: the training size); ``student``: the student's
-    vision weights, not the EMA teacher's."""
+    image H,W or monai volume D,H,W (default: the training size); ``weights``: the student's
+    or the EMA teacher's vision tower (None: the run's ``vision_weights``)."""
     # Imported here: inference loads a whole run, which the conversions above never need.
     from unimedi_jax.inference import load, resolve_run
 
@@ -649,15 +652,15 @@ def export_run(
     run_dir = resolve_run(workdir)[0]
     check_output(out, run_dir, overwrite, is_dir=True)
     run = load(workdir)
-    params = run.student if student else run.teacher
+    params = run.params_for(weights)
     with written_atomically(out, is_dir=True) as partial:
         if fmt == "torch":
-            export_torch(run, partial, student)
+            export_torch(run, partial, weights)
         elif fmt == "monai":
             export_monai(params["vision"], run.model.vision, partial, size)
         elif fmt == "timm":
             export_timm(params["vision"], run.model.vision, partial, size, in_chans)
         else:
             export_hf_bert(params["text"], run.model.text.config, partial, run.tokenizer)
-        (Path(partial) / MODEL_CARD).write_text(model_card(run, fmt, run_dir))
+        (Path(partial) / MODEL_CARD).write_text(model_card(run, fmt, run_dir, weights))
     return Path(out)

@@ -1,8 +1,8 @@
 """The fine-tuning trainer (``kind: finetune``): full fine-tuning of the vision encoder for 3D
 classification (paper Table 3).
 
-The checkpoint's vision tower (teacher weights, as the probe uses) and a zero-initialised linear
-head on its final-norm [CLS] feature train together: AdamW with a linear warm-up and cosine
+The checkpoint's vision tower (its ``vision_weights``, as the probe uses) and a zero-initialised
+linear head on its final-norm [CLS] feature train together: AdamW with a linear warm-up and cosine
 decay (``train/state.py``), random flips of the training volumes on the host
 (``pipeline.labelled_epoch``), data parallel over the local devices. After each epoch the
 validation split is scored and the parameters of the epoch with the lowest validation loss are
@@ -151,7 +151,7 @@ def _initial_state(run: _Run) -> tuple[dict, optax.OptState]:
     width = model.config.model.width
     head = {"kernel": jnp.zeros((width, outputs)), "bias": jnp.zeros((outputs,))}
     params = jax.device_put(
-        {"vision": model.teacher["vision"], "head": head}, sharding.replicated(run.mesh)
+        {"vision": model.params["vision"], "head": head}, sharding.replicated(run.mesh)
     )
     opt_state = jax.jit(run.tx.init, out_shardings=sharding.replicated(run.mesh))(params)
     return params, opt_state

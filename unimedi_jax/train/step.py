@@ -50,6 +50,7 @@ class StepSchedules(NamedTuple):
     learning_rate: optax.Schedule
     teacher_temperature: Callable[[jax.Array], jax.Array]
     teacher_momentum: Callable[[jax.Array], jax.Array]
+    masking: Callable[[jax.Array], jax.Array]  # step -> whether the student's tokens are masked
 
 
 def make_schedules(
@@ -58,8 +59,13 @@ def make_schedules(
     total_steps: int,
     warmup_steps: int,
 ) -> StepSchedules:
-    """Teacher temperature warm-up and EMA momentum schedules from the config."""
+    """Teacher temperature warm-up, EMA momentum and masking schedules from the config.
+
+    ``masking.unmasked_tuning_fraction``: the last steps show the student every token (FLIP's
+    unmasked tuning), so that the embeddings trained on masked sequences also fit the full
+    sequences that evaluation and inference encode."""
     loss_cfg = config.loss
+    unmask_from = total_steps - round(config.masking.unmasked_tuning_fraction * total_steps)
     temp_warmup = loss_cfg.warmup_teacher_temp_steps
     temp_warmup = warmup_steps if temp_warmup < 0 else temp_warmup
     return StepSchedules(
@@ -70,6 +76,7 @@ def make_schedules(
         teacher_momentum=lambda step: teacher_momentum(
             step, total_steps, config.train.teacher_momentum
         ),
+        masking=lambda step: step < unmask_from,
     )
 
 
@@ -113,7 +120,9 @@ class PretrainStep:
         if "volume" in sequences:
             slices = self.select_slices(state.teacher, batch["volume"], select_rng)
             sequences["volume"] = (batch["volume"], slices)
-        targets = self.teacher_targets(state.teacher, sequences, mask_rng)
+        targets = self.teacher_targets(
+            state.teacher, sequences, mask_rng, self.schedules.masking(state.step)
+        )
         reports = Reports(
             jnp.concatenate([batch[f"{m}_text_ids"] for m in modalities]),
             jnp.concatenate([batch[f"{m}_text_mask"] for m in modalities]),
@@ -148,10 +157,11 @@ class PretrainStep:
         return jax.lax.stop_gradient(slices)
 
     def teacher_targets(
-        self, teacher: dict, sequences: Sequences, rng: jax.Array
+        self, teacher: dict, sequences: Sequences, rng: jax.Array, masking: jax.Array
     ) -> TeacherTargets:
         """Sec. 3.4: the teacher on the full sequences -> its DINO logits (the targets), and its
-        [CLS] attention -> the tokens the student sees masked (``masking.mode``, ``.ratio``)."""
+        [CLS] attention -> the tokens the student sees masked (``masking.mode``, ``.ratio``;
+        none where ``masking`` is False)."""
         if not self.config.loss.self_distill:
             return TeacherTargets({}, {})
         mask_rngs = dict(zip(MODALITIES, jax.random.split(rng), strict=True))
@@ -159,12 +169,15 @@ class PretrainStep:
         for m, inputs in sequences.items():
             out = self._encode(teacher, *inputs)
             logits[m] = jax.lax.stop_gradient(self._dino(teacher, out.tokens))
-            masks[m] = selection.token_mask(
-                jax.lax.stop_gradient(out.cls_attention),
-                self.config.masking.ratio,
-                self.config.masking.mode,
-                mask_rngs[m],
-                self._mask_parts(m, inputs[0], out.cls_attention.shape[1]),
+            masks[m] = (
+                selection.token_mask(
+                    jax.lax.stop_gradient(out.cls_attention),
+                    self.config.masking.ratio,
+                    self.config.masking.mode,
+                    mask_rngs[m],
+                    self._mask_parts(m, inputs[0], out.cls_attention.shape[1]),
+                )
+                & masking
             )
         return TeacherTargets(logits, masks)
 
