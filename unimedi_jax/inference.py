@@ -10,11 +10,11 @@
 
 Every vision function uses the tower the run's ``vision_weights`` names (the student by default;
 ``weights="teacher"`` or ``"student"`` picks one). Array inputs are what the pipeline's eval
-transforms produce; ``read_image`` / ``read_volume``
-produce them from files with the preprocessing the run recorded (config.json's
-``preprocessing``). Work is batched internally with a fixed
-batch size (the last batch padded), so each input shape compiles once. The functions are
-``evaluation.predict``'s, which in-loop evaluation runs on the sharded training state.
+transforms produce; ``read_image`` / ``read_volume`` produce them from files with the
+preprocessing the run recorded (config.json's ``preprocessing``). Work is batched internally
+with a fixed batch size (the last batch padded), so each input shape compiles once. The
+functions are ``evaluation.predict``'s, which in-loop evaluation runs on the sharded training
+state.
 """
 
 from __future__ import annotations

@@ -503,9 +503,8 @@ def torch_config(run) -> dict[str, Any]:
 def export_torch(run, out: str | Path, weights: str | None = None) -> Path:
     """Writes the whole model of a loaded run (``inference.load``) for ``torch_model.load``:
     the vision tower inference uses (``weights``: student | teacher, None: the run's
-    ``vision_weights``), both projections, the
-    capped logit scale CLIP trained with, and the text tower with its tokenizer as a Hugging
-    Face directory under ``text/``."""
+    ``vision_weights``), both projections, the capped logit scale CLIP trained with, and the text
+    tower with its tokenizer as a Hugging Face directory under ``text/``."""
     vision_params = run.params_for(weights)["vision"]
     p = _host({key: run.student[key] for key in ("image_proj", "text_proj", "logit_scale")})
     scale = np.exp(min(float(p["logit_scale"]["value"]), np.log(run.config.loss.max_logit_scale)))
