@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = "/data/tfds"
-    c.data.hu_window = (-1000.0, 1000.0)
+    # 3D: the HU range mapped to [0, 1]; empty: the pre-training run's window
+    c.data.hu_window = ()
     c.data.read_threads = 8  # threads reading and windowing training volumes
 
     c.splits = ml_collections.ConfigDict(tasks.SPLITS)

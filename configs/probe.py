@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = "/data/tfds"
-    c.data.hu_window = (-1000.0, 1000.0)  # 3D: HU range mapped to [0, 1]
+    # 3D: the HU range mapped to [0, 1]; empty: the pre-training run's window
+    c.data.hu_window = ()
 
     c.splits = ml_collections.ConfigDict(tasks.SPLITS)
     c.limit = ml_collections.ConfigDict(dict.fromkeys(tasks.ROLES, 0))  # records; 0: all

@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = "/data/tfds"
-    c.data.hu_window = (-1000.0, 1000.0)  # 3D: HU range mapped to [0, 1]
+    # 3D: the HU range mapped to [0, 1]; empty: the pre-training run's window
+    c.data.hu_window = ()
 
     c.batch_size = 16  # encoder forward batch
     c.bootstrap = ml_collections.ConfigDict({"samples": 1000, "seed": 0})  # AUROC intervals

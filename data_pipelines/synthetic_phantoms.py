@@ -333,7 +333,9 @@ def _sample_finding(
         r = size / 2.0
         sphere = Ellipsoid(center, (r / MM_Z, r / MM_XY, r / MM_XY))
         return Finding(name, side=side, lobe=lobe, size_mm=size, blobs=(sphere,))
-    size_mm = (22.0, 40.0) if name == "consolidation" else (28.0, 50.0)
+    # Blob radii: lobar-scale patches, so that at the demo's CT (5.6 mm pixels, 18.75 mm slices,
+    # 3D tokens 90 mm wide) a lesion fills a good part of a token (docs/benchmarks.md, "Session 8").
+    size_mm = (30.0, 50.0) if name == "consolidation" else (35.0, 60.0)
     blobs = _blobs(rng, center, size_mm, int(rng.integers(2, 4)))
     return Finding(name, side=side, lobe=lobe, blobs=blobs)
 

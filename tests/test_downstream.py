@@ -212,6 +212,9 @@ def test_finetune_learns_and_writes_eval_json(run, cc_ccii_dir, tmp_path):
         "unimedi_jax.finetune",
         "--config=configs/finetune.py:dataset=cc_ccii",
         f"--config.data.data_dir={cc_ccii_dir}",
+        # CC-CCII's grey PNGs are stored through gray_window (-1000, 1000): read them back
+        # through it (docs/data.md), not the run's lung window.
+        "--config.data.hu_window=(-1000.0,1000.0)",
         "--config.train.epochs=4",
         "--config.train.batch_size=4",
         "--config.train.warmup_epochs=1",

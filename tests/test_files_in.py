@@ -108,9 +108,10 @@ def _write_enhanced_ct(path: Path, stored: np.ndarray, order: np.ndarray) -> Non
 
 def _volume_by_hand(hu: np.ndarray) -> np.ndarray:
     """A 16 x 64 x 64 canonical HU volume -> the tiny run's input: 2 x 2 x 2 block means (the
-    area resize to 8 x 32 x 32), rounded to stored int16, windowed -1000..1000."""
+    area resize to 8 x 32 x 32), rounded to stored int16, windowed -1000..200 (the demo's lung
+    window, which tiny keeps)."""
     blocks = hu.astype(np.float64).reshape(8, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
-    return np.clip((np.rint(blocks) + 1000.0) / 2000.0, 0.0, 1.0)
+    return np.clip((np.rint(blocks) + 1000.0) / 1200.0, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- the record
@@ -122,7 +123,7 @@ def test_training_records_the_preprocessing_of_its_data(demo):
         "image_stored_size": 32,  # the phantoms' stored X-rays (prepared at the crop size)
         "image_crop": 32,
         "volume_shape": [8, 32, 32],
-        "hu_window": [-1000.0, 1000.0],
+        "hu_window": [-1000.0, 200.0],  # the demo's lung window, which tiny keeps
         "image_resize": "letterbox",
         "volume_orientation": "SPL",
         "volume_resize": "area",
@@ -139,7 +140,7 @@ def test_a_run_saved_before_the_record_gets_the_defaults_it_trained_with(tmp_pat
     upgraded = read_run_config(tmp_path).preprocessing
     assert upgraded.image_stored_size == 256  # data_pipelines.prepare's default --image_size
     assert (upgraded.image_crop, list(upgraded.volume_shape)) == (64, [8, 32, 32])
-    assert list(upgraded.hu_window) == [-1000.0, 1000.0]
+    assert list(upgraded.hu_window) == list(older["data"]["hu_window"])
 
 
 def test_the_recorded_stored_size_is_what_files_are_letterboxed_to(model, tmp_path):

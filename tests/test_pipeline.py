@@ -93,7 +93,8 @@ def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
     report tokenises to the row's ids. One epoch uses every record once."""
     config = _config(data_dir)
     volumes, images = _records(data_dir, "ct"), _records(data_dir, "xray")
-    stored_volumes = [transforms.transform_3d(volumes[i]["volume"]) for i in range(N_TRAIN)]
+    window = tuple(config.data.hu_window)
+    stored_volumes = [transforms.transform_3d(volumes[i]["volume"], window) for i in range(N_TRAIN)]
     encode = lambda r: transforms.tokenize([r["report"].decode()], tokenizer, MAX_LENGTH, "x")
     image_ids = [encode(images[i])["x_text_ids"][0] for i in range(N_TRAIN)]
     seen_volumes, seen_images = [], []

@@ -161,7 +161,8 @@ def test_export_command_writes_the_whole_model_for_torch(run, inputs, files, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((export / "config.json").read_text())
     assert config["format"] == "torch"
-    assert config["preprocessing"]["volume"]["hu_window"] == [-1000.0, 1000.0]
+    window = list(inference.load_config(run).data.hu_window)
+    assert config["preprocessing"]["volume"]["hu_window"] == window
     assert (export / "text" / "tokenizer.json").is_file()
     card = (export / "README.md").read_text()
     assert "torch_model.load" in card and "hu_window" in card

@@ -352,7 +352,7 @@ def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path, mon
     # The same figures from an independent computation: the prepared records, eval-transformed,
     # embedded through the inference API; CT-CLIP's pairwise softmax; scikit-learn's AUROC.
     model = inference.load(run)
-    window = (-1000.0, 1000.0)
+    window = tuple(inference.load_config(run).data.hu_window)  # the config's default: the run's
     records = list(pipeline.open_source("ct_rate", ct_rate_dir, "3d", "test").open())
     volumes = np.stack([transforms.transform_3d(r["volume"], window) for r in records])
     reports = [r["report"].decode() for r in records]

@@ -68,9 +68,7 @@ def open_downstream(
         workdir, _ = inference.resolve_run(path)
     except FileNotFoundError as err:
         raise DownstreamError(str(err)) from None
-    eval_config = ml_collections.ConfigDict(inference.load_config(workdir).to_dict())
-    eval_config.data.data_dir = config.data.data_dir
-    eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
+    eval_config = run_eval_config(workdir, config)
     sources = {
         role: open_checked_split(
             task, eval_config, config.splits[role], path, not config.random_init
@@ -82,6 +80,19 @@ def open_downstream(
     except FileNotFoundError as err:
         raise DownstreamError(f"cannot load checkpoint {path}: {err}") from None
     return DownstreamSetup(task, eval_config, sources, model)
+
+
+def run_eval_config(
+    workdir: str | Path, config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """The pre-training run's config with a downstream config's data folder and CT window; an
+    empty ``data.hu_window`` (the downstream configs' default) keeps the window the run trained
+    with, so a probe reads CTs as the encoder learned them (the demo's is a lung window)."""
+    eval_config = ml_collections.ConfigDict(inference.load_config(workdir).to_dict())
+    eval_config.data.data_dir = config.data.data_dir
+    if len(config.data.hu_window):
+        eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
+    return eval_config
 
 
 def open_checked_split(

@@ -392,9 +392,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[
     prompts = load_prompts(config.prompts or prompts_path(config.benchmark))
     path = Path(checkpoint)
     workdir, _ = inference.resolve_run(path)
-    eval_config = ml_collections.ConfigDict(inference.load_config(workdir).to_dict())
-    eval_config.data.data_dir = config.data.data_dir
-    eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
+    eval_config = downstream.run_eval_config(workdir, config)
     downstream.open_checked_split(task, eval_config, config.split, path, pretrained=True)
     model = inference.load(path, config.batch_size)
     out: dict[str, Any] = {
