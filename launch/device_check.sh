@@ -4,16 +4,19 @@
 #   1. one train step of the paper config (ViT-B/16, 224x224 and 32x128x128, k=4) at batch 4 + 2
 #      on the CPU (float32) and on the GPU (compute dtype auto: bfloat16 on A100/H100); the GPU's
 #      total loss must be within 1e-2 (relative) of the CPU's;
-#   2. python -m unimedi_jax.benchmark on the paper config at the paper's per-device batch
-#      (12 X-rays + 6 CTs: its 96 + 48 over 8 GPUs) and at the whole paper batch on one GPU
-#      (96 + 48; 48 + 24 if that does not fit).
+#   2. python -m unimedi_jax.benchmark on the paper config at batch 4 + 2 and on the demo preset,
+#      each beside the PyTorch peer step at the same shapes when PEER names its file
+#      (../shared/bench/torch_peer_step.py, copied into build/peer: it is not part of the project);
+#   3. the benchmark at the whole paper batch on one GPU (96 + 48; 48 + 24 if that does not fit),
+#      for MFU.
 # Results go to $OUT (default runs/device_check): summary.md (tables), log.txt (everything),
 # step_cpu.json and step_gpu.json. Exit status 1 if any part failed.
 #
 #   launch/device_check.sh fetch   here, once, with PyPI: the wheels the device image lacks
 #   launch/device_check.sh         on the device machine: device tool run with
 #                                  command="bash launch/device_check.sh",
-#                                  carry=["build/device_wheels"], timeout_s=540
+#                                  carry=["build/device_wheels", "build/peer"],
+#                                  PEER=build/peer/torch_peer_step.py, timeout_s=580
 #   DRY_RUN=1 launch/device_check.sh
 #                                  on a CPU: the tiny config, both steps on the CPU (the second
 #                                  in bfloat16), 2 timed benchmark steps: all but the GPU itself
@@ -21,7 +24,8 @@
 # fetch downloads (CPython 3.12, x86-64 Linux, the versions installed here) the project's
 # dependencies that the device image does not hold into build/device_wheels (ignored by git);
 # the run installs them into /tmp/site. The image's own jax, flax, optax and orbax are used.
-# Env: PYTHON (default python3), OUT, TOTAL_S (time budget of the run, default 500).
+# Env: PYTHON (default python3), OUT, TOTAL_S (time budget of the run, default 500), PEER (the
+# peer step's file; without it the peer is not run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,11 +81,13 @@ if [[ -n ${DRY_RUN:-} ]]; then
   accelerator=(env JAX_PLATFORMS=cpu)
   accelerator_flags=(--config.precision.compute_dtype=bfloat16)
   steps=2
+  peer_device=cpu
 else
   config=configs/pretrain.py
   accelerator=(env)
   accelerator_flags=()
   steps=10
+  peer_device=cuda
   if [[ -d $wheels ]]; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$wheels"/*.whl >>"$log" 2>&1
@@ -112,12 +118,31 @@ else
   failed+=(step_cpu)
 fi
 
-bench=("${accelerator[@]}" "$python" -m unimedi_jax.benchmark --config="$config"
-  --config.text.vocab_size=28996 --steps="$steps" "${accelerator_flags[@]}")
-phase bench_per_device_batch 150 "${bench[@]}" --config.batch.size_2d=12 \
-  --config.batch.size_3d=6 || failed+=(bench_per_device_batch)
-phase bench_paper_batch 150 "${bench[@]}" --config.batch.size_2d=96 --config.batch.size_3d=48 ||
-  phase bench_half_paper_batch 150 "${bench[@]}" --config.batch.size_2d=48 \
+# bench NAME SECONDS --config=... [--config.X=Y ...]: our step's benchmark (its --config first).
+bench() {
+  local name=$1 limit=$2
+  shift 2
+  phase "$name" "$limit" "${accelerator[@]}" "$python" -m unimedi_jax.benchmark --steps="$steps" \
+    "$@" "${accelerator_flags[@]}"
+}
+paper=(--config="$config" --config.text.vocab_size=28996)
+# peer PRESET: the PyTorch step at the shapes of the project's PRESET (its samples/s beside ours).
+peer() {
+  [[ -n ${PEER:-} ]] || return 0
+  phase "peer_$1" 120 "$python" "$PEER" --preset "$1" --device "$peer_device" --steps "$steps"
+}
+bench bench_paper_4_2 150 "${paper[@]}" --config.batch.size_2d=4 \
+  --config.batch.size_3d=2 || failed+=(bench_paper_4_2)
+if [[ -n ${DRY_RUN:-} ]]; then  # the peer's paper shapes take minutes per step on a CPU
+  echo "peer_project_paper: not run on a CPU (DRY_RUN)" | tee -a "$summary"
+else
+  peer project_paper || failed+=(peer_project_paper)
+fi
+bench bench_demo 120 --config=configs/pretrain.py:demo || failed+=(bench_demo)
+peer project_demo || failed+=(peer_project_demo)
+bench bench_paper_batch 150 "${paper[@]}" --config.batch.size_2d=96 \
+  --config.batch.size_3d=48 ||
+  bench bench_half_paper_batch 150 "${paper[@]}" --config.batch.size_2d=48 \
     --config.batch.size_3d=24 || failed+=(bench_larger_batch)
 
 if ((${#failed[@]})); then

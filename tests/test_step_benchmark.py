@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
+from configs.pretrain import get_config
 from tests.tiny_runs import fast_compile_env
 from unimedi_jax.core import host_memory
+from unimedi_jax.diagnostics import step_benchmark
 
 BENCHMARK = ["-m", "unimedi_jax.benchmark", "--config=configs/pretrain.py:tiny", "--steps", "1"]
 
@@ -82,3 +84,33 @@ def test_no_restart_without_glibc_or_huge_pages(exec_calls, monkeypatch):
     monkeypatch.setattr(host_memory, "_kernel_offers_huge_pages", lambda: False)
     host_memory.restart_with_huge_pages()
     assert exec_calls == []
+
+
+def test_flops_are_counted_on_one_cpu_where_the_backend_counts_none(monkeypatch):
+    """jax 0.11.2's GPU backend on an H200 counted no FLOPs (docs/benchmarks.md, "GPU check"),
+    so MFU read n/a: the same global step is lowered again for one CPU device, whose count is the
+    program's, not the device's."""
+    config = get_config("tiny")
+    mesh, text = step_benchmark.checked_mesh_and_text(config)
+    direct = step_benchmark.step_flops(config, mesh, text)
+    count = step_benchmark.lowered_flops
+    lowered = []
+
+    def backend_counts_nothing_first(program):
+        lowered.append(program)
+        return None if len(lowered) == 1 else count(program)
+
+    monkeypatch.setattr(step_benchmark, "lowered_flops", backend_counts_nothing_first)
+    assert direct and step_benchmark.step_flops(config, mesh, text) == direct
+    assert len(lowered) == 2
+
+
+def test_mfu_says_why_it_is_missing():
+    config = get_config("tiny")
+    timing = step_benchmark.StepTiming(10, 1.0, 1.0, 0.5, None, None)
+    rows = dict(step_benchmark.report_rows(config, timing, (0.0, 0.0), 989.0, 1))
+    assert rows["MFU"] == "n/a (no FLOP count)"
+    rows = dict(step_benchmark.report_rows(config, timing._replace(flops=2e12), (0, 0), None, 1))
+    assert rows["MFU"] == "n/a (no peak known)"
+    rows = dict(step_benchmark.report_rows(config, timing._replace(flops=2e12), (0, 0), 8.0, 1))
+    assert rows["MFU"] == "50.0%"  # 2 TFLOP in 0.5 s on a device of 8 TFLOP/s

@@ -160,8 +160,18 @@ def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> S
 def step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
     """FLOPs of one step over all devices: the step with unrolled layers, lowered, not compiled.
 
-    (The scanned step's own count would include only one layer of each tower.)
+    (The scanned step's own count would include only one layer of each tower.) Where the
+    devices' backend counts nothing (jax 0.11.2's GPU backend on an H200 did not), the same
+    global step is lowered for one CPU device: a program's FLOPs do not depend on where it runs.
     """
+    flops = _lowered_step_flops(config, mesh, text)
+    if flops is None:
+        one_cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
+        flops = _lowered_step_flops(config, one_cpu, text)
+    return flops
+
+
+def _lowered_step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
     trainer = build_trainer(
         with_unrolled_layers(config), text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP
     )
@@ -210,11 +220,17 @@ def report_rows(
         ("samples/s 3D", f"{b3 / timing.step_s:.3g}"),
         ("GFLOP / step (XLA cost analysis)", _fmt(timing.flops, 1e9, ".4g")),
         ("achieved TFLOP/s", _fmt(achieved, 1, ".3f")),
-        ("MFU", "n/a (no peak known)" if mfu is None else f"{100 * mfu:.1f}%"),
+        ("MFU", _mfu_cell(mfu, peak)),
         ("peak memory / device GiB", _fmt(timing.memory, 2**30, ".2f")),
         ("host batch preparation s / step", f"{data[0]:.4f}"),
         ("host-to-device s / step", f"{data[1]:.4f}"),
     ]
+
+
+def _mfu_cell(mfu: float | None, peak: float | None) -> str:
+    if mfu is not None:
+        return f"{100 * mfu:.1f}%"
+    return "n/a (no FLOP count)" if peak else "n/a (no peak known)"
 
 
 def _fmt(value: float | None, unit: float, spec: str) -> str:
