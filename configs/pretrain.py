@@ -201,7 +201,8 @@ def demo_config() -> ml_collections.ConfigDict:
     c.selection.k = 2
     c.data.update(data_dir="", sources_2d="phantoms", sources_3d="phantoms", worker_count=0)
     # A lung window (W 1200, L -400): the lung lesions' densities (-560 to 45 HU against -850 for
-    # lung) get 1.7x the contrast of the paper's (-1000, 1000) (docs/benchmarks.md, "Session 8").
+    # lung) get 1.7x the contrast of the paper's (-1000, 1000) (docs/benchmarks.md, "Why a lung
+    # window").
     c.data.hu_window = (-1000.0, 200.0)
     c.batch.update(size_2d=32, size_3d=16)
     # From scratch at this size, 1e-3 aligns faster than 3e-4 (docs/benchmarks.md, "The demo run").
@@ -211,7 +212,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.loss.contrast = "per_modality"
     c.train.teacher_momentum = 0.99
     # Masked to the end, the student's embeddings fit the masked sequences it trained on, not the
-    # full ones it is evaluated on (docs/benchmarks.md, "Session 7").
+    # full ones it is evaluated on (docs/benchmarks.md, "Why unmasked tuning").
     c.masking.unmasked_tuning_fraction = 0.25
     return c
 

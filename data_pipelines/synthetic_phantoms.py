@@ -334,7 +334,8 @@ def _sample_finding(
         sphere = Ellipsoid(center, (r / MM_Z, r / MM_XY, r / MM_XY))
         return Finding(name, side=side, lobe=lobe, size_mm=size, blobs=(sphere,))
     # Blob radii: lobar-scale patches, so that at the demo's CT (5.6 mm pixels, 18.75 mm slices,
-    # 3D tokens 90 mm wide) a lesion fills a good part of a token (docs/benchmarks.md, "Session 8").
+    # 3D tokens 90 mm wide) a lesion fills a good part of a token (docs/benchmarks.md, "Why a
+    # lung window").
     size_mm = (30.0, 50.0) if name == "consolidation" else (35.0, 60.0)
     blobs = _blobs(rng, center, size_mm, int(rng.integers(2, 4)))
     return Finding(name, side=side, lobe=lobe, blobs=blobs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6 in one run of about 8 minutes, for a session with a device machine
-# (docs/benchmarks.md, "GPU check"):
+# The GPU checks in one run of about 8 minutes, for a session with a device machine
+# (docs/benchmarks.md, "Train step on GPU"):
 #   1. one train step of the paper config (ViT-B/16, 224x224 and 32x128x128, k=4) at batch 4 + 2
 #      on the CPU (float32) and on the GPU (compute dtype auto: bfloat16 on A100/H100); the GPU's
 #      total loss must be within 1e-2 (relative) of the CPU's;

@@ -314,7 +314,7 @@ def test_pipeline_stops_when_a_source_fails_too_often(data_dir, tokenizer, tmp_p
     assert len(_take(pipeline.TrainStream(config, tokenizer), 20)) == 20
 
 
-# ------------------------------------------------------- paths that leave manual_dir (issue 13)
+# --------------------------------------------------------------- paths that leave manual_dir
 
 
 def test_within_judges_the_lexical_path(tmp_path):

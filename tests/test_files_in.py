@@ -1,4 +1,4 @@
-"""Files in (issue 14, item 1): X-ray and CT files on disk -> a run's inputs and embeddings,
+"""Files in: X-ray and CT files on disk -> a run's inputs and embeddings,
 with the preprocessing the run recorded in its config.json; the embed command."""
 
 import copy

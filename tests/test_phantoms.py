@@ -181,7 +181,8 @@ def test_lung_lesions_are_never_empty_at_demo_size():
 def test_patchy_lung_lesions_fill_most_of_a_demo_3d_token():
     """Consolidation and ground glass are lobar-scale: at the demo's CT (3D tokens of 2x16x16 =
     512 voxels) the typical one covers most of a token's worth of voxels, so the coarse 3D
-    tokens can see it (docs/benchmarks.md, "Session 8"; before, the median was ~340 voxels)."""
+    tokens can see it (docs/benchmarks.md, "Why a lung window"; smaller ones had a median of
+    ~340 voxels)."""
     sizes = {"consolidation": [], "ground_glass_opacity": []}
     for i in range(60):
         case = P.sample_case(i, DEMO, "ct")
