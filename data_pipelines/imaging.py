@@ -29,6 +29,10 @@ from nibabel import orientations
 from PIL import Image, ImageMode
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
+from data_pipelines import dicom_codecs
+
+dicom_codecs.register()  # 12-bit JPEG Extended through GDCM, beside pydicom's own plugins
+
 PathLike = str | os.PathLike[str]
 
 # Skip reasons: builders count skipped inputs by these.

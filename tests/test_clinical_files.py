@@ -1,0 +1,194 @@
+"""Files as a hospital exports them: every DICOM transfer syntax, decoded by the base install.
+
+Each syntax is checked on real encoded data: pydicom-data's files (compared with their
+uncompressed twin, or with sums and rows that libjpeg and CharLS, other decoders than the base
+install's GDCM, give), and a real CT slice encoded here by GDCM (JPEG Lossless, JPEG-LS).
+"""
+
+import io
+import shutil
+import zlib
+from pathlib import Path
+
+import gdcm
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import pixel_array
+from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGBaseline8Bit, generate_uid
+
+from data_pipelines import imaging
+from tests.test_imaging import _testdata
+
+TWINS = {  # compressed (or differently encoded) file -> its uncompressed twin, its syntax
+    "MR_small_implicit.dcm": ("MR_small.dcm", "1.2.840.10008.1.2"),
+    "MR_small_bigendian.dcm": ("MR_small.dcm", "1.2.840.10008.1.2.2"),
+    "MR_small_RLE.dcm": ("MR_small.dcm", "1.2.840.10008.1.2.5"),
+    "MR_small_jpeg_ls_lossless.dcm": ("MR_small.dcm", "1.2.840.10008.1.2.4.80"),
+    "MR_small_jp2klossless.dcm": ("MR_small.dcm", "1.2.840.10008.1.2.4.90"),
+    "RG1_J2KR.dcm": ("RG1_UNCR.dcm", "1.2.840.10008.1.2.4.90"),
+    "RG1_J2KI.dcm": ("RG1_UNCI.dcm", "1.2.840.10008.1.2.4.91"),
+    "693_J2KR.dcm": ("693_UNCR.dcm", "1.2.840.10008.1.2.4.90"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_encoded_files_read_as_their_uncompressed_twin(name):
+    twin, syntax = TWINS[name]
+    path = _testdata(name)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(
+        imaging.read_image_2d(path), imaging.read_image_2d(_testdata(twin))
+    )
+
+
+# File -> (syntax, pixel sum, the middle row every eighth column), as libjpeg (pylibjpeg) and,
+# for JPEG-LS, CharLS (pyjpegls) decode them. 12-bit JPEG Extended is lossy: GDCM's inverse DCT
+# rounds within one grey level of libjpeg's.
+DECODED = {
+    "JPEG-LL.dcm": ("1.2.840.10008.1.2.4.70", 3596452, [0, 0, 15, 16, 13, 15, 27, 0]),
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": (
+        "1.2.840.10008.1.2.4.70",
+        13572107,
+        [0, 0, 83, 55, 15, 64, 79, 0],
+    ),
+    "bad_sequence.dcm": (
+        "1.2.840.10008.1.2.4.70",
+        248348502,
+        [1100, 1091, 150, 1275, 1226, 932, 1073, 1100],
+    ),
+    "JPGExtended.dcm": ("1.2.840.10008.1.2.4.51", 3770427, [1, 1, 14, 20, 14, 19, 23, 1]),
+    "JPEGLSNearLossless_16.dcm": ("1.2.840.10008.1.2.4.81", 6007250, [255] * 10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODED))
+def test_jpeg_files_decode_as_other_decoders_do(name):
+    syntax, total, row = DECODED[name]
+    path = _testdata(name)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    pixels = pixel_array(path).astype(np.int64)
+    middle = pixels[len(pixels) // 2, :: max(1, pixels.shape[1] // 8)]
+    lossy = syntax == "1.2.840.10008.1.2.4.51"
+    np.testing.assert_allclose(middle, row, atol=1 if lossy else 0)
+    assert abs(pixels.sum() - total) <= (pixels.size // 20 if lossy else 0)
+    assert imaging.read_image_2d(path).shape == pixels.shape  # and the X-ray reader takes it
+
+
+def test_deflated_file_reads_as_its_inflated_bytes():
+    path = _testdata("image_dfl.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    raw = Path(path).read_bytes()
+    body = raw[132 + 12 + ds.file_meta.FileMetaInformationGroupLength :]  # after the meta group
+    pixels = np.frombuffer(zlib.decompress(body, -15)[-512 * 512 :], np.uint8).reshape(512, 512)
+    hand = np.rint((pixels - float(pixels.min())) / float(np.ptp(pixels)) * 255)
+    np.testing.assert_array_equal(imaging.read_image_2d(path), hand)
+
+
+def test_a_grey_jpeg_baseline_xray_reads_as_pillow_decodes_it(tmp_path):
+    """A real chest X-ray (RG1_UNCR.dcm, windowed to 8 bits) encoded by Pillow's libjpeg."""
+    pixels = imaging.read_image_2d(_testdata("RG1_UNCR.dcm"))[::4, ::4]
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([jpeg.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    decoded = np.asarray(Image.open(jpeg), np.float64)
+    hand = np.rint((decoded - decoded.min()) / np.ptp(decoded) * 255)
+    np.testing.assert_array_equal(imaging.read_image_2d(tmp_path / "x.dcm"), hand)
+
+
+def _gdcm_encode(src: Path, dst: Path, syntax: str, lossy_error: int = 0) -> None:
+    """Write `src` as `dst` in one of GDCM's JPEG or JPEG-LS syntaxes (its own encoder)."""
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    if lossy_error:
+        codec = gdcm.JPEGLSCodec()
+        codec.SetLossless(False)
+        codec.SetLossyError(lossy_error)
+        change.SetUserCodec(codec)
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+
+
+@pytest.mark.parametrize(
+    ("syntax", "uid", "error"),
+    [
+        ("JPEGLosslessProcess14", "1.2.840.10008.1.2.4.57", 0),
+        ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70", 0),
+        ("JPEGLSLossless", "1.2.840.10008.1.2.4.80", 0),
+        ("JPEGLSNearLossless", "1.2.840.10008.1.2.4.81", 2),
+    ],
+)
+def test_a_real_ct_slice_encoded_by_gdcm_reads_back(tmp_path, syntax, uid, error):
+    original = Path(_testdata("693_UNCR.dcm"))
+    _gdcm_encode(original, tmp_path / "ct.dcm", syntax, error)
+    assert pydicom.dcmread(tmp_path / "ct.dcm").file_meta.TransferSyntaxUID == uid
+    got = imaging.read_dicom_series([tmp_path / "ct.dcm"]).hu
+    want = imaging.read_dicom_series([original]).hu
+    assert np.abs(got - want).max() == error  # GDCM's near-lossless bound is reached, not passed
+
+
+def _jpeg_lossless_series(folder: Path, depth: int = 16) -> np.ndarray:
+    """A CT series of `depth` slices in JPEG Lossless (.70), file names against anatomy: the
+    real slice 693_UNCR.dcm shifted by k rows at z = k * 1.25 mm. Returns the HU by hand."""
+    ds = pydicom.dcmread(_testdata("693_UNCR.dcm"))
+    folder.mkdir()
+    stored = ds.pixel_array
+    hu = []
+    series = generate_uid()
+    for k in range(depth):
+        plane = np.roll(stored, 3 * k, axis=0)
+        ds.PixelData = plane.tobytes()
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series
+        ds.ImagePositionPatient = [-160.0, -160.0, 1.25 * k]
+        plain = folder / f"plain{k}.dcm"
+        ds.save_as(plain)
+        _gdcm_encode(plain, folder / f"{depth - k:03d}.dcm", "JPEGLosslessProcess14_1")
+        plain.unlink()
+        hu.append(plane * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    return np.stack(hu)
+
+
+def test_a_ct_series_in_jpeg_lossless_reads_slice_by_slice(tmp_path):
+    hu = _jpeg_lossless_series(tmp_path / "series")
+    volume = imaging.read_volume(tmp_path / "series")
+    np.testing.assert_array_equal(volume.hu, hu)
+    np.testing.assert_allclose(volume.spacing[0], 1.25)
+
+
+def test_a_scanners_jpeg_lossless_ct_reads_as_a_series(tmp_path):
+    """bad_sequence.dcm, a CT slice a Siemens scanner encoded, copied to three positions."""
+    source = Path(_testdata("bad_sequence.dcm"))
+    for k in range(3):
+        shutil.copy(source, tmp_path / f"{k}.dcm")
+        ds = pydicom.dcmread(tmp_path / f"{k}.dcm")
+        ds.ImagePositionPatient = [-65.36, -154.36, 1687.5 + k]
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(tmp_path / f"{k}.dcm")
+    volume = imaging.read_volume(tmp_path)
+    _, total, row = DECODED["bad_sequence.dcm"]
+    assert volume.hu.shape == (3, 512, 512)
+    assert volume.hu.astype(np.int64).sum() == 3 * (total - 1024 * 512 * 512)
+    np.testing.assert_array_equal(volume.hu[1, 256, ::64], np.array(row) - 1024)
