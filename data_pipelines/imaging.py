@@ -240,6 +240,8 @@ class Volume:
     hu: np.ndarray  # float32, 3 axes
     affine: np.ndarray  # [4, 4], voxel index (array axis order) -> RAS+ mm
     path: str
+    # Of a DICOM folder: each series it held ("UID: axial, 3 slices"), for refusals to name.
+    series: tuple[str, ...] = ()
 
     @property
     def spacing(self) -> np.ndarray:
@@ -285,15 +287,25 @@ def read_nifti(path: PathLike) -> Volume:
     return Volume(hu, affine, str(path))
 
 
-IMAGE, VOLUME, FOLDER = "image", "volume", "folder"
+IMAGE, VOLUME, FOLDER, OTHER = "image", "volume", "folder", "other"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".jp2")
+# How PNG, JPEG, TIFF (both byte orders) and JPEG 2000 files start, whatever their name.
+_IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x00\x0cjP  ",
+)
 
 
 def input_kind(path: PathLike) -> str:
-    """What a path on disk is to the model, by its content: VOLUME (a NIfTI file, a multi-frame
-    DICOM file, a folder whose DICOM files are placed in space: a CT series), IMAGE (any other
-    file: PNG, JPEG, a single-frame DICOM) or FOLDER (anything else: its entries are inputs).
-    Raises FileNotFoundError for a path that does not exist."""
+    """What a path on disk is to the model, by its name and content: VOLUME (a NIfTI file, a
+    multi-frame DICOM file, a folder whose DICOM files are placed in space: a CT series), IMAGE
+    (a file named or starting as an image: PNG, JPEG, TIFF, a single-frame DICOM), OTHER (a file
+    that is neither: a CSV, a text, a DICOMDIR index, a structured report) or FOLDER (anything
+    else: its entries are inputs). Raises FileNotFoundError for a path that does not exist."""
     path = Path(path)
     if path.is_dir():
         files = (p for p in sorted(path.iterdir()) if p.is_file())
@@ -305,7 +317,16 @@ def input_kind(path: PathLike) -> str:
     header = _dicom_header(path)
     if header is not None and int(header.get("NumberOfFrames", 1) or 1) > 1:
         return VOLUME
-    return IMAGE
+    if header is not None and "Rows" not in header:  # DICOMDIR, report, presentation state
+        return OTHER
+    if header is not None or path.name.lower().endswith(IMAGE_SUFFIXES):
+        return IMAGE
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return IMAGE  # the image reader names the error
+    return IMAGE if head.startswith(_IMAGE_SIGNATURES) else OTHER
 
 
 def _dicom_header(path: Path) -> pydicom.Dataset | None:
@@ -326,8 +347,21 @@ def _placed_dicom(path: Path) -> bool:
     )
 
 
-class OtherSeriesWarning(UserWarning):
+class ReadWarning(UserWarning):
+    """An input was read, with something its user should know: one line."""
+
+
+class OtherSeriesWarning(ReadWarning):
     """A DICOM folder held more than one series; the largest was read, the others are named."""
+
+
+class SetAsideWarning(ReadWarning):
+    """Files of a DICOM folder that are no image of a series (not DICOM, a DICOMDIR index, a
+    report or presentation state) were set aside; the line counts them by kind."""
+
+
+# Media Storage Directory Storage: the SOP class of a DICOMDIR index.
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +389,8 @@ def read_dicom_series(source: PathLike | Sequence[PathLike]) -> Volume:
     """
     files = _series_files(source)
     name = str(source) if isinstance(source, str | os.PathLike) else str(Path(files[0]).parent)
-    datasets = [_read_dicom(f, SkipVolume) for f in files]
+    datasets = _series_images(files, name)
+    found = _describe_series(datasets)
     datasets = _largest_series(datasets, name)
     frames = [frame for path, ds in datasets for frame in _frames(path, ds)]
     first = frames[0]
@@ -381,7 +416,81 @@ def read_dicom_series(source: PathLike | Sequence[PathLike]) -> Volume:
     lps[:3, 1] = col_cos * row_spacing  # moving down one row
     lps[:3, 2] = row_cos * col_spacing  # moving right one column
     lps[:3, 3] = positions[0]
-    return Volume(hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, name)
+    return Volume(hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, name, found)
+
+
+def _has_dicom_magic(path: str) -> bool:
+    """'DICM' at byte 128: what every DICOM file written to a disk or exported starts with."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError as e:
+        raise SkipVolume(UNREADABLE, path, str(e)) from e
+
+
+def _series_images(files: Sequence[str], name: str) -> list[tuple[str, pydicom.Dataset]]:
+    """The DICOM images among `files`; the rest is set aside with one SetAsideWarning line
+    (files without the DICOM magic, DICOMDIR indexes, objects without pixel data such as
+    structured reports and presentation states). A DICOM file that does not parse, or an image
+    without its pixels, is an error: it is damaged, not out of place. Nothing left is a
+    SkipVolume saying what was there."""
+    images: list[tuple[str, pydicom.Dataset]] = []
+    aside: dict[str, list[str]] = {}
+    for path in files:
+        if not _has_dicom_magic(path):
+            aside.setdefault("not DICOM", []).append(Path(path).name)
+            continue
+        ds = _dcmread(path, SkipVolume)
+        sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+        if sop == DICOMDIR_SOP_CLASS:
+            aside.setdefault("DICOMDIR index", []).append(Path(path).name)
+        elif not any(tag in ds for tag in _PIXEL_DATA_TAGS):
+            kind = pydicom.uid.UID(sop).name if sop else "no SOP class"
+            if "Image Storage" in kind or "Rows" in ds:  # an image that lost its pixels
+                raise SkipVolume(NO_PIXEL_DATA, path, f"a {kind} file without PixelData")
+            aside.setdefault(f"without pixel data ({kind})", []).append(Path(path).name)
+        else:
+            _check_pixel_size(path, ds, SkipVolume)
+            images.append((path, ds))
+    if not aside:
+        return images
+    counts = "; ".join(
+        f"{len(names)} {kind}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        for kind, names in aside.items()
+    )
+    if not images:
+        dicom = any(kind != "not DICOM" for kind in aside)
+        raise SkipVolume(NO_PIXEL_DATA if dicom else UNREADABLE, name, f"no DICOM image: {counts}")
+    warnings.warn(
+        f"{name}: set aside {sum(map(len, aside.values()))} files that are no image of a "
+        f"series ({counts}); read its {len(images)} DICOM images",
+        SetAsideWarning,
+        stacklevel=3,
+    )
+    return images
+
+
+def _orientation_name(ds: pydicom.Dataset) -> str:
+    """axial, coronal, sagittal or oblique: the plane of a file's first frame."""
+    cosines = _frame_attribute(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
+    if cosines is None or len(cosines) != 6:
+        return "no orientation"
+    normal = np.abs(np.cross(np.asarray(cosines[:3], float), np.asarray(cosines[3:], float)))
+    if normal.max() < 0.9:  # more than about 25 degrees from every anatomical plane
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+
+
+def _describe_series(datasets: list[tuple[str, pydicom.Dataset]]) -> tuple[str, ...]:
+    """Each series among `datasets`: "UID: axial, 3 slices" (the plane of its first file)."""
+    series: dict[str, list[pydicom.Dataset]] = {}
+    for _, ds in datasets:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    return tuple(
+        f"{uid or '(no SeriesInstanceUID)'}: {_orientation_name(members[0])}, "
+        f"{sum(int(ds.get('NumberOfFrames', 1) or 1) for ds in members)} slices"
+        for uid, members in sorted(series.items())
+    )
 
 
 def _series_files(source: PathLike | Sequence[PathLike]) -> list[str]:
@@ -428,12 +537,22 @@ def _largest_series(
 
 def _read_dicom(path: str, skip: type = SkipImage) -> tuple[str, pydicom.Dataset]:
     """(path, header) of one DICOM file with pixel data whose declared size is sane."""
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:  # pydicom raises many types for bad files
-        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+    ds = _dcmread(path, skip)
     if not any(tag in ds for tag in _PIXEL_DATA_TAGS):
         raise skip(NO_PIXEL_DATA, path, "the file has no PixelData element")
+    _check_pixel_size(path, ds, skip)
+    return path, ds
+
+
+def _dcmread(path: str, skip: type) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for bad files
+        raise skip(UNREADABLE, path, f"{type(e).__name__}: {e}") from e
+
+
+def _check_pixel_size(path: str, ds: pydicom.Dataset, skip: type) -> None:
+    """Refuse a frame or frame stack whose declared size is above the readers' limits."""
     if "Rows" in ds and "Columns" in ds:
         plane = (int(ds.Rows), int(ds.Columns))
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -441,7 +560,6 @@ def _read_dicom(path: str, skip: type = SkipImage) -> tuple[str, pydicom.Dataset
         _check_size(plane, itemsize, MAX_BYTES_2D, path, skip)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         _check_size((frames, *plane), itemsize, MAX_BYTES_3D, path, skip)
-    return path, ds
 
 
 def _pixels(path: str, ds: pydicom.Dataset, skip: type = SkipImage) -> np.ndarray:
@@ -531,13 +649,19 @@ def canonicalize(volume: Volume, min_slices: int = 16, min_in_plane: int = 64) -
     transform = orientations.ornt_transform(ornt, orientations.axcodes2ornt(CANONICAL_AXCODES))
     hu = orientations.apply_orientation(volume.hu, transform)
     affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.hu.shape)
-    canonical = Volume(hu, affine, volume.path)
+    canonical = Volume(hu, affine, volume.path, volume.series)
+    if hu.shape[0] < min_slices or min(hu.shape[1:]) < min_in_plane:
+        found = f"; the folder holds {'; '.join(volume.series)}" if volume.series else ""
+        raise SkipVolume(
+            TOO_SMALL,
+            volume.path,
+            f"canonical shape {hu.shape}, at least {min_slices} slices of {min_in_plane} x "
+            f"{min_in_plane} needed{found}",
+        )
     slice_axis = _slice_axis(canonical.spacing)
     if slice_axis not in (None, 0):
         spacing = ", ".join(f"{s:.3g}" for s in canonical.spacing)
         raise SkipVolume(NOT_AXIAL, volume.path, f"S-P-L spacing {spacing} mm")
-    if hu.shape[0] < min_slices or min(hu.shape[1:]) < min_in_plane:
-        raise SkipVolume(TOO_SMALL, volume.path, f"canonical shape {hu.shape}")
     return canonical
 
 

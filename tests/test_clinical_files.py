@@ -20,8 +20,9 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGBaseline8Bit, generate_uid
 
-from data_pipelines import imaging
-from tests.test_imaging import _testdata
+from data_pipelines import imaging, transforms
+from tests.test_imaging import _testdata, _write_ct_slice
+from unimedi_jax.evaluation import embed_files
 
 TWINS = {  # compressed (or differently encoded) file -> its uncompressed twin, its syntax
     "MR_small_implicit.dcm": ("MR_small.dcm", "1.2.840.10008.1.2"),
@@ -192,3 +193,99 @@ def test_a_scanners_jpeg_lossless_ct_reads_as_a_series(tmp_path):
     assert volume.hu.shape == (3, 512, 512)
     assert volume.hu.astype(np.int64).sum() == 3 * (total - 1024 * 512 * 512)
     np.testing.assert_array_equal(volume.hu[1, 256, ::64], np.array(row) - 1024)
+
+
+# ------------------------------------------------------------------ folders as exported
+
+
+def _write_slices(folder: Path, depth: int, series: str, orientation=(1, 0, 0, 0, 1, 0)) -> None:
+    """`depth` slices of one series, 2.5 mm apart along the slice normal, HU -1024..1375."""
+    folder.mkdir(parents=True, exist_ok=True)
+    normal = np.cross(orientation[:3], orientation[3:])
+    rng = np.random.default_rng(depth)
+    for k in range(depth):
+        path = folder / f"{series}-{k:03d}.dcm"
+        position = tuple(-50.0 + 2.5 * k * normal)
+        pixels = rng.integers(0, 2400, (64, 64))
+        _write_ct_slice(path, pixels, position, orientation, 1.0, -1024)
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series
+        ds.save_as(path)
+
+
+def _clutter(folder: Path) -> None:
+    """What an export puts beside a series: a README, a JPEG thumbnail, its DICOMDIR index
+    and a structured report (pydicom-data's)."""
+    (folder / "README").write_text("Exported by a PACS viewer.\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "thumb.jpg")
+    shutil.copy(_testdata("DICOMDIR"), folder / "DICOMDIR")
+    shutil.copy(_testdata("reportsi.dcm"), folder / "report.dcm")
+
+
+def test_a_series_folder_sets_aside_what_is_no_image_with_one_line(tmp_path):
+    _write_slices(tmp_path / "ct", 4, "1.2.3.4")
+    clean = imaging.read_volume(tmp_path / "ct")
+    _clutter(tmp_path / "ct")
+    with pytest.warns(imaging.SetAsideWarning) as caught:
+        volume = imaging.read_volume(tmp_path / "ct")
+    np.testing.assert_array_equal(volume.hu, clean.hu)
+    (line,) = [str(w.message) for w in caught]
+    assert line == (
+        f"{tmp_path / 'ct'}: set aside 4 files that are no image of a series (1 DICOMDIR index: "
+        "DICOMDIR; 2 not DICOM: README, thumb.jpg; 1 without pixel data (Basic Text SR "
+        "Storage): report.dcm); read its 4 DICOM images"
+    )
+
+
+def test_a_folder_with_no_dicom_image_says_what_it_held(tmp_path):
+    _clutter(tmp_path)
+    with pytest.raises(imaging.SkipVolume, match="no DICOM image: 1 DICOMDIR index") as info:
+        imaging.read_volume(tmp_path)
+    assert info.value.reason == imaging.NO_PIXEL_DATA
+    assert "Basic Text SR Storage" in str(info.value)
+
+
+def test_a_damaged_dicom_file_in_a_series_is_still_an_error(tmp_path):
+    _write_slices(tmp_path, 4, "1.2.3.4")
+    data = (tmp_path / "1.2.3.4-001.dcm").read_bytes()
+    (tmp_path / "1.2.3.4-001.dcm").write_bytes(data[:200])  # the magic, then cut
+    with pytest.raises(imaging.SkipVolume, match=r"1\.2\.3\.4-001\.dcm") as info:
+        imaging.read_volume(tmp_path)
+    assert info.value.reason == imaging.NO_PIXEL_DATA  # pydicom reads what is left: no pixels
+
+
+def test_a_folder_of_reformats_names_each_series_and_the_minimum(tmp_path):
+    """Single slices of three series (axial, coronal, sagittal) and a README: none is a CT."""
+    _write_slices(tmp_path, 1, "1.2.3.1")
+    _write_slices(tmp_path, 1, "1.2.3.2", orientation=(1, 0, 0, 0, 0, -1))
+    _write_slices(tmp_path, 2, "1.2.3.3", orientation=(0, 1, 0, 0, 0, -1))
+    (tmp_path / "README").write_text("reformats")
+    with pytest.raises(imaging.SkipVolume) as info, pytest.warns(imaging.ReadWarning):
+        transforms.volume_from_file(tmp_path)
+    assert info.value.reason == imaging.TOO_SMALL
+    assert (
+        "at least 16 slices of 64 x 64 needed; the folder holds 1.2.3.1: axial, 1 slices; "
+        "1.2.3.2: coronal, 1 slices; 1.2.3.3: sagittal, 2 slices"
+    ) in str(info.value)
+
+
+def test_a_walk_skips_what_is_neither_image_nor_volume_and_counts_it(tmp_path):
+    _write_slices(tmp_path / "ct", 2, "1.2.3.4")
+    _clutter(tmp_path)
+    for name in ("labels.csv", "notes.txt", "meta.json", "study.md"):
+        (tmp_path / name).write_text("PatientID,Finding\n")
+    shutil.copy(tmp_path / "thumb.jpg", tmp_path / "no_suffix")  # a JPEG by its content
+    found, failed, skipped = embed_files.collect_inputs([tmp_path, tmp_path / "labels.csv"])
+    assert found == [
+        (str(tmp_path / "ct"), imaging.VOLUME),
+        (str(tmp_path / "no_suffix"), imaging.IMAGE),
+        (str(tmp_path / "thumb.jpg"), imaging.IMAGE),
+    ]
+    assert failed == [(str(tmp_path / "labels.csv"), embed_files.NOT_AN_INPUT)]  # named: fails
+    assert sorted(Path(p).name for p in skipped) == [
+        "DICOMDIR", "README", "labels.csv", "meta.json", "notes.txt", "report.dcm", "study.md"
+    ]  # fmt: skip
+    assert embed_files.skipped_line(skipped) == (
+        "skipped 7 files that are neither images nor volumes by name and content (1 DICOMDIR, "
+        "1 README, 1 .csv, 1 .json, 1 .txt, 1 .dcm, 1 .md)"
+    )

@@ -22,7 +22,7 @@ from absl import flags
 from data_pipelines import imaging
 from unimedi_jax import inference
 from unimedi_jax.core.errors import UserError, parse_absl_flags, run_app
-from unimedi_jax.evaluation.embed_files import embed_files, zero_shot_table
+from unimedi_jax.evaluation.embed_files import embed_files, skipped_line, zero_shot_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")
 _OUT = flags.DEFINE_string("out", None, "The .npz file to write.")
@@ -58,6 +58,8 @@ def main(argv: list[str]) -> None:
         raise UserError("give the files or folders to embed after the flags: embed ... PATH...")
     model = inference.load(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
     embedded = embed_files(model, paths)
+    if embedded.skipped:
+        print(skipped_line(embedded.skipped))
     for path, note in embedded.notes:
         print(f"warning {path}: {note}")
     for path, reason in embedded.failed:

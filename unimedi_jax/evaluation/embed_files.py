@@ -2,12 +2,14 @@
 ``python -m unimedi_jax.embed``.
 
 Each path is an X-ray or a CT by what it is (``imaging.input_kind``); a folder that is not a
-DICOM series is walked. An input that cannot be read is listed with the reason and the others
-are embedded, so one bad file in a thousand does not cost the run.
+DICOM series is walked, and the files in it that are neither (CSV, text, DICOMDIR indexes) are
+skipped and counted. An input that cannot be read is listed with the reason and the others are
+embedded, so one bad file in a thousand does not cost the run.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ class Embedded:
     embeddings: np.ndarray
     failed: list[tuple[str, str]]  # (path, reason)
     notes: list[tuple[str, str]]  # (path, warning) of inputs read with a warning
+    skipped: list[str] = dataclasses.field(default_factory=list)  # walked files of no input kind
 
     def save(self, out: str | Path, texts: Sequence[str] = (), similarity=None) -> None:
         """An .npz of plain arrays (``np.load(out, allow_pickle=False)`` reads it): embeddings,
@@ -47,10 +50,14 @@ class Embedded:
         )
 
 
-def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], list]:
-    """([(path, kind)], [(path, reason)]): every image and volume under ``paths``, folders that
-    are not a DICOM series walked in name order; a path that does not exist is a failure."""
-    found, failed = [], []
+def collect_inputs(
+    paths: Sequence[str | Path], walked: bool = False
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """([(path, kind)], [(path, reason)], [skipped path]): every image and volume under
+    ``paths``, folders that are not a DICOM series walked in name order. A file found in a walk
+    that is neither an image nor a volume is skipped; one given by name is a failure, as is a
+    path that does not exist."""
+    found, failed, skipped = [], [], []
     for path in paths:
         try:
             kind = imaging.input_kind(path)
@@ -58,18 +65,39 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], 
             failed.append((str(path), str(err)))
             continue
         if kind == imaging.FOLDER:
-            inner, inner_failed = collect_inputs(sorted(Path(path).iterdir()))
-            found += inner
-            failed += inner_failed
+            inner = collect_inputs(sorted(Path(path).iterdir()), walked=True)
+            found += inner[0]
+            failed += inner[1]
+            skipped += inner[2]
+        elif kind == imaging.OTHER and walked:
+            skipped.append(str(path))
+        elif kind == imaging.OTHER:
+            failed.append((str(path), NOT_AN_INPUT))
         else:
             found.append((str(path), kind))
-    return found, failed
+    return found, failed, skipped
+
+
+NOT_AN_INPUT = (
+    "neither an image nor a volume by its name and content: give PNG, JPEG or DICOM X-rays, "
+    "NIfTI or DICOM CTs"
+)
+
+
+def skipped_line(skipped: Sequence[str]) -> str:
+    """One line for the files a walk skipped, counted by suffix (or name, without one)."""
+    kinds = collections.Counter(Path(p).suffix.lower() or Path(p).name for p in skipped)
+    counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    return (
+        f"skipped {len(skipped)} files that are neither images nor volumes by name and "
+        f"content ({counts})"
+    )
 
 
 def embed_files(model: UniMedIInference, paths: Sequence[str | Path]) -> Embedded:
     """Reads (with the run's preprocessing) and embeds every input under ``paths``, a batch of
     ``model.batch_size`` at a time per kind; unreadable inputs go to ``failed``."""
-    inputs, failed = collect_inputs(paths)
+    inputs, failed, skipped = collect_inputs(paths)
     readers = {imaging.IMAGE: model.read_image, imaging.VOLUME: model.read_volume}
     embedders = {imaging.IMAGE: model.embed_images, imaging.VOLUME: model.embed_volumes}
     done: dict[int, np.ndarray] = {}
@@ -80,7 +108,7 @@ def embed_files(model: UniMedIInference, paths: Sequence[str | Path]) -> Embedde
             if input_kind != kind:
                 continue
             with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", imaging.OtherSeriesWarning)
+                warnings.simplefilter("always", imaging.ReadWarning)
                 try:
                     pending.append((index, readers[kind](path)[0]))
                 except UserError as err:
@@ -98,6 +126,7 @@ def embed_files(model: UniMedIInference, paths: Sequence[str | Path]) -> Embedde
         embeddings=np.stack([done[i] for i in order]) if done else np.zeros((0, width)),
         failed=failed,
         notes=notes,
+        skipped=skipped,
     )
 
 
