@@ -1,5 +1,6 @@
-"""python -m unimedi_jax.ablate: the README's line at tiny size (2 rows, 2 seeds, 2 steps), the
-table against numpy on its JSON, the rows' configs, rerun skipping, and the 2D-3D distance."""
+"""python -m unimedi_jax.ablate: the line of docs/configs.md at tiny size (2 rows, 2 seeds, 2
+steps), the table against numpy on its JSON, the rows' configs, rerun skipping, and the 2D-3D
+distance."""
 
 import json
 import re
@@ -14,7 +15,7 @@ from PIL import Image
 
 from configs.pretrain import get_config
 from tests.tiny_runs import fast_compile_env, tiny_run_config
-from unimedi_jax.evaluation import ablation, metrics
+from unimedi_jax.experiments import ablation, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("separate", "vl")
@@ -23,9 +24,9 @@ BUDGET = 2
 
 
 def _readme_line() -> list[str]:
-    """The ablate command line of the README, as arguments after ``python -m MODULE``."""
+    """The ablate command line of docs/configs.md, as arguments after ``python -m MODULE``."""
     found = re.findall(
-        r"^python -m unimedi_jax\.ablate .*$", (ROOT / "README.md").read_text(), re.M
+        r"^python -m unimedi_jax\.ablate .*$", (ROOT / "docs" / "configs.md").read_text(), re.M
     )
     assert len(found) == 1, found
     return shlex.split(found[0])[3:]

@@ -30,7 +30,7 @@ from tests.test_imaging import _testdata, _write_ct_slice, _write_xray
 from tests.tiny_runs import fast_compile_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.config.upgrade import read_run_config
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIENTATION = (1, 0, 0, 0, 1, 0)  # rows -> Left, columns -> Posterior (LPS)
@@ -257,8 +257,8 @@ def test_unreadable_files_are_named_user_errors(model, tmp_path):
 
 
 def _readme_line() -> str:
-    readme = (ROOT / "README.md").read_text()
-    (line,) = re.findall(r"^python -m unimedi_jax\.embed .*$", readme, re.M)
+    page = (ROOT / "docs" / "outputs.md").read_text()
+    (line,) = re.findall(r"^python -m unimedi_jax\.embed .*$", page, re.M)
     return line
 
 

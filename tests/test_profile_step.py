@@ -1,6 +1,6 @@
-"""python -m unimedi_jax.profile_step: the README's line at the tiny preset, and the attribution of
-ops to parts of the step on a hand-built program whose forward / backward / no-grad ops are known.
-"""
+"""python -m unimedi_jax.profile_step: docs/launching.md's line at the tiny preset, and the
+attribution of ops to parts of the step on a hand-built program whose forward / backward /
+no-grad ops are known."""
 
 import json
 import re
@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_args() -> list[str]:
-    """The profile_step command line of the README, as arguments after ``python -m MODULE``."""
+    """The profile_step line of docs/launching.md, as arguments after ``python -m MODULE``."""
     (line,) = re.findall(
-        r"`python -m unimedi_jax\.profile_step ([^`]*)`", (ROOT / "README.md").read_text()
+        r"`python -m unimedi_jax\.profile_step ([^`]*)`",
+        (ROOT / "docs" / "launching.md").read_text(),
     )
     return line.split()
 
