@@ -47,6 +47,7 @@ TOO_SMALL = "too small"
 NO_PIXEL_DATA = "no pixel data"
 ABSURD_SIZE = "absurd size"
 CONSTANT = "constant image"
+NOT_HU = "not Hounsfield units"
 
 # Pixel data a header declares (pixels x bytes per pixel) beyond these is refused before it is
 # read, as "absurd size": honouring it could exhaust a worker's memory. 64 MiB is twice a
@@ -242,6 +243,8 @@ class Volume:
     path: str
     # Of a DICOM folder: each series it held ("UID: axial, 3 slices"), for refusals to name.
     series: tuple[str, ...] = ()
+    modality: str = ""  # DICOM Modality ("CT", "MR"); "" for NIfTI
+    rescaled: bool = True  # its header maps stored values to units (rescale tags, scl_slope)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -284,7 +287,8 @@ def read_nifti(path: PathLike) -> Volume:
         hu = hu.reshape(hu.shape[:3])
     if hu.ndim != 3:
         raise SkipVolume(NOT_3D, path, f"shape {hu.shape}")
-    return Volume(hu, affine, str(path))
+    slope = float(img.header["scl_slope"])
+    return Volume(hu, affine, str(path), rescaled=np.isfinite(slope) and slope != 0)
 
 
 IMAGE, VOLUME, FOLDER, OTHER = "image", "volume", "folder", "other"
@@ -416,7 +420,16 @@ def read_dicom_series(source: PathLike | Sequence[PathLike]) -> Volume:
     lps[:3, 1] = col_cos * row_spacing  # moving down one row
     lps[:3, 2] = row_cos * col_spacing  # moving right one column
     lps[:3, 3] = positions[0]
-    return Volume(hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, name, found)
+    ds = datasets[0][1]
+    return Volume(
+        hu,
+        np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps,
+        name,
+        found,
+        modality=str(ds.get("Modality", "")),
+        rescaled=_frame_attribute(ds, 0, "PixelValueTransformationSequence", "RescaleIntercept")
+        is not None,
+    )
 
 
 def _has_dicom_magic(path: str) -> bool:
@@ -649,7 +662,7 @@ def canonicalize(volume: Volume, min_slices: int = 16, min_in_plane: int = 64) -
     transform = orientations.ornt_transform(ornt, orientations.axcodes2ornt(CANONICAL_AXCODES))
     hu = orientations.apply_orientation(volume.hu, transform)
     affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.hu.shape)
-    canonical = Volume(hu, affine, volume.path, volume.series)
+    canonical = dataclasses.replace(volume, hu=hu, affine=affine)
     if hu.shape[0] < min_slices or min(hu.shape[1:]) < min_in_plane:
         found = f"; the folder holds {'; '.join(volume.series)}" if volume.series else ""
         raise SkipVolume(
@@ -746,3 +759,96 @@ def window_hu(hu: np.ndarray, window: tuple[float, float] = (-1000.0, 1000.0)) -
     out = np.asarray(hu, dtype=np.float32) - np.float32(low)
     out *= np.float32(1.0 / (high - low))
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+HU, AUTO = "hu", "auto"
+WINDOWED = "windowed:"  # + the value that stands for the window's top, e.g. "windowed:255"
+
+
+def check_intensity(intensity: str) -> None:
+    """Raise ValueError unless `intensity` is "auto", "hu" or "windowed:MAX" (MAX > 0)."""
+    if intensity in (AUTO, HU):
+        return
+    top = intensity.removeprefix(WINDOWED)
+    try:
+        if intensity.startswith(WINDOWED) and float(top) > 0:
+            return
+    except ValueError:
+        pass
+    raise ValueError(
+        f"intensity {intensity!r}: give 'auto' (Hounsfield units, refused when they cannot be), "
+        "'hu' (Hounsfield units, unchecked) or 'windowed:MAX' (0..MAX spans the run's window)"
+    )
+
+
+def as_hounsfield(
+    volume: Volume, intensity: str = AUTO, window: tuple[float, float] = (-1000.0, 1000.0)
+) -> Volume:
+    """The volume in HU as `intensity` states its values are.
+
+    "windowed:MAX": 0..MAX spans the HU `window` (an export already windowed, e.g. 8-bit at
+    MAX 255): mapped linearly back onto it, so the window gives v / MAX as training's would.
+    "hu": taken as HU. "auto": HU, refused (SkipVolume "not Hounsfield units", a paragraph
+    saying what was found and what to pass) when they cannot be: an MR series, or values
+    within 0..4095, none negative, with no rescale tags (air is -1000 HU in a CT).
+    """
+    check_intensity(intensity)
+    low, high = window
+    if intensity.startswith(WINDOWED):
+        scale = (high - low) / float(intensity.removeprefix(WINDOWED))
+        return dataclasses.replace(volume, hu=(low + volume.hu * np.float32(scale)))
+    if intensity == HU:
+        return volume
+    lo, hi = float(volume.hu.min()), float(volume.hu.max())
+    if volume.modality == "MR":
+        found = "an MR series (Modality MR), whose values are no Hounsfield units"
+    elif lo >= 0 and hi <= 4095 and not volume.rescaled:
+        found = f"values {lo:g} to {hi:g}, none negative, and no rescale to Hounsfield units"
+    else:
+        return volume
+    top = 1 if hi <= 1 else 255 if hi <= 255 else 4095
+    raise SkipVolume(
+        NOT_HU,
+        volume.path,
+        f"{found}: air is -1000 HU in a CT, and the run's window ({low:g} to {high:g} HU) "
+        f"would turn this into near-constant grey. If the values are already windowed, 0 to "
+        f"{top} spanning that window, say so: embed --ct_intensity=windowed:{top}, or "
+        f"read_volume(path, intensity='windowed:{top}'); if they are Hounsfield units after "
+        "all, --ct_intensity=hu (intensity='hu')",
+    )
+
+
+class ExtentWarning(ReadWarning):
+    """A volume whose extent or spacing is far from the whole chests the model trained on."""
+
+
+# What pre-training CTs cover (chest CTs as CT-RATE holds them, and the phantoms: 300 mm
+# superior-inferior, 360 mm across): a volume outside these is embedded with an ExtentWarning.
+CHEST_SI_MM = (150.0, 600.0)
+CHEST_ACROSS_MM = (200.0, 550.0)
+MAX_SLICE_MM = 5.0
+
+
+def warn_unusual_extent(canonical: Volume, shape: Sequence[int]) -> None:
+    """One ExtentWarning line when a canonical volume is far from a whole chest (a crop, a
+    few slices, an abdomen, thick slices): it is still resized to `shape` and embedded."""
+    spacing = canonical.spacing
+    extent = np.asarray(canonical.hu.shape) * spacing
+    across = extent[1:]
+    if (
+        CHEST_SI_MM[0] <= extent[0] <= CHEST_SI_MM[1]
+        and (CHEST_ACROSS_MM[0] <= across).all()
+        and (across <= CHEST_ACROSS_MM[1]).all()
+        and spacing[0] <= MAX_SLICE_MM
+    ):
+        return
+    warnings.warn(
+        f"{canonical.path}: {extent[0]:.0f} mm superior-inferior x {extent[1]:.0f} x "
+        f"{extent[2]:.0f} mm across, {canonical.hu.shape[0]} slices {spacing[0]:.3g} mm apart; "
+        f"the model trained on whole chests, {CHEST_SI_MM[0]:.0f} to {CHEST_SI_MM[1]:.0f} mm "
+        f"superior-inferior, {CHEST_ACROSS_MM[0]:.0f} to {CHEST_ACROSS_MM[1]:.0f} mm across, "
+        f"slices at most {MAX_SLICE_MM:g} mm apart; embedded resized to "
+        f"{' x '.join(map(str, shape))} all the same",
+        ExtentWarning,
+        stacklevel=3,
+    )

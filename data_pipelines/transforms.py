@@ -24,6 +24,16 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import imaging
+from unimedi_jax.core.errors import UserError
+
+
+class InputFileError(UserError):
+    """A file that cannot be read as the model input asked for; the message says why. Raised
+    by `FilePreprocessing`, which the JAX and the PyTorch readers both call."""
+
+
+IMAGE_HINT = "give a PNG, JPEG or single-frame grey DICOM X-ray"
+VOLUME_HINT = "give a NIfTI file, a multi-frame DICOM file or a folder of one axial DICOM series"
 
 
 def train_transform_2d(
@@ -69,13 +79,20 @@ def volume_from_file(
     path: imaging.PathLike,
     shape: Sequence[int] = (32, 128, 128),
     window: tuple[float, float] = (-1000.0, 1000.0),
+    intensity: str = imaging.AUTO,
 ) -> np.ndarray:
     """A CT file (NIfTI) or DICOM series (its directory) -> float32 `shape` in [0, 1], exactly
     as a record prepared at `--volume_shape=shape` and read by the eval pipeline would be.
 
-    Raises imaging.SkipVolume for a volume the builders would skip (not axial, too small, ...).
+    `intensity` states what the values are (`imaging.as_hounsfield`: "auto", "hu",
+    "windowed:MAX"). Raises imaging.SkipVolume for a volume the builders would skip (not
+    axial, too small, ...) or whose values cannot be HU; warns (imaging.ExtentWarning) when its
+    extent or spacing is far from a whole chest.
     """
-    stored = imaging.prepare_volume(imaging.read_volume(path), shape)
+    volume = imaging.as_hounsfield(imaging.read_volume(path), intensity, window)
+    canonical = imaging.canonicalize(volume)
+    imaging.warn_unusual_extent(canonical, shape)
+    stored = imaging.to_stored_hu(imaging.resize_volume(canonical.hu, shape))
     return transform_3d(stored, window)
 
 
@@ -136,17 +153,30 @@ class FilePreprocessing:
         }
 
     def image(self, path: imaging.PathLike) -> np.ndarray:
-        """An X-ray file -> float32 [crop, crop] in [0, 1] (`xray_from_file`)."""
+        """An X-ray file -> float32 [crop, crop] in [0, 1] (`xray_from_file`); InputFileError
+        names a file that cannot be one."""
         if self.image_stored_size is None:
             raise ValueError(
                 "preprocessing.image_stored_size is null: the run trained on no X-rays, so no "
                 "stored size says how to letterbox a file"
             )
-        return xray_from_file(path, self.image_crop, self.image_stored_size)
+        try:
+            return xray_from_file(path, self.image_crop, self.image_stored_size)
+        except imaging.SkipImage as err:
+            raise InputFileError(f"{err}: {IMAGE_HINT}") from err
 
-    def volume(self, path: imaging.PathLike) -> np.ndarray:
-        """A CT file or DICOM folder -> float32 `volume_shape` in [0, 1] (`volume_from_file`)."""
-        return volume_from_file(path, self.volume_shape, self.hu_window)
+    def volume(self, path: imaging.PathLike, intensity: str = imaging.AUTO) -> np.ndarray:
+        """A CT file or DICOM folder -> float32 `volume_shape` in [0, 1] (`volume_from_file`,
+        `intensity` as there); InputFileError names a file that cannot be one."""
+        try:
+            imaging.check_intensity(intensity)
+        except ValueError as err:
+            raise InputFileError(str(err)) from err
+        try:
+            return volume_from_file(path, self.volume_shape, self.hu_window, intensity)
+        except imaging.SkipVolume as err:
+            hint = "" if err.reason == imaging.NOT_HU else f": {VOLUME_HINT}"
+            raise InputFileError(f"{err}{hint}") from err
 
 
 def tokenize(reports: Sequence[str], tokenizer, max_length: int, prefix: str) -> dict:

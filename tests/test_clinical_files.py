@@ -5,12 +5,16 @@ uncompressed twin, or with sums and rows that libjpeg and CharLS, other decoders
 install's GDCM, give), and a real CT slice encoded here by GDCM (JPEG Lossless, JPEG-LS).
 """
 
+import functools
 import io
 import shutil
+import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import gdcm
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -22,6 +26,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGBaseline8Bit
 
 from data_pipelines import imaging, transforms
 from tests.test_imaging import _testdata, _write_ct_slice
+from unimedi_jax import inference, torch_model
 from unimedi_jax.evaluation import embed_files
 
 TWINS = {  # compressed (or differently encoded) file -> its uncompressed twin, its syntax
@@ -289,3 +294,119 @@ def test_a_walk_skips_what_is_neither_image_nor_volume_and_counts_it(tmp_path):
         "skipped 7 files that are neither images nor volumes by name and content (1 DICOMDIR, "
         "1 README, 1 .csv, 1 .json, 1 .txt, 1 .dcm, 1 .md)"
     )
+
+
+# ------------------------------------------------------------------ intensities and extents
+
+PREPROCESSING = transforms.FilePreprocessing(
+    image_stored_size=64, image_crop=64, volume_shape=(8, 32, 32), hu_window=(-1000.0, 1000.0)
+)
+
+
+def _write_real_nifti(path: Path, hu: np.ndarray, spacing=(0.7, 0.7, 2.5)) -> None:
+    """`hu` [slice, row, column] as a NIfTI (axes column, row, slice; LPS x, y negated)."""
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), affine), path)
+
+
+def _real_ct(depth: int = 16) -> np.ndarray:
+    """HU [depth, 128, 128] from a real CT slice (693_UNCR.dcm, every fourth pixel), shifted
+    by 3 rows a slice."""
+    ds = pydicom.dcmread(_testdata("693_UNCR.dcm"))
+    hu = ds.pixel_array[::4, ::4] * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return np.stack([np.roll(hu, 3 * k, axis=0) for k in range(depth)]).astype(np.float32)
+
+
+def test_an_8bit_windowed_ct_is_refused_with_what_to_pass_then_read_as_stated(tmp_path):
+    hu = np.clip(_real_ct(), -1000, 1000)  # within the window: its resize is the same
+    windowed = np.rint((hu + 1000) / 2000 * 255).astype(np.uint8)
+    _write_real_nifti(tmp_path / "hu.nii.gz", hu)
+    _write_real_nifti(tmp_path / "windowed.nii.gz", windowed)
+    with pytest.raises(transforms.InputFileError) as info:
+        PREPROCESSING.volume(tmp_path / "windowed.nii.gz")
+    message = str(info.value)
+    assert message.startswith(f"not Hounsfield units: {tmp_path / 'windowed.nii.gz'} (values 0")
+    assert "none negative, and no rescale to Hounsfield units" in message
+    assert "--ct_intensity=windowed:255" in message and "intensity='windowed:255'" in message
+    with pytest.warns(imaging.ExtentWarning):
+        stated = PREPROCESSING.volume(tmp_path / "windowed.nii.gz", "windowed:255")
+        original = PREPROCESSING.volume(tmp_path / "hu.nii.gz")
+    # The window of the stated values is training's window of the HU they were made from.
+    np.testing.assert_allclose(stated, original, atol=0.6 / 255)
+    assert np.ptp(stated) > 0.5
+
+
+def test_an_mr_series_is_refused_as_no_hounsfield_units():
+    with pytest.raises(imaging.SkipVolume, match=r"an MR series \(Modality MR\)") as info:
+        transforms.volume_from_file(_testdata("MR_small.dcm"))
+    assert info.value.reason == imaging.NOT_HU
+
+
+def test_a_bad_intensity_is_refused():
+    with pytest.raises(transforms.InputFileError, match="'windowed:MAX'"):
+        PREPROCESSING.volume(_testdata("MR_small.dcm"), "windowed:zero")
+
+
+def test_a_crop_is_embedded_with_one_line_on_its_extent(tmp_path):
+    _write_real_nifti(tmp_path / "crop.nii.gz", _real_ct(30), spacing=(0.7, 0.7, 1.25))
+    _write_real_nifti(tmp_path / "chest.nii.gz", _real_ct(60), spacing=(2.8, 2.8, 5.0))
+    with pytest.warns(imaging.ExtentWarning) as caught:
+        PREPROCESSING.volume(tmp_path / "crop.nii.gz")
+    (line,) = [str(w.message) for w in caught]
+    assert line == (
+        f"{tmp_path / 'crop.nii.gz'}: 38 mm superior-inferior x 90 x 90 mm across, 30 slices "
+        "1.25 mm apart; the model trained on whole chests, 150 to 600 mm superior-inferior, "
+        "200 to 550 mm across, slices at most 5 mm apart; embedded resized to 8 x 32 x 32 all "
+        "the same"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", imaging.ExtentWarning)
+        PREPROCESSING.volume(tmp_path / "chest.nii.gz")  # 300 x 358 x 358 mm: no line
+
+
+# ------------------------------------------------------------------ one reader, two frameworks
+
+
+def _both_readers():
+    """The JAX side's and the PyTorch side's read_image / read_volume on one preprocessing."""
+    jax_side = SimpleNamespace(preprocessing=PREPROCESSING)
+    torch_side = SimpleNamespace(_files=lambda: PREPROCESSING)
+    return (
+        (
+            functools.partial(inference.UniMedIInference.read_image, jax_side),
+            functools.partial(torch_model.UniMedI.read_image, torch_side),
+        ),
+        (
+            functools.partial(inference.UniMedIInference.read_volume, jax_side),
+            functools.partial(torch_model.UniMedI.read_volume, torch_side),
+        ),
+    )
+
+
+def test_torch_and_jax_readers_accept_and_refuse_the_same_files(tmp_path):
+    images, volumes = _both_readers()
+    (tmp_path / "README").write_text("not an X-ray")
+    _write_real_nifti(tmp_path / "windowed.nii.gz", np.zeros((16, 128, 128), np.uint8))
+    _write_slices(tmp_path / "short", 4, "1.2.3.4")
+    cases = [
+        (images, (_testdata("RG1_UNCR.dcm"),)),
+        (images, (_testdata("JPGExtended.dcm"),)),
+        (images, (tmp_path / "README",)),
+        (images, (_testdata("reportsi.dcm"),)),
+        (volumes, (tmp_path / "windowed.nii.gz",)),
+        (volumes, (tmp_path / "windowed.nii.gz", "windowed:255")),
+        (volumes, (_testdata("MR_small.dcm"),)),
+        (volumes, (tmp_path / "short",)),
+    ]
+    refused = 0
+    for (jax_read, torch_read), args in cases:
+        try:
+            want = jax_read(*args)
+        except transforms.InputFileError as err:
+            with pytest.raises(transforms.InputFileError) as info:
+                torch_read(*args)
+            assert str(info.value) == str(err)
+            refused += 1
+            continue
+        np.testing.assert_array_equal(torch_read(*args).numpy(), want)
+    assert refused == 5

@@ -30,6 +30,13 @@ _TEXTS = flags.DEFINE_multi_string(
     "texts", [], "Report texts to compare each input with (the arguments after --texts)."
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs per compiled batch.", lower_bound=1)
+_CT_INTENSITY = flags.DEFINE_string(
+    "ct_intensity",
+    "auto",
+    "What CT values are: auto (Hounsfield units; a volume whose values cannot be is refused), "
+    "hu (Hounsfield units, unchecked) or windowed:MAX (already windowed: 0..MAX spans the run's "
+    "HU window, e.g. windowed:255 for an 8-bit export).",
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -56,8 +63,12 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise UserError("give the files or folders to embed after the flags: embed ... PATH...")
+    try:
+        imaging.check_intensity(_CT_INTENSITY.value)
+    except ValueError as err:
+        raise UserError(f"--ct_intensity: {err}") from err
     model = inference.load(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
-    embedded = embed_files(model, paths)
+    embedded = embed_files(model, paths, _CT_INTENSITY.value)
     if embedded.skipped:
         print(skipped_line(embedded.skipped))
     for path, note in embedded.notes:

@@ -28,7 +28,11 @@ import numpy as np
 from flax import linen as nn
 
 from data_pipelines import imaging
-from data_pipelines.transforms import FilePreprocessing, tokenize
+from data_pipelines.transforms import (
+    FilePreprocessing,
+    InputFileError,  # noqa: F401 - the readers' error, re-exported
+    tokenize,
+)
 from unimedi_jax.config.checks import VISION_WEIGHTS
 from unimedi_jax.config.upgrade import read_run_config
 from unimedi_jax.core import sharding
@@ -43,10 +47,6 @@ from unimedi_jax.train.checkpoint import Checkpointer
 
 class RunNotFoundError(UserError, FileNotFoundError):
     """A path that is not a pre-training run (or one of its checkpoints)."""
-
-
-class InputFileError(UserError):
-    """A file that cannot be read as the model input asked for; the message says why."""
 
 
 def resolve_run(path: str | Path) -> tuple[Path, int | None]:
@@ -137,27 +137,19 @@ class UniMedIInference:
         ``embed_images``."""
         try:
             return self.preprocessing.image(path)[None]
-        except imaging.SkipImage as err:
-            raise InputFileError(
-                f"{err}: give a PNG, JPEG or single-frame grey DICOM X-ray"
-            ) from err
         except ValueError as err:  # the run recorded no stored X-ray size
             raise ConfigError(
                 f"{path}: {err} (the run's config.json). Pass embed_images an array [N, H, W] "
                 "in [0, 1]."
             ) from err
 
-    def read_volume(self, path: imaging.PathLike) -> np.ndarray:
+    def read_volume(self, path: imaging.PathLike, intensity: str = imaging.AUTO) -> np.ndarray:
         """A CT (a NIfTI file, a multi-frame DICOM file or a folder holding a DICOM series:
         the largest series, slices by position) -> float32 [1, D, H, W], canonically
-        oriented, resized and HU-windowed as the run's stored records were."""
-        try:
-            return self.preprocessing.volume(path)[None]
-        except imaging.SkipVolume as err:
-            raise InputFileError(
-                f"{err}: give a NIfTI file, a multi-frame DICOM file or a folder of one "
-                "axial DICOM series"
-            ) from err
+        oriented, resized and HU-windowed as the run's stored records were. ``intensity``:
+        what its values are, "auto" (HU, refused when they cannot be), "hu" or "windowed:MAX"
+        (0..MAX spans the run's window), as ``data_pipelines.imaging.as_hounsfield``."""
+        return self.preprocessing.volume(path, intensity)[None]
 
     def image_features(self, images: np.ndarray, weights: str | None = None) -> np.ndarray:
         """Final-norm [CLS] features [N, width] of X-rays [N, H, W]: linear-probe inputs."""

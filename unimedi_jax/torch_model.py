@@ -197,12 +197,15 @@ class UniMedI(nn.Module):
         return FilePreprocessing.from_record(recorded)
 
     def read_image(self, path: str | Path) -> torch.Tensor:
-        """An X-ray file (JPEG, PNG, DICOM) -> [1, H, W] in [0, 1], as the run trained on."""
+        """An X-ray file (JPEG, PNG, DICOM) -> [1, H, W] in [0, 1], as the run trained on: the
+        reader of ``inference.read_image`` (``FilePreprocessing``), so the same files are
+        accepted and the same refused (``InputFileError``)."""
         return torch.from_numpy(self._files().image(path))[None]
 
-    def read_volume(self, path: str | Path) -> torch.Tensor:
-        """A CT file (NIfTI) or DICOM series folder -> [1, D, H, W] in [0, 1], as trained."""
-        return torch.from_numpy(self._files().volume(path))[None]
+    def read_volume(self, path: str | Path, intensity: str = "auto") -> torch.Tensor:
+        """A CT file (NIfTI) or DICOM series folder -> [1, D, H, W] in [0, 1], as trained, by
+        the reader of ``inference.read_volume`` (``intensity`` as there)."""
+        return torch.from_numpy(self._files().volume(path, intensity))[None]
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Final-norm [CLS] features [B, width] of X-rays [B, H, W]."""

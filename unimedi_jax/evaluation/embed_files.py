@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,11 +95,15 @@ def skipped_line(skipped: Sequence[str]) -> str:
     )
 
 
-def embed_files(model: UniMedIInference, paths: Sequence[str | Path]) -> Embedded:
+def embed_files(
+    model: UniMedIInference, paths: Sequence[str | Path], intensity: str = imaging.AUTO
+) -> Embedded:
     """Reads (with the run's preprocessing) and embeds every input under ``paths``, a batch of
-    ``model.batch_size`` at a time per kind; unreadable inputs go to ``failed``."""
+    ``model.batch_size`` at a time per kind; unreadable inputs go to ``failed``. ``intensity``:
+    what CT values are (``imaging.as_hounsfield``)."""
     inputs, failed, skipped = collect_inputs(paths)
-    readers = {imaging.IMAGE: model.read_image, imaging.VOLUME: model.read_volume}
+    read_volume = functools.partial(model.read_volume, intensity=intensity)
+    readers = {imaging.IMAGE: model.read_image, imaging.VOLUME: read_volume}
     embedders = {imaging.IMAGE: model.embed_images, imaging.VOLUME: model.embed_volumes}
     done: dict[int, np.ndarray] = {}
     notes = []
