@@ -10,29 +10,41 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Folders that are not the project's text when the tree is walked without git.
-NOT_PROJECT = {".git", ".venv", "build", "dist", "runs", "export", "__pycache__", ".ruff_cache"}
+# Where the project's own text lives. A file git does not track yet counts when it lies here (a
+# new module or page); elsewhere it is a run's output (`export/`, a figure, embeddings), not text
+# of the project.
+PROJECT = ("README.md", "docs", "configs", "tests", "unimedi_jax", "data_pipelines", "launch")
 # "session" or "issue" (any case, singular or plural) as a whole word, then a number, possibly
 # after "#". BIMCV's "sessions.tsv", "session_id" and "ses-E0001" are not the word followed by a
 # number; "tissue" is not the word "issue". The examples are in the tests below.
 HISTORY = re.compile(r"\b(?:session|issue)s?\s*#?\s*\d", re.IGNORECASE)
 
 
+def _git_files(*options: str) -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", *options, "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name]
+
+
+def _in_project(name: str) -> bool:
+    return name.split("/")[0] in PROJECT and "__pycache__" not in name.split("/")
+
+
 def _project_files() -> list[Path]:
-    """Tracked files and new ones git does not ignore; without git, all but NOT_PROJECT."""
+    """Tracked files, and new files in the project's folders; without git, those folders."""
     try:
-        listed = subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-        paths = [ROOT / name for name in listed.split("\0") if name]
-    except (OSError, subprocess.CalledProcessError):
-        paths = [
-            p for p in ROOT.rglob("*") if not NOT_PROJECT.intersection(p.relative_to(ROOT).parts)
+        names = _git_files("--cached") + [
+            n for n in _git_files("--others", "--exclude-standard") if _in_project(n)
         ]
-    return [p for p in paths if p.is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        names = [
+            str(p.relative_to(ROOT))
+            for top in PROJECT
+            for p in ([ROOT / top] if (ROOT / top).is_file() else (ROOT / top).rglob("*"))
+        ]
+        names = [n for n in names if _in_project(n)]
+    return [ROOT / name for name in sorted(set(names)) if (ROOT / name).is_file()]
 
 
 def _text(path: Path) -> str | None:
@@ -86,6 +98,17 @@ def test_the_pattern_finds_history(line):
 )
 def test_the_pattern_leaves_other_words_alone(line):
     assert not HISTORY.search(line)
+
+
+def test_the_walk_reads_the_project():
+    names = {str(p.relative_to(ROOT)) for p in _project_files()}
+    assert {
+        "README.md",
+        "docs/benchmarks.md",
+        "configs/pretrain.py",
+        "tests/test_no_history.py",
+    } <= names
+    assert not any(n.startswith((".venv/", ".git/")) for n in names)
 
 
 def test_no_file_names_a_session_or_an_issue_by_number():
