@@ -18,6 +18,7 @@ The image operations themselves (reading, letterbox, resizing, windowing, croppi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -177,6 +178,28 @@ class FilePreprocessing:
         except imaging.SkipVolume as err:
             hint = "" if err.reason == imaging.NOT_HU else f": {VOLUME_HINT}"
             raise InputFileError(f"{err}{hint}") from err
+
+
+def read_file(
+    preprocessing: FilePreprocessing, kind: str, path: str, intensity: str = imaging.AUTO
+) -> tuple[np.ndarray | None, str | None, list[str]]:
+    """One input file as `kind` (imaging.IMAGE or VOLUME): (array, None, warning lines) or
+    (None, the refusal, warning lines). What embed's reader processes run: numpy only, so a
+    worker never imports jax, and everything it returns pickles."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", imaging.ReadWarning)
+        try:
+            if kind == imaging.IMAGE:
+                array, error = preprocessing.image(path), None
+            else:
+                array, error = preprocessing.volume(path, intensity), None
+        except InputFileError as err:
+            array, error = None, str(err)
+    return (
+        array,
+        error,
+        [str(w.message) for w in caught if issubclass(w.category, imaging.ReadWarning)],
+    )
 
 
 def tokenize(reports: Sequence[str], tokenizer, max_length: int, prefix: str) -> dict:

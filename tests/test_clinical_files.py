@@ -7,6 +7,7 @@ install's GDCM, give), and a real CT slice encoded here by GDCM (JPEG Lossless, 
 
 import functools
 import io
+import re
 import shutil
 import warnings
 import zlib
@@ -410,3 +411,44 @@ def test_torch_and_jax_readers_accept_and_refuse_the_same_files(tmp_path):
             continue
         np.testing.assert_array_equal(torch_read(*args).numpy(), want)
     assert refused == 5
+
+
+# ------------------------------------------------------------------ embedding many files
+
+
+def _stub_model(batch_size: int = 4) -> SimpleNamespace:
+    """What embed_files uses of a model, embedding an input as its first 8 values and mean:
+    the reading (real files, real decoders) is under test, not the network."""
+    embed = lambda x: np.concatenate([x.reshape(len(x), -1)[:, :8], x.mean((1, 2))[:, None]], 1)
+    return SimpleNamespace(
+        preprocessing=PREPROCESSING,
+        batch_size=batch_size,
+        embed_images=embed,
+        embed_volumes=lambda v: embed(v.reshape(len(v), -1, v.shape[-1])),
+    )
+
+
+def test_parallel_readers_give_what_one_reader_gives_with_progress(tmp_path):
+    xray = imaging.read_image_2d(_testdata("RG1_UNCR.dcm"))[::8, ::8]
+    for k in range(9):
+        Image.fromarray(np.roll(xray, 7 * k, axis=1)).save(tmp_path / f"x{k}.png")
+    shutil.copy(_testdata("RG1_J2KR.dcm"), tmp_path / "x9.dcm")
+    (tmp_path / "x10.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    hu = np.clip(_real_ct(), -1000, 1000)
+    _write_real_nifti(tmp_path / "ct.nii.gz", hu)
+    _write_real_nifti(tmp_path / "w.nii.gz", np.rint((hu + 1000) / 2000 * 255).astype(np.uint8))
+    lines: list[str] = []
+    one = embed_files.embed_files(_stub_model(), [tmp_path])
+    two = embed_files.embed_files(
+        _stub_model(), [tmp_path], workers=2, progress=lines.append, every_s=0.0
+    )
+    assert two.paths == one.paths and len(one.paths) == 11
+    np.testing.assert_array_equal(two.embeddings, one.embeddings)
+    assert two.failed == one.failed and [Path(p).name for p, _ in one.failed] == [
+        "x10.jpg",
+        "w.nii.gz",
+    ]
+    assert two.notes == one.notes and [Path(p).name for p, _ in one.notes] == ["ct.nii.gz"]
+    assert re.fullmatch(r"read and embedded 13/13 inputs, [\d.]+ files/s, ETA 0 s", lines[-1])
+    done = [int(re.match(r"read and embedded (\d+)/13", line)[1]) for line in lines]
+    assert done == sorted(done) and len(done) >= 4  # a line per batch or failure at every_s 0

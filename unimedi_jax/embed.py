@@ -10,11 +10,15 @@ All are read with the preprocessing the run recorded. ``--out`` gets ``embedding
 ``paths`` and ``kinds`` (``np.load(F, allow_pickle=False)``) and the inputs that failed with the
 reason (also printed); the command exits 0 when at least one input was embedded. ``--texts``
 (the arguments after it, up to the next flag, or ``--texts=T`` repeated) also prints each input
-against each text (cosine similarity) and saves it as ``similarity`` [N, T].
+against each text (cosine similarity) and saves it as ``similarity`` [N, T]. Files are decoded
+in ``--read_workers`` processes while the model embeds, with a progress line (done, files/s,
+ETA) on stderr every 10 s.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -36,6 +40,12 @@ _CT_INTENSITY = flags.DEFINE_string(
     "What CT values are: auto (Hounsfield units; a volume whose values cannot be is refused), "
     "hu (Hounsfield units, unchecked) or windowed:MAX (already windowed: 0..MAX spans the run's "
     "HU window, e.g. windowed:255 for an 8-bit export).",
+)
+_READ_WORKERS = flags.DEFINE_integer(
+    "read_workers",
+    max(1, min(8, (os.cpu_count() or 2) - 1)),
+    "Processes decoding files while the model embeds the batch before; 0 reads in this one.",
+    lower_bound=0,
 )
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -68,7 +78,13 @@ def main(argv: list[str]) -> None:
     except ValueError as err:
         raise UserError(f"--ct_intensity: {err}") from err
     model = inference.load(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
-    embedded = embed_files(model, paths, _CT_INTENSITY.value)
+    embedded = embed_files(
+        model,
+        paths,
+        _CT_INTENSITY.value,
+        workers=_READ_WORKERS.value,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     if embedded.skipped:
         print(skipped_line(embedded.skipped))
     for path, note in embedded.notes:

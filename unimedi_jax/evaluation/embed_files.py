@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import warnings
-from collections.abc import Sequence
+import itertools
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from data_pipelines import imaging
-from unimedi_jax.core.errors import UserError
+from data_pipelines import imaging, transforms
 from unimedi_jax.inference import UniMedIInference
 
 
@@ -96,33 +97,54 @@ def skipped_line(skipped: Sequence[str]) -> str:
 
 
 def embed_files(
-    model: UniMedIInference, paths: Sequence[str | Path], intensity: str = imaging.AUTO
+    model: UniMedIInference,
+    paths: Sequence[str | Path],
+    intensity: str = imaging.AUTO,
+    workers: int = 0,
+    progress: Callable[[str], None] | None = None,
+    every_s: float = 10.0,
 ) -> Embedded:
     """Reads (with the run's preprocessing) and embeds every input under ``paths``, a batch of
     ``model.batch_size`` at a time per kind; unreadable inputs go to ``failed``. ``intensity``:
-    what CT values are (``imaging.as_hounsfield``)."""
+    what CT values are (``imaging.as_hounsfield``).
+
+    ``workers`` > 0 decodes files in that many processes (numpy only: no jax in them), up to
+    two batches ahead, while this process embeds the batch before. ``progress`` gets a line
+    (done/total, files/s, ETA) at most every ``every_s`` seconds, and a last one.
+    """
     inputs, failed, skipped = collect_inputs(paths)
-    read_volume = functools.partial(model.read_volume, intensity=intensity)
-    readers = {imaging.IMAGE: model.read_image, imaging.VOLUME: read_volume}
+    preprocessing = model.preprocessing
+    first_image = next((path for path, kind in inputs if kind == imaging.IMAGE), None)
+    if first_image is not None and preprocessing.image_stored_size is None:
+        model.read_image(first_image)  # the ConfigError of a run without X-rays, before work
     embedders = {imaging.IMAGE: model.embed_images, imaging.VOLUME: model.embed_volumes}
+    meter = _Progress(len(inputs), progress, every_s)
     done: dict[int, np.ndarray] = {}
     notes = []
-    for kind in (imaging.IMAGE, imaging.VOLUME):
-        pending: list[tuple[int, np.ndarray]] = []
-        for index, (path, input_kind) in enumerate(inputs):
-            if input_kind != kind:
-                continue
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", imaging.ReadWarning)
-                try:
-                    pending.append((index, readers[kind](path)[0]))
-                except UserError as err:
-                    failed.append((path, str(err)))
-            notes += [(path, str(w.message)) for w in caught]
-            if len(pending) == model.batch_size:
-                done.update(_embed(embedders[kind], pending))
-                pending = []
-        done.update(_embed(embedders[kind], pending))
+    pool = _reader_pool(workers) if workers > 0 and inputs else None
+    try:
+        for kind in (imaging.IMAGE, imaging.VOLUME):
+            indices = [i for i, (_, input_kind) in enumerate(inputs) if input_kind == kind]
+            reads = _reads(pool, preprocessing, kind, [inputs[i][0] for i in indices], intensity)
+            pending: list[tuple[int, np.ndarray]] = []
+            for index, (array, error, lines) in zip(indices, reads, strict=True):
+                path = inputs[index][0]
+                notes += [(path, line) for line in lines]
+                if error is not None:
+                    failed.append((path, error))
+                    meter.advance(1)
+                else:
+                    pending.append((index, array))
+                if len(pending) == model.batch_size:
+                    done.update(_embed(embedders[kind], pending))
+                    meter.advance(len(pending))
+                    pending = []
+            done.update(_embed(embedders[kind], pending))
+            meter.advance(len(pending))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    meter.finish()
     order = sorted(done)
     width = next(iter(done.values())).shape[0] if done else 0
     return Embedded(
@@ -133,6 +155,72 @@ def embed_files(
         notes=notes,
         skipped=skipped,
     )
+
+
+def _reader_pool(workers: int) -> Executor:
+    """Reader processes from a fork server that imported only the numpy readers: a fork of
+    this process would copy JAX's threads, a spawn would re-import the command (and JAX)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data_pipelines.transforms"])
+    return ProcessPoolExecutor(workers, mp_context=context)
+
+
+def _reads(
+    pool: Executor | None,
+    preprocessing: transforms.FilePreprocessing,
+    kind: str,
+    paths: Sequence[str],
+    intensity: str,
+    ahead: int = 32,
+) -> Iterator[tuple[np.ndarray | None, str | None, list[str]]]:
+    """``transforms.read_file`` of each path, in order: here, or in ``pool`` with up to
+    ``ahead`` files submitted beyond the one being yielded."""
+    if pool is None:
+        for path in paths:
+            yield transforms.read_file(preprocessing, kind, path, intensity)
+        return
+    submit = lambda path: pool.submit(transforms.read_file, preprocessing, kind, path, intensity)
+    todo = iter(paths)
+    futures = collections.deque(submit(path) for path in itertools.islice(todo, ahead))
+    while futures:
+        result = futures.popleft().result()
+        futures.extend(submit(path) for path in itertools.islice(todo, 1))
+        yield result
+
+
+class _Progress:
+    """``done/total inputs, files/s, ETA`` lines to ``out``, one per ``every_s`` at most."""
+
+    def __init__(self, total: int, out: Callable[[str], None] | None, every_s: float):
+        self.total, self.out, self.every_s = total, out, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.out is not None and time.monotonic() - self.last >= self.every_s:
+            self.out(self.line())
+            self.last = time.monotonic()
+
+    def finish(self) -> None:
+        if self.out is not None and self.total:
+            self.out(self.line())
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (
+            f"read and embedded {self.done}/{self.total} inputs, {rate:.1f} files/s, "
+            f"ETA {_duration(eta)}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "unknown"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def _embed(embed, pending: list[tuple[int, np.ndarray]]) -> dict[int, np.ndarray]:
