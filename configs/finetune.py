@@ -1,7 +1,7 @@
 """Full fine-tuning of the vision encoder for 3D classification (paper Table 3).
 
     python -m unimedi_jax.finetune --config=configs/finetune.py:dataset=cc_ccii \
-        --checkpoint=runs/paper --workdir=runs/paper/finetune/cc_ccii
+        --workdir=runs/paper --out=runs/paper/finetune/cc_ccii
 
 (``python -m unimedi_jax.main`` with the same flags does the same: it dispatches on ``kind``.)
 

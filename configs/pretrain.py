@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from unimedi_jax.evaluation import settings
+from unimedi_jax.config import evaluator_settings
 
 
 def paper_config() -> ml_collections.ConfigDict:
@@ -42,7 +42,7 @@ def paper_config() -> ml_collections.ConfigDict:
     c.probe_train_limit = 2000  # training records of the in-loop linear probe, per modality
     # Per evaluator, replacing a default: every_steps (-1: eval_every_steps), split ('':
     # eval_split), limit (-1: eval_limit); e.g. --config.eval_settings.linear_probe.every_steps=5000
-    c.eval_settings = ml_collections.ConfigDict(settings.inherit_defaults())
+    c.eval_settings = ml_collections.ConfigDict(evaluator_settings.inherit_defaults())
     # The vision tower evaluation, inference, probes and exports use: student (what L_vl trains
     # with the text tower and the projections they share) | teacher (the EMA copy, DINO's choice).
     # The teacher lags the student, most at the end as its momentum goes to 1 (docs/benchmarks.md,

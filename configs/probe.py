@@ -1,7 +1,7 @@
 """Linear-probe evaluation of a pre-trained encoder (paper Tables 1 and 2).
 
     python -m unimedi_jax.evaluate --config=configs/probe.py:dataset=chexpert,fraction=0.01 \
-        --checkpoint=runs/paper
+        --workdir=runs/paper
 
 ``dataset`` is a labelled dataset prepared under ``data.data_dir`` (chexpert, rsna_pneumonia,
 covidx, cc_ccii, luna16, phantoms/xray, phantoms/ct); ``fraction`` is 0.01, 0.1 or 1.0, all

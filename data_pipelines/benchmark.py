@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from transformers import BertTokenizerFast
 
 from data_pipelines import pipeline, prepare
+from unimedi_jax.core.app import run_app
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Resolved as any --config is: the working directory's, else the packaged configs.
@@ -149,8 +150,6 @@ def main(argv: list[str]) -> None:
 
 def cli() -> None:
     """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
-    from unimedi_jax.core.errors import run_app  # the command's part: one handler for every command
-
     define_flags()
     run_app(main, default_config=_DEFAULT_CONFIG)
 

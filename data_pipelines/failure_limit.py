@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from unimedi_jax.core.errors import UserError
+
 DEFAULT_MAX_FRACTION = 0.1
 DEFAULT_MIN_COUNT = 100  # below this, a fraction says more about chance than about the data
 
 
-class TooManyFailuresError(ValueError):
+class TooManyFailuresError(UserError, ValueError):
     """More of a dataset was unusable than the configured fraction allows."""
 
 

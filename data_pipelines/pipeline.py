@@ -40,6 +40,7 @@ from absl import flags
 
 from data_pipelines import builders, transforms
 from data_pipelines.failure_limit import FailureLimit
+from unimedi_jax.core.errors import UserError
 
 # Why a record was replaced; TrainStream.skipped counts "<source>: <reason>".
 UNDECODABLE = "undecodable record"
@@ -54,7 +55,7 @@ _ARRAY_KEY = {"2d": "image", "3d": "volume"}
 _MODALITY_ID = {"2d": 0, "3d": 1}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """The data part of a config does not match what is prepared on disk."""
 
 

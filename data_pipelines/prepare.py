@@ -33,9 +33,11 @@ from data_pipelines.builders import (
 )
 from data_pipelines.builders.common import failure_limit as build_failure_limit
 from data_pipelines.failure_limit import DEFAULT_MAX_FRACTION, FailureLimit
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.errors import UserError, reporting_user_errors
 
 
-class PreparedDataMismatchError(ValueError):
+class PreparedDataMismatchError(UserError, ValueError):
     """Prepared data exists but was built with other options than the ones asked for."""
 
 
@@ -258,8 +260,6 @@ def main(argv: Sequence[str]) -> int:
 def run(args: Sequence[str]) -> int:
     """``python -m data_pipelines.prepare ARGS`` inside this process (tests, scripts), on a flag
     set of its own: the same parsing, output and exit status 2 for a user's mistake."""
-    from unimedi_jax.core.errors import reporting_user_errors
-
     given = flags.FlagValues()
     define_flags(given)
 
@@ -271,9 +271,6 @@ def run(args: Sequence[str]) -> int:
 
 def cli() -> None:
     """The command, for ``python -m`` and the console script (pyproject.toml) alike."""
-    # The command's part only: the library above stays free of unimedi_jax.
-    from unimedi_jax.core.errors import run_app
-
     define_flags()
     # The builders report a bad option (a value, a split file, a window) as ValueError.
     run_app(main, also=(ValueError,))

@@ -15,7 +15,8 @@ from PIL import Image
 
 from configs.pretrain import get_config
 from tests.tiny_runs import fast_compile_env, tiny_run_config
-from unimedi_jax.experiments import ablation, metrics
+from unimedi_jax.evaluation import metrics
+from unimedi_jax.experiments import ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("separate", "vl")

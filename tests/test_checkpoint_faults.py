@@ -15,7 +15,7 @@ from orbax.checkpoint._src.path import atomicity
 
 from tests.tiny_runs import tiny_run_config
 from unimedi_jax.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 
 def fail_rename_of(monkeypatch, step: int) -> None:

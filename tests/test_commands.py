@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.test_results_table import EVAL_FILES
 from tests.tiny_runs import fast_compile_env, tiny_run_config
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from ml_collections import config_flags
 
 from configs.pretrain import get_config
 from unimedi_jax.config.checks import ConfigError, check_batch_for_mesh, check_config
-from unimedi_jax.config.overrides import check_override_names, parse_flags
+from unimedi_jax.core.overrides import check_override_names, parse_flags
 
 
 def test_presets_pass():

@@ -24,10 +24,10 @@ from unimedi_jax import inference
 from unimedi_jax.evaluation import downstream, linear_probe
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.evaluation.tasks import ProtocolError
-from unimedi_jax.train import trainers
-from unimedi_jax.train.finetuning import finetune
 from unimedi_jax.train.loop import NonFiniteLossError
 from unimedi_jax.train.preemption import Preempted
+from unimedi_jax.trainers import by_kind
+from unimedi_jax.trainers.finetuning import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 run = test_visualize.run  # the tiny trained run (a module-scoped fixture), reused
@@ -257,20 +257,16 @@ def _with_batch_hook(monkeypatch, hook):
 
 
 def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_ccii_dir, tmp_path):
-    """In the spelling before --out (--checkpoint=RUN --workdir=DIR), kept for one release."""
     proc = _cli(
         "unimedi_jax.main",
         "--config=configs/finetune.py:dataset=cc_ccii",
         f"--config.data.data_dir={cc_ccii_dir}",
         "--config.train.epochs=1",
         "--config.train.batch_size=4",
-        f"--checkpoint={run}",
-        f"--workdir={tmp_path}",
+        f"--workdir={run}",
+        f"--out={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"deprecated and goes in the next release: write --workdir={run} --out={tmp_path}" in (
-        proc.stderr
-    )
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["kind"] == "finetune" and results["epochs"] == 1
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -289,8 +285,8 @@ def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_cci
 def test_a_config_and_flags_that_make_no_job_are_refused_before_anything_runs(
     module, arg, out, message, tmp_path
 ):
-    with pytest.raises(trainers.TrainerUsageError, match=message):
-        trainers.run(module.get_config(arg), tmp_path / "w", out)
+    with pytest.raises(by_kind.TrainerUsageError, match=message):
+        by_kind.run(module.get_config(arg), tmp_path / "w", out)
     assert not (tmp_path / "w").exists()
 
 

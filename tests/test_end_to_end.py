@@ -13,7 +13,7 @@ from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 
 @pytest.fixture(scope="module")

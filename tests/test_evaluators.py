@@ -13,10 +13,11 @@ import pytest
 from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
 from tests.fake_devices import fake_device_flags
-from unimedi_jax.config.overrides import apply_overrides
+from unimedi_jax.config import evaluator_settings
 from unimedi_jax.config.upgrade import upgrade_config
 from unimedi_jax.core.errors import ConfigError
-from unimedi_jax.evaluation import evaluators, settings
+from unimedi_jax.core.overrides import apply_overrides
+from unimedi_jax.evaluation import evaluators
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,8 @@ def _summary(config) -> list[tuple]:
 
 
 def test_config_names_every_registered_evaluator():
-    assert tuple(evaluators.EVALUATORS) == settings.NAMES
-    assert set(get_config().eval_settings) == set(settings.NAMES)
+    assert tuple(evaluators.EVALUATORS) == evaluator_settings.NAMES
+    assert set(get_config().eval_settings) == set(evaluator_settings.NAMES)
 
 
 def test_each_evaluator_takes_the_defaults_unless_its_settings_replace_them():
@@ -73,7 +74,7 @@ def test_unknown_evaluator_is_a_config_error_listing_the_valid_names():
     config.evals = ("retrieval", "retreival")
     with pytest.raises(ConfigError, match=r"unknown evaluators \['retreival'\]; valid: \[") as err:
         evaluators.from_config(config)
-    for name in settings.NAMES:
+    for name in evaluator_settings.NAMES:
         assert name in str(err.value)
 
 
@@ -95,16 +96,17 @@ SHARDED = textwrap.dedent(
     from jax.experimental import multihost_utils
     from configs.pretrain import get_config
     from unimedi_jax.core import sharding
-    from unimedi_jax.core.text_tower import prepare_text_tower
-    from unimedi_jax.evaluation import evaluators, predict, settings
+    from unimedi_jax.text_tower.run_setup import prepare_text_tower
+    from unimedi_jax.config import evaluator_settings
+    from unimedi_jax.evaluation import evaluators, predict
     from unimedi_jax.inference import UniMedIInference
-    from unimedi_jax.train import pretraining
+    from unimedi_jax.trainers import pretraining
 
     data_dir, workdir = sys.argv[1], Path(sys.argv[2])
     config = get_config("tiny")
     config.data.data_dir = data_dir
     config.mesh.preset = "fsdp"
-    config.update(evals=settings.NAMES, eval_limit=12, probe_train_limit=24)
+    config.update(evals=evaluator_settings.NAMES, eval_limit=12, probe_train_limit=24)
     text = prepare_text_tower(config, workdir)
     mesh = sharding.mesh_from_config(config.mesh)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}

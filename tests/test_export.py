@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 from configs.pretrain import get_config
 from tests.tiny_models import TINY_BERT, TINY_VIT
 from unimedi_jax.interop import torch_export
-from unimedi_jax.models.text import BertConfig, BertEncoder, train_wordpiece_tokenizer
+from unimedi_jax.models.text import BertConfig, BertEncoder
 from unimedi_jax.models.vit import VisionTransformer
+from unimedi_jax.text_tower.tokenizer import train_wordpiece_tokenizer
 from unimedi_jax.torch_model import load_monai_weights
 
 REPORTS = [
@@ -338,10 +339,10 @@ def test_export_run_exports_the_loaded_run(tmp_path, monkeypatch, vision, text, 
         config=get_config("tiny"),
         step=2,
     )
-    fake = types.ModuleType("unimedi_jax.inference")
+    fake = types.ModuleType("unimedi_jax.evaluation.trained_model")
     fake.load = lambda path: run if path == "runs/x" else None
     fake.resolve_run = lambda path: (Path(path), None)
-    monkeypatch.setitem(sys.modules, "unimedi_jax.inference", fake)
+    monkeypatch.setitem(sys.modules, "unimedi_jax.evaluation.trained_model", fake)
     size = {"monai": {"size": (8, 32, 32)}, "timm": {"size": (48, 48), "in_chans": 3}}
     torch_export.export_run("runs/x", fmt, tmp_path, **size.get(fmt, {}))
     _assert_safe_files(tmp_path)

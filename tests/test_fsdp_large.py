@@ -27,7 +27,7 @@ from tests.fake_devices import fake_device_flags
 from unimedi_jax.core import sharding
 from unimedi_jax.diagnostics.step_benchmark import device_batch, text_tower
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
-from unimedi_jax.train.pretraining import build_trainer
+from unimedi_jax.trainers.pretraining import build_trainer
 
 HERE = Path(__file__).resolve().parent
 DEVICES = 8

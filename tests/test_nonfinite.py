@@ -11,7 +11,7 @@ from configs.pretrain import get_config
 from tests.test_train_step import build, tiny_batch
 from unimedi_jax.train.checkpoint import Checkpointer
 from unimedi_jax.train.loop import NonFiniteLossError, NonFiniteWatch, check_finite
-from unimedi_jax.train.pretraining import NONFINITE_REMEDY
+from unimedi_jax.trainers.pretraining import NONFINITE_REMEDY
 
 LEARNED = ("params", "teacher", "opt_state", "center_cls", "center_patch")
 

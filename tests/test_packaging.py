@@ -2,7 +2,7 @@
 configs, names a console script for every command, and trains the tiny preset from an empty
 directory with only the wheel (installed with ``pip --target``) on the path.
 
-Also the ``--config`` resolution the wheel relies on (config/overrides.py): a path missing under
+Also the ``--config`` resolution the wheel relies on (core/overrides.py): a path missing under
 the working directory is taken from the packaged configs, an existing file wins.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.tiny_runs import fast_compile_env, tiny_run_config
-from unimedi_jax.config.overrides import resolve_config_args, resolve_config_file
+from unimedi_jax.core.overrides import resolve_config_args, resolve_config_file
 from unimedi_jax.diagnostics.resume_soak import logged_steps
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from configs.pretrain import get_config
 from data_pipelines import pipeline, prepare, transforms
 from tests.damaged_records import damage_train_records
-from unimedi_jax.models.text import train_wordpiece_tokenizer
+from unimedi_jax.text_tower.tokenizer import train_wordpiece_tokenizer
 
 N_TRAIN, N_TEST = 40, 6
 STORED, CROP, VOLUME = 24, 16, (8, 16, 16)

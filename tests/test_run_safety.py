@@ -21,8 +21,8 @@ from unimedi_jax.core.errors import user_error_types
 from unimedi_jax.evaluation.figures import draw_figure
 from unimedi_jax.interop.torch_export import export_run
 from unimedi_jax.train.checkpoint import Checkpointer, CheckpointReadError
-from unimedi_jax.train.finetuning import finetune
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.finetuning import finetune
+from unimedi_jax.trainers.pretraining import train
 
 
 def _config(data_dir: Path):

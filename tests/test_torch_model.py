@@ -23,7 +23,7 @@ from unimedi_jax import inference, torch_model
 from unimedi_jax.interop import torch_export
 from unimedi_jax.method import selection
 from unimedi_jax.models.vit import token_grid
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Left pleural effusion.", "No acute cardiopulmonary process.", "Cardiomegaly."]

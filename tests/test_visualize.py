@@ -15,7 +15,7 @@ from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
 from unimedi_jax import inference
 from unimedi_jax.evaluation import figures
-from unimedi_jax.train.pretraining import train
+from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import pytest
 from configs.pretrain import get_config
 from unimedi_jax.config.checks import ConfigError, check_config
 from unimedi_jax.config.preprocessing import before_recorded
-from unimedi_jax.core.text_tower import text_tower_config
-from unimedi_jax.models.text import train_wordpiece_tokenizer
+from unimedi_jax.text_tower.run_setup import text_tower_config
+from unimedi_jax.text_tower.tokenizer import train_wordpiece_tokenizer
 from unimedi_jax.train.checkpoint import Checkpointer
 from unimedi_jax.train.metric_writer import MetricWriter, rewind_jsonl
 from unimedi_jax.train.workdir import abstract_train_state, prepare_workdir

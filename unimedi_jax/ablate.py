@@ -3,7 +3,7 @@
     python -m unimedi_jax.ablate --out=runs/ablation [--budget_steps=N] [--seeds=0,1]
         [--rows=separate,vl,vl_sd,unimedi,random_masking] [--config=configs/pretrain.py:demo]
 
-Trains every row (config overrides of the preset; ``unimedi_jax/evaluation/ablation.py``,
+Trains every row (config overrides of the preset; ``unimedi_jax/experiments/ablation.py``,
 ``ROWS``) for every seed at one budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the
 held-out phantoms and writes ``--out/ablation.md`` (mean ± spread over seeds), ``ablation.json``
 and the side-by-side t-SNE. Finished runs are skipped and interrupted ones resume, so the same
@@ -15,10 +15,11 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.errors import VIZ_EXTRA, require_extra, run_app
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
 
 require_extra("ablate", "viz", VIZ_EXTRA)  # its t-SNE figure
-from unimedi_jax.evaluation.ablation import ROWS, run_ablation  # noqa: E402
+from unimedi_jax.experiments.ablation import ROWS, run_ablation  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Folder of the ablation: runs, tables, figures.")
 _BUDGET = flags.DEFINE_integer(

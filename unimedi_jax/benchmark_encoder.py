@@ -14,7 +14,7 @@ import platform
 import jax
 from absl import flags
 
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 from unimedi_jax.diagnostics.encoder_benchmark import HEADER, encoder_rows
 
 _BATCH_2D = flags.DEFINE_integer("batch_2d", 8, "X-rays per batch.", lower_bound=1)

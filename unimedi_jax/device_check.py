@@ -19,7 +19,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 from unimedi_jax.diagnostics.backend_check import comparison_table, loss_verdict, one_step
 
 _CONFIG = config_flags.DEFINE_config_file(

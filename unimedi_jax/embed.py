@@ -25,7 +25,8 @@ from absl import flags
 
 from data_pipelines import imaging
 from unimedi_jax import inference
-from unimedi_jax.core.errors import UserError, parse_absl_flags, run_app
+from unimedi_jax.core.app import parse_absl_flags, run_app
+from unimedi_jax.core.errors import UserError
 from unimedi_jax.evaluation.embed_files import embed_files, skipped_line, zero_shot_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")

@@ -10,8 +10,6 @@ in-loop schedule, and writes ``W/eval.json``: the evaluators and figures of in-l
 Linear probe (paper Tables 1-2), ``--config=configs/probe.py:dataset=NAME[,fraction=F]
 --workdir=PATH``: writes ``<run workdir>/probe/<dataset>-<fractions>[-random_init]/eval.json``
 (or ``--out=DIR``: ``DIR/eval.json``); see ``unimedi_jax/evaluation/downstream.py``.
-``--checkpoint`` and ``--out_dir``, the spellings before ``--workdir`` and ``--out``, still work
-for one release, with a deprecation line.
 
 Zero-shot and retrieval benchmarks, ``--config=configs/zero_shot.py:dataset=NAME --workdir=RUN
 --out=DIR``: writes ``DIR/eval.json`` (default ``<run workdir>/zero_shot/<benchmark>``); see
@@ -28,8 +26,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from unimedi_jax import inference
-from unimedi_jax.config.overrides import apply_overrides, config_given, override_args
-from unimedi_jax.core.errors import parse_absl_flags, run_app
+from unimedi_jax.core.app import parse_absl_flags, run_app
+from unimedi_jax.core.overrides import apply_overrides, config_given, override_args
 from unimedi_jax.evaluation import downstream, zero_shot
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 
@@ -39,9 +37,6 @@ _WORKDIR = flags.DEFINE_string(
 _OUT = flags.DEFINE_string(
     "out", None, "Where eval.json goes (default: the run's workdir; probes: under probe/)."
 )
-# The spellings before --workdir and --out, kept for one release with a deprecation line.
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Deprecated: --workdir.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Deprecated: --out.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional config replacing the run's, or configs/probe.py:dataset=NAME."
 )
@@ -68,24 +63,9 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return [*parse_absl_flags([a for a in argv if a not in overrides]), *overrides]
 
 
-def _flag(new: flags.FlagHolder, old: flags.FlagHolder) -> str | None:
-    """The value of ``new``, or of its deprecated spelling ``old`` with a deprecation line."""
-    if old.value is None:
-        return new.value
-    if new.value is not None and new.value != old.value:
-        raise app.UsageError(f"give --{new.name}, not --{old.name} as well")
-    logging.warning(
-        "--%s is deprecated and goes in the next release: write --%s=%s",
-        old.name,
-        new.name,
-        old.value,
-    )
-    return old.value
-
-
 def main(argv: list[str]) -> None:
     overrides = override_args(argv[1:])
-    path, out = _flag(_WORKDIR, _CHECKPOINT), _flag(_OUT, _OUT_DIR)
+    path, out = _WORKDIR.value, _OUT.value
     if not path:
         raise app.UsageError("--workdir=RUN (or RUN/checkpoints/STEP) is required")
     config = _CONFIG.value

@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import flags
 
 from unimedi_jax.config.checks import VISION_WEIGHTS
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 from unimedi_jax.interop.torch_export import FORMATS, export_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")

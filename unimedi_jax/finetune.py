@@ -5,10 +5,9 @@
 
 An alias of ``python -m unimedi_jax.main`` (same flags, same dispatch on the config's kind) that
 takes fine-tuning configs only: ``--workdir`` is the pre-training run (or one of its
-``checkpoints/<step>``), ``--out`` the new folder (the deprecated ``--checkpoint=RUN
---workdir=DIR`` still works for one release). Writes ``out/eval.json`` (test accuracy and AUROC
-of the best-validation epoch, the history) and ``out/metrics.jsonl``; see
-``unimedi_jax/train/finetuning.py``.
+``checkpoints/<step>``), ``--out`` the new folder. Writes ``out/eval.json`` (test accuracy and
+AUROC of the best-validation epoch, the history) and ``out/metrics.jsonl``; see
+``unimedi_jax/trainers/finetuning.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from unimedi_jax import main as command
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 
 
 def main(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Entry point of every trainer; it dispatches on the config's ``kind`` (``train/trainers.py``).
+"""Entry point of every trainer; it dispatches on the config's ``kind`` (``trainers/by_kind.py``).
 
     python -m unimedi_jax.main --config=configs/pretrain.py[:preset] --workdir=DIR
     python -m unimedi_jax.main --config=configs/finetune.py:dataset=NAME --workdir=RUN \
@@ -16,12 +16,12 @@ import logging as std_logging
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.errors import run_app
-from unimedi_jax.train import trainers
+from unimedi_jax.core.app import run_app
 from unimedi_jax.train.preemption import Preempted
+from unimedi_jax.trainers import by_kind
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job stopped by SIGTERM
 
@@ -35,11 +35,6 @@ _WORKDIR = flags.DEFINE_string(
     "(its latest checkpoint) or <run>/checkpoints/<step> to start from.",
 )
 _OUT = flags.DEFINE_string("out", None, "Fine-tuning only: the new folder of the fine-tuning run.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "Deprecated (fine-tuning: --checkpoint=RUN --workdir=DIR is --workdir=RUN --out=DIR).",
-)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside SLURM/TPU."
 )
@@ -88,19 +83,8 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
     maybe_initialize_distributed()
-    workdir, out = _WORKDIR.value, _OUT.value
-    if _CHECKPOINT.value is not None:  # the spelling before --out, kept for one release
-        if out is not None:
-            raise app.UsageError("give --workdir=RUN --out=DIR, not --checkpoint as well")
-        logging.warning(
-            "--checkpoint=RUN --workdir=DIR is deprecated and goes in the next release: write "
-            "--workdir=%s --out=%s",
-            _CHECKPOINT.value,
-            workdir,
-        )
-        workdir, out = _CHECKPOINT.value, workdir
     try:
-        summary = trainers.run(_CONFIG.value, workdir, out)
+        summary = by_kind.run(_CONFIG.value, _WORKDIR.value, _OUT.value)
     except Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(EXIT_PREEMPTED)

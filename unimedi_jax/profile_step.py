@@ -17,7 +17,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 from unimedi_jax.diagnostics.step_profile import profile_step
 
 _CONFIG = config_flags.DEFINE_config_file(

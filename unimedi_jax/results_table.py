@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from absl import app
 
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 from unimedi_jax.evaluation.paper_tables import tables_of
 
 

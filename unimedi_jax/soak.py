@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from unimedi_jax.core.errors import run_app
+from unimedi_jax.core.app import run_app
 from unimedi_jax.diagnostics.resume_soak import soak
 
 _ROOT = flags.DEFINE_string("root", None, "Directory for both runs.")

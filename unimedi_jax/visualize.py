@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from unimedi_jax.core.errors import VIZ_EXTRA, require_extra, run_app
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
 
 require_extra("visualize", "viz", VIZ_EXTRA)
 from unimedi_jax.evaluation.figures import (  # noqa: E402  (after the check above)

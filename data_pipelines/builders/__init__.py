@@ -24,6 +24,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from unimedi_jax.core.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -114,7 +116,7 @@ REGISTRY: dict[str, DatasetSpec] = {
 }
 
 
-class UnknownDatasetError(ValueError):
+class UnknownDatasetError(UserError, ValueError):
     """A dataset name that is not in the registry."""
 
 

@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import imaging
 from data_pipelines.failure_limit import FailureLimit
 from data_pipelines.reports import SkipReason
+from unimedi_jax.core.errors import UserError
 
 MISSING_IMAGE = "missing image"
 MISSING_VOLUME = "missing volume"
@@ -70,7 +71,7 @@ _FAILURE_LIMIT: contextvars.ContextVar[FailureLimit | None] = contextvars.Contex
 TASKS = ("multilabel", "binary", "multiclass")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The manual_dir given to a real dataset lacks a file or folder the builder needs."""
 
 

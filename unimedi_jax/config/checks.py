@@ -18,12 +18,12 @@ from unimedi_jax.method.selection import MODES
 from unimedi_jax.models.layers import REMAT_POLICIES
 from unimedi_jax.models.unimedi import TEXT_POOLINGS
 from unimedi_jax.models.vit import ATTENTION_LAYERS
-from unimedi_jax.train.state import CLIP_MODES
-from unimedi_jax.train.step import PCL_TOKENS
 
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
 ON_SHAPE_CHANGE = ("refuse", "restart")  # on_shape_change (unimedi_jax.train.workdir)
 VISION_WEIGHTS = ("student", "teacher")  # vision_weights: the tower a trained run is used with
+PCL_TOKENS = ("masked", "all")  # loss.pcl_tokens: the patch positions L_pcl averages over
+CLIP_MODES = ("global", "per_param")  # train.clip_mode (unimedi_jax.train.state)
 
 
 def _check_divisible(field: str, size, patch, patch_field: str) -> None:

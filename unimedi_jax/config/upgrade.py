@@ -17,9 +17,8 @@ from typing import Any
 
 import ml_collections
 
-from unimedi_jax.config import preprocessing
+from unimedi_jax.config import evaluator_settings, preprocessing
 from unimedi_jax.core.run_folders import PRETRAIN
-from unimedi_jax.evaluation import settings
 
 # (field, the value that reproduces a run saved before the field existed, or a function of the
 # upgraded config that gives it), oldest first.
@@ -47,7 +46,7 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     ("masking.unmasked_tuning_fraction", 0.0),  # the student's tokens were masked to the end
     ("vision_weights", "teacher"),  # evaluation, inference and exports used the EMA teacher
     # Every evaluator took the run-wide eval_every_steps, eval_split and eval_limit.
-    ("eval_settings", settings.inherit_defaults()),
+    ("eval_settings", evaluator_settings.inherit_defaults()),
     # Files were read with the defaults of the time: X-rays stored at prepare's default size.
     ("preprocessing", preprocessing.before_recorded),
 )

@@ -17,7 +17,7 @@ from unimedi_jax.diagnostics.step_benchmark import (
     checked_mesh_and_text,
     device_batch,
 )
-from unimedi_jax.train.pretraining import build_trainer
+from unimedi_jax.trainers.pretraining import build_trainer
 
 LOSS_KEYS = ("loss", "loss_vl", "loss_icl", "loss_pcl")
 

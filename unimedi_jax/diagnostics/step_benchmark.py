@@ -30,8 +30,8 @@ from unimedi_jax.config.checks import check_batch_for_mesh, check_mesh, check_mo
 from unimedi_jax.core import sharding
 from unimedi_jax.core.host_memory import huge_pages_requested
 from unimedi_jax.core.precision import compute_dtype
-from unimedi_jax.core.text_tower import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
-from unimedi_jax.train.pretraining import build_trainer, count_params
+from unimedi_jax.text_tower.run_setup import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
+from unimedi_jax.trainers.pretraining import build_trainer, count_params
 
 # Dense bf16 (V100: fp16) tensor peak TFLOP/s of one device, matched against the lower-cased
 # device kind, first match wins. CPUs have none: MFU is n/a unless --peak_tflops is given.

@@ -6,7 +6,7 @@ transforms at the sizes of the checkpoint's own config, extracts frozen final-no
 features (``probe_features``, through ``evaluation/predict``) and trains one linear head per label
 fraction (``linear_probe.run_probe``). The in-loop ``linear_probe`` evaluator runs the same two.
 
-Fine-tuning (``unimedi_jax/train/finetuning.py``) shares the rest: ``open_downstream`` (the eval
+Fine-tuning (``unimedi_jax/trainers/finetuning.py``) shares the rest: ``open_downstream`` (the eval
 config, the checks that the prepared data exists and fits the checkpoint, loading the encoder),
 feature extraction and ``eval.json``. Errors a person can act on are ``DownstreamError``, one
 paragraph each.
@@ -24,9 +24,8 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import builders, pipeline
-from unimedi_jax import inference
 from unimedi_jax.core.errors import UserError
-from unimedi_jax.evaluation import linear_probe, tasks
+from unimedi_jax.evaluation import linear_probe, tasks, trained_model
 from unimedi_jax.evaluation.predict import Predictor
 from unimedi_jax.train.metric_writer import format_duration
 
@@ -43,7 +42,7 @@ class DownstreamSetup(NamedTuple):
     task: tasks.Downstream
     eval_config: ml_collections.ConfigDict  # the checkpoint's config, reading the dataset
     sources: dict[str, pipeline.Source]  # by role: train, val, test
-    model: inference.UniMedIInference
+    model: trained_model.UniMedIInference
 
 
 def open_downstream(
@@ -61,11 +60,11 @@ def open_downstream(
     path = Path(checkpoint)
     if not path.exists():
         raise DownstreamError(
-            f"checkpoint {path} does not exist: pass --checkpoint=a pre-training run's workdir "
+            f"checkpoint {path} does not exist: pass --workdir=a pre-training run's workdir "
             "(its latest checkpoint) or <workdir>/checkpoints/<step>"
         )
     try:
-        workdir, _ = inference.resolve_run(path)
+        workdir, _ = trained_model.resolve_run(path)
     except FileNotFoundError as err:
         raise DownstreamError(str(err)) from None
     eval_config = run_eval_config(workdir, config)
@@ -76,7 +75,7 @@ def open_downstream(
         for role in tasks.ROLES
     }
     try:
-        model = inference.load(path, batch_size, config.random_init, config.seed)
+        model = trained_model.load(path, batch_size, config.random_init, config.seed)
     except FileNotFoundError as err:
         raise DownstreamError(f"cannot load checkpoint {path}: {err}") from None
     return DownstreamSetup(task, eval_config, sources, model)
@@ -88,7 +87,7 @@ def run_eval_config(
     """The pre-training run's config with a downstream config's data folder and CT window; an
     empty ``data.hu_window`` (the downstream configs' default) keeps the window the run trained
     with, so a probe reads CTs as the encoder learned them (the demo's is a lung window)."""
-    eval_config = ml_collections.ConfigDict(inference.load_config(workdir).to_dict())
+    eval_config = ml_collections.ConfigDict(trained_model.load_config(workdir).to_dict())
     eval_config.data.data_dir = config.data.data_dir
     if len(config.data.hu_window):
         eval_config.data.hu_window = tuple(float(v) for v in config.data.hu_window)
@@ -173,7 +172,7 @@ def extract_features(
 
 
 def probe_features(
-    model: inference.UniMedIInference,
+    model: trained_model.UniMedIInference,
     eval_config: ml_collections.ConfigDict,
     task: tasks.Downstream,
     sources: dict[str, pipeline.Source],
@@ -238,7 +237,7 @@ def describe(
     task: tasks.Downstream, random_init: bool, checkpoint: str | Path, step: int | None
 ) -> dict[str, Any]:
     """What an eval.json says about the dataset and the encoder it measured."""
-    workdir, _ = inference.resolve_run(checkpoint)
+    workdir, _ = trained_model.resolve_run(checkpoint)
     return {
         "dataset": task.name,
         "task": task.task,
@@ -253,7 +252,7 @@ def describe(
 
 def default_out_dir(config: ml_collections.ConfigDict, checkpoint: str | Path) -> Path:
     """<run workdir>/probe/<dataset>-<fractions>[-random_init]."""
-    workdir, _ = inference.resolve_run(checkpoint)
+    workdir, _ = trained_model.resolve_run(checkpoint)
     name = (
         config.dataset.replace("/", "_") + "-" + "_".join(str(float(f)) for f in config.fractions)
     )

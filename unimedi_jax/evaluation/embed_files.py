@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines import imaging, transforms
-from unimedi_jax.inference import UniMedIInference
+from unimedi_jax.evaluation.trained_model import UniMedIInference
 
 
 @dataclasses.dataclass

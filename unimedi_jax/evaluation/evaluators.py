@@ -4,7 +4,7 @@ Named units configured from the config (as big_vision's ``evaluators/common.py``
 names the ones to run (``EVALUATORS`` maps names to them) and each reads its own schedule (every
 N steps), split and record limit from ``eval_settings.<name>``, where -1 / '' take the run-wide
 ``eval_every_steps`` / ``eval_split`` / ``eval_limit``. The in-loop evaluation
-(``train/pretraining.evaluate_state``, on the sharded train state through ``evaluation/predict``)
+(``trainers/pretraining.evaluate_state``, on the sharded train state through ``predict``)
 and ``python -m unimedi_jax.evaluate`` (on a loaded checkpoint) run the same evaluators.
 
 Each evaluator reads embeddings from an ``EvalSet`` (computed once per split and limit of an
@@ -24,9 +24,8 @@ import numpy as np
 
 from data_pipelines import builders, pipeline
 from data_pipelines.pipeline import eval_batches, parse_sources
-from unimedi_jax import inference
 from unimedi_jax.core.errors import ConfigError
-from unimedi_jax.evaluation import downstream, linear_probe, metrics, tasks
+from unimedi_jax.evaluation import downstream, linear_probe, metrics, tasks, trained_model
 from unimedi_jax.evaluation import zero_shot as zero_shot_protocols
 from unimedi_jax.train.loop import is_due
 
@@ -179,7 +178,7 @@ def frozen_probe(model, data: EvalSet) -> dict[str, float]:
     return out
 
 
-EVALUATORS: dict[str, Callable[[inference.UniMedIInference, EvalSet], dict[str, float]]] = {
+EVALUATORS: dict[str, Callable[[trained_model.UniMedIInference, EvalSet], dict[str, float]]] = {
     "retrieval": retrieval,
     "zero_shot": zero_shot,
     "cross_modal": cross_modal,
@@ -194,7 +193,7 @@ class Evaluator:
     """One configured evaluator: what it computes, how often in the loop, on what data."""
 
     name: str
-    fn: Callable[[inference.UniMedIInference, EvalSet], dict[str, float]]
+    fn: Callable[[trained_model.UniMedIInference, EvalSet], dict[str, float]]
     every_steps: int  # 0: never in the loop (``python -m unimedi_jax.evaluate`` still runs it)
     split: str
     limit: int  # records per modality
@@ -229,7 +228,7 @@ def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
 
 
 def run_evaluators(
-    model: inference.UniMedIInference,
+    model: trained_model.UniMedIInference,
     config: ml_collections.ConfigDict,
     evaluators: Sequence[Evaluator],
 ) -> dict[str, float]:
@@ -247,7 +246,7 @@ def run_evaluators(
 def evaluate_checkpoint(path: str | Path, config=None) -> dict[str, float]:
     """Loads the checkpoint at ``path`` and runs every evaluator the config names (``config``:
     the run's own when None), with the vision tower the config names."""
-    model = inference.load(path, vision_weights=config.vision_weights if config else None)
+    model = trained_model.load(path, vision_weights=config.vision_weights if config else None)
     if config is None:
         config = model.config
     elif not config.data.data_dir:

@@ -29,9 +29,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from data_pipelines.pipeline import eval_batches, open_source, parse_sources
-from unimedi_jax import inference
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import check_output, written_atomically
+from unimedi_jax.evaluation import trained_model
 from unimedi_jax.evaluation.evaluators import build_eval_set
 from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
@@ -340,9 +340,9 @@ def _attention(model: UniMedI, params, images):
     return model.apply({"params": params}, images, method=UniMedI.encode_vision).cls_attention
 
 
-def image_attention(model: inference.UniMedIInference, images: np.ndarray) -> np.ndarray:
+def image_attention(model: trained_model.UniMedIInference, images: np.ndarray) -> np.ndarray:
     """The teacher's Eq. 1 attention [N, P] on full (unmasked) X-rays, as masking uses it."""
-    return np.asarray(_attention(model.model, model.teacher, inference.as_float(images)))
+    return np.asarray(_attention(model.model, model.teacher, trained_model.as_float(images)))
 
 
 def _source(config: ml_collections.ConfigDict, modality: str) -> str:
@@ -377,7 +377,7 @@ def label_names(config: ml_collections.ConfigDict, modality: str, split: str) ->
     return list(metadata.get("findings") or metadata.get("labels") or [])
 
 
-def run_slices(model: inference.UniMedIInference, split: str, num: int) -> Figure:
+def run_slices(model: trained_model.UniMedIInference, split: str, num: int) -> Figure:
     """The slice-selection figure of ``num`` held-out volumes of a run."""
     batch = held_out(model.config, "3d", split, num)
     indices, scores = model.select_slices(batch["volume"])
@@ -386,7 +386,7 @@ def run_slices(model: inference.UniMedIInference, split: str, num: int) -> Figur
     )
 
 
-def run_masking(model: inference.UniMedIInference, split: str, num: int) -> Figure:
+def run_masking(model: trained_model.UniMedIInference, split: str, num: int) -> Figure:
     """The masking figure of ``num`` held-out X-rays, with the run's mask ratio."""
     config = model.config
     batch = held_out(config, "2d", split, num)
@@ -395,7 +395,7 @@ def run_masking(model: inference.UniMedIInference, split: str, num: int) -> Figu
     return masking_figure(batch["image"], attention, grid, config.masking.ratio, batch["report"])
 
 
-def run_tsne(model: inference.UniMedIInference, split: str, num: int) -> Figure:
+def run_tsne(model: trained_model.UniMedIInference, split: str, num: int) -> Figure:
     """The t-SNE of up to ``num`` held-out records per modality and their reports."""
     config = model.config
     data = build_eval_set(model, config, split, num).modalities
@@ -483,8 +483,8 @@ def draw_figure(
     ``DEFAULT_NUM``) of ``split`` and writes it as PNG to ``out``, a file outside the run that
     appears only when complete; returns ``out``."""
     num = num or DEFAULT_NUM[figure]
-    check_output(out, inference.resolve_run(workdir)[0], overwrite, is_dir=False)
-    drawn = FIGURES[figure](inference.load(workdir), split, num)
+    check_output(out, trained_model.resolve_run(workdir)[0], overwrite, is_dir=False)
+    drawn = FIGURES[figure](trained_model.load(workdir), split, num)
     with written_atomically(out, is_dir=False) as partial:
         drawn.savefig(partial, dpi=110)
     return Path(out)

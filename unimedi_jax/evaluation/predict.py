@@ -1,13 +1,13 @@
 """Predict functions: what evaluation and inference compute from a UniMedI's params.
 
-One implementation for the public inference API (``unimedi_jax/inference.py``, on a one-device
-mesh) and for in-loop evaluation (on the training mesh). The params are used where they lie:
-sharded over the mesh by FSDP / tensor parallelism during training, so no host or device ever
-gathers the whole model. Inputs are cut into fixed-size batches (the last zero-padded, so each
-input shape compiles once) split over the mesh's data axes; outputs come back replicated and
-small ([N, width] features, [N, E] embeddings, [N, D] slice scores) as numpy on every process.
-On a multi-process mesh every process must make the same calls with the same inputs: the jitted
-functions are collective.
+One implementation for a loaded run (``trained_model.py``, behind the public inference API, on a
+one-device mesh) and for in-loop evaluation (on the training mesh). The params are used where
+they lie: sharded over the mesh by FSDP / tensor parallelism during training, so no host or
+device ever gathers the whole model. Inputs are cut into fixed-size batches (the last
+zero-padded, so each input shape compiles once) split over the mesh's data axes; outputs come
+back replicated and small ([N, width] features, [N, E] embeddings, [N, D] slice scores) as
+numpy on every process. On a multi-process mesh every process must make the same calls with the
+same inputs: the jitted functions are collective.
 """
 
 from __future__ import annotations

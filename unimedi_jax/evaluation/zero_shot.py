@@ -24,7 +24,7 @@ negative]; or ``classes``: class -> [prompt, ...] or GLoRIA's template parts), r
 ``--config.prompts=FILE.json``. A file's ``cross_modal`` section words the labels shared with the
 other modality as that modality's reports do (CT findings in X-ray wording and the reverse):
 scored beside the dataset's own prompts, a test of UniMedI's one space for both. Embeddings
-come from ``inference`` (the one prediction path); the data check is the probe's
+come from ``trained_model`` (the one prediction path); the data check is the probe's
 (``downstream.open_checked_split`` -> ``pipeline.open_for_model``).
 """
 
@@ -41,10 +41,9 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import builders, pipeline
-from unimedi_jax import inference
-from unimedi_jax.config.overrides import packaged_config_dir
 from unimedi_jax.core.errors import UserError
-from unimedi_jax.evaluation import downstream, metrics, tasks
+from unimedi_jax.core.overrides import packaged_config_dir
+from unimedi_jax.evaluation import downstream, metrics, tasks, trained_model
 from unimedi_jax.method.losses import cap_logit_scale
 
 PROMPTS_DIR = packaged_config_dir() / "prompts"  # configs/prompts, in a checkout or a wheel
@@ -338,7 +337,7 @@ def class_scores(image_emb: np.ndarray, prompt_emb: Sequence[np.ndarray]) -> np.
 # ---------------------------------------------------------------------------------- protocols
 
 
-def _logit_scale(model: inference.UniMedIInference) -> float:
+def _logit_scale(model: trained_model.UniMedIInference) -> float:
     """The trained CLIP logit scale, capped as in training: CT-CLIP's softmax is over logits."""
     value = cap_logit_scale(
         model.student["logit_scale"]["value"], model.config.loss.max_logit_scale
@@ -347,7 +346,7 @@ def _logit_scale(model: inference.UniMedIInference) -> float:
 
 
 def _embed_split(
-    model: inference.UniMedIInference,
+    model: trained_model.UniMedIInference,
     eval_config: ml_collections.ConfigDict,
     task: tasks.Downstream,
     split: str,
@@ -391,10 +390,10 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[
     task = _task(config.dataset)
     prompts = load_prompts(config.prompts or prompts_path(config.benchmark))
     path = Path(checkpoint)
-    workdir, _ = inference.resolve_run(path)
+    workdir, _ = trained_model.resolve_run(path)
     eval_config = downstream.run_eval_config(workdir, config)
     downstream.open_checked_split(task, eval_config, config.split, path, pretrained=True)
-    model = inference.load(path, config.batch_size)
+    model = trained_model.load(path, config.batch_size)
     out: dict[str, Any] = {
         **downstream.describe(task, False, path, model.step),
         "kind": "zero_shot",
@@ -416,7 +415,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[
 
 def default_out_dir(config: ml_collections.ConfigDict, checkpoint: str | Path) -> Path:
     """<run workdir>/zero_shot/<benchmark>."""
-    workdir, _ = inference.resolve_run(checkpoint)
+    workdir, _ = trained_model.resolve_run(checkpoint)
     return workdir / "zero_shot" / config.benchmark
 
 

@@ -59,8 +59,9 @@ from unimedi_jax.interop.formats import (
     TEXT_DIR,
     WEIGHTS,
 )
-from unimedi_jax.models.text import _EMBEDDING_SOURCES, _FILE_LEAVES, _LAYER_SOURCES, BertConfig
+from unimedi_jax.models.text import BertConfig
 from unimedi_jax.models.vit import VisionTransformer, resample_grid, token_grid
+from unimedi_jax.text_tower.hugging_face import EMBEDDING_SOURCES, FILE_LEAVES, LAYER_SOURCES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -276,15 +277,15 @@ def timm_vit_state(
 def hf_bert_state(params: Mapping[str, Any]) -> Tensors:
     """The text tower as a transformers BertModel state dict (HF names, no pooler)."""
     p = _host(params)
-    torch_leaf = {key: names[0] for key, names in _FILE_LEAVES.items()}
+    torch_leaf = {key: names[0] for key, names in FILE_LEAVES.items()}
     tensors = {}
-    for module, (hf_module, kind) in _EMBEDDING_SOURCES.items():
+    for module, (hf_module, kind) in EMBEDDING_SOURCES.items():
         for leaf, value in p["embeddings"][module].items():
             tensors[f"{hf_module}.{torch_leaf[(kind, leaf)]}"] = value
     layers = p["layers"]
     for i in range(layers["query"]["bias"].shape[0]):
         layer = jax.tree.map(lambda a, i=i: a[i], layers)
-        for module, (hf_module, kind) in _LAYER_SOURCES.items():
+        for module, (hf_module, kind) in LAYER_SOURCES.items():
             torch_tensors = _linear(layer[module]) if kind == "linear" else _norm(layer[module])
             for leaf, value in torch_tensors.items():
                 tensors[f"encoder.layer.{i}.{hf_module}.{leaf}"] = value
@@ -638,8 +639,8 @@ def export_run(
     into ``out``, which must lie outside the run and appears only when complete. ``size``: timm
     image H,W or monai volume D,H,W (default: the training size); ``weights``: the student's
     or the EMA teacher's vision tower (None: the run's ``vision_weights``)."""
-    # Imported here: inference loads a whole run, which the conversions above never need.
-    from unimedi_jax.inference import load, resolve_run
+    # Imported here: the conversions above never load a whole run.
+    from unimedi_jax.evaluation.trained_model import load, resolve_run
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")

@@ -1,1 +1,1 @@
-"""Training: TrainState, the compiled step, the loop."""
+"""What training is built from: TrainState, the compiled step, checkpoints, the loop's parts."""

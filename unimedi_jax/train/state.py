@@ -9,7 +9,6 @@ from flax import struct, traverse_util
 
 from unimedi_jax.models.unimedi import TEACHER_KEYS, UniMedI, init_inputs
 
-CLIP_MODES = ("global", "per_param")  # train.clip_mode
 # Modules built by layers.scanned: their leaves stack one parameter per layer on axis 0.
 SCANNED_MODULES = frozenset({"blocks", "layers"})
 # Leaves that AdamW must not decay: biases, norm scales, embeddings and tokens, the logit scale.

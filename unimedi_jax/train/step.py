@@ -38,7 +38,6 @@ from unimedi_jax.models.vit import EncoderOutput, token_grid
 from unimedi_jax.train.state import TrainState, teacher_subtree
 
 MODALITIES = ("image", "volume")
-PCL_TOKENS = ("masked", "all")  # loss.pcl_tokens: the patch positions L_pcl averages over
 
 # modality -> the vision tower's inputs: (images,) or (volumes, selected slices [B, k, h, w]).
 Sequences = dict[str, tuple[jax.Array, ...]]

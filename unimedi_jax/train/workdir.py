@@ -32,9 +32,9 @@ from jax.experimental import multihost_utils
 from unimedi_jax.config.checks import ConfigError
 from unimedi_jax.config.upgrade import read_run_config
 from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
-from unimedi_jax.core.text_tower import text_tower_config
 from unimedi_jax.models.text import BertConfig
 from unimedi_jax.models.unimedi import build_unimedi
+from unimedi_jax.text_tower.run_setup import text_tower_config
 from unimedi_jax.train.checkpoint import DAMAGED_DIR
 from unimedi_jax.train.state import TrainState, make_optimizer, state_initializer
 

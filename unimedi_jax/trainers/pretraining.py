@@ -28,11 +28,11 @@ from unimedi_jax.core import sharding
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.core.precision import compute_dtype
 from unimedi_jax.core.run_folders import PRETRAIN, check_new_run
-from unimedi_jax.core.text_tower import TextTower, prepare_text_tower
 from unimedi_jax.evaluation.evaluators import Evaluator, run_evaluators
 from unimedi_jax.evaluation.evaluators import from_config as evaluators_from_config
-from unimedi_jax.inference import UniMedIInference
+from unimedi_jax.evaluation.trained_model import UniMedIInference
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi
+from unimedi_jax.text_tower.run_setup import TextTower, prepare_text_tower
 from unimedi_jax.train.checkpoint import Checkpointer, abstract_like
 from unimedi_jax.train.loop import NonFiniteWatch, Progress, is_due
 from unimedi_jax.train.metric_writer import MetricWriter, format_duration

@@ -22,13 +22,9 @@ from jax.experimental import multihost_utils
 
 from data_pipelines.pipeline import report_texts
 from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
-from unimedi_jax.models.text import (
-    BertConfig,
-    load_hf_bert,
-    load_tokenizer,
-    read_bert_config,
-    train_wordpiece_tokenizer,
-)
+from unimedi_jax.models.text import BertConfig
+from unimedi_jax.text_tower.hugging_face import load_hf_bert, read_bert_config
+from unimedi_jax.text_tower.tokenizer import load_tokenizer, train_wordpiece_tokenizer
 
 SCRATCH_VOCAB_SIZE = 2048
 # What a run needs of ``text.path`` besides the weights: the BERT config and the tokenizer files

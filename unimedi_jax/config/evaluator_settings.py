@@ -1,7 +1,8 @@
 """The evaluators' names and per-evaluator settings as config data.
 
-Free of jax, so config files and ``config/upgrade.py`` read them; the evaluators themselves are
-``evaluators.EVALUATORS`` (a test keeps the names equal).
+Config data, free of jax, so config files and ``upgrade.py`` read them below the evaluation
+layer; the evaluators themselves are ``evaluation.evaluators.EVALUATORS`` (a test keeps the
+names equal).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from unimedi_jax.core.errors import UserError
-from unimedi_jax.train import finetuning, pretraining
+from unimedi_jax.trainers import finetuning, pretraining
 
 SUMMARY_FIELDS = ("dataset", "encoder", "best_epoch", "test")  # of a fine-tuning eval.json
 

@@ -25,12 +25,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from unimedi_jax import inference
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import written_atomically
-from unimedi_jax.evaluation import evaluators, figures
-from unimedi_jax.train import trainers
-from unimedi_jax.train.pretraining import prepare_demo_data
+from unimedi_jax.evaluation import evaluators, figures, trained_model
+from unimedi_jax.trainers import by_kind
+from unimedi_jax.trainers.pretraining import prepare_demo_data
 
 SHARED_SPACE = ("cross_modal", "modality_distance")  # computed per row, from the embeddings
 RUN_RESULTS = "ablation_eval.json"  # in a run's workdir: its figures, written when it is done
@@ -101,7 +100,7 @@ def run_config(
 def evaluate_run(workdir: Path) -> dict[str, float]:
     """Runs the run's configured evaluators except the shared-space ones on its latest checkpoint
     and stores its held-out embeddings for them (``RUN_EMBEDDINGS``)."""
-    model = inference.load(workdir)
+    model = trained_model.load(workdir)
     config = model.config
     chosen = [e for e in evaluators.from_config(config) if e.name not in SHARED_SPACE]
     results = evaluators.run_evaluators(model, config, chosen)
@@ -138,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict
         logging.info("%s: done, skipped", workdir)
         return done["figures"]
     logging.info("%s: training %d steps", workdir, config.total_steps)
-    trainers.run(config, workdir)
+    by_kind.run(config, workdir)
     found = evaluate_run(workdir)
     with written_atomically(record, is_dir=False) as partial:
         partial.write_text(json.dumps({"total_steps": config.total_steps, "figures": found}))

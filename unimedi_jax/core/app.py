@@ -1,0 +1,45 @@
+"""The entry point every command runs under: flags parsed, ``--config.X`` checked, user
+errors reported (``errors.report``: one paragraph, exit 2) and anything else raised.
+
+    if __name__ == "__main__":
+        run_app(main)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags
+
+from unimedi_jax.core.errors import reporting_user_errors
+from unimedi_jax.core.host_memory import restart_with_huge_pages
+from unimedi_jax.core.overrides import config_given, parse_flags
+
+
+def parse_absl_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with unknown ``--config.X`` names named as soon as the config loads
+    and flag mistakes (unknown flag, missing required flag, bad value) reported with exit 2."""
+    return parse_flags(flags.FLAGS, argv)
+
+
+def run_app(
+    main: Callable[[list[str]], Any],
+    flags_parser: Callable[[Sequence[str]], list[str]] = parse_absl_flags,
+    default_config: str | None = None,
+    also: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Entry point of every command: ``app.run`` (which exits with ``main``'s return value) with
+    flag parsing and ``main`` handled. ``default_config``: the ``--config`` file when none is
+    given (a config flag defined with a default would apply the overrides while its module is
+    imported, out of reach here). ``also``: more exception classes this command reports as user
+    mistakes (data_pipelines' builders report a bad option as ValueError)."""
+    if main.__module__.startswith("unimedi_jax."):  # our console scripts (`python -m` did it
+        restart_with_huge_pages()  # in unimedi_jax/__init__.py, before importing JAX)
+
+    def parse(argv: Sequence[str]) -> list[str]:
+        if default_config is not None and not config_given(argv):
+            argv = [argv[0], f"--config={default_config}", *argv[1:]]
+        return flags_parser(argv)
+
+    app.run(reporting_user_errors(main, also), flags_parser=reporting_user_errors(parse, also))
