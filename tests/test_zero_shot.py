@@ -43,7 +43,14 @@ from tests.test_builders_real import (
     _write_csv,
 )
 from unimedi_jax import inference
-from unimedi_jax.evaluation import evaluators, paper_tables, tasks, zero_shot
+from unimedi_jax.evaluation import (
+    evaluators,
+    paper_tables,
+    tasks,
+    zero_shot,
+    zero_shot_metrics,
+    zero_shot_prompts,
+)
 from unimedi_jax.evaluation.downstream import DownstreamError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +60,14 @@ run = test_visualize.run  # the tiny trained run (a module-scoped fixture), reus
 
 
 def test_ct_rate_prompts_are_ct_clips():
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path("ct_rate"))
+    prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path("ct_rate"))
     assert list(prompts.pairs) == list(ct_rate.ABNORMALITIES)
     assert prompts.pairs["Lung nodule"] == ("Lung nodule.", "not Lung nodule.")
     assert all(p == (f"{n}.", f"not {n}.") for n, p in prompts.pairs.items())
 
 
 def test_phantom_prompts_kept_their_wording():
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path("phantoms"))
+    prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path("phantoms"))
     assert prompts.pairs == {
         "pleural_effusion_left": ("Left pleural effusion.", "No pleural effusion."),
         "pleural_effusion_right": ("Right pleural effusion.", "No pleural effusion."),
@@ -69,15 +76,17 @@ def test_phantom_prompts_kept_their_wording():
         "ground_glass_opacity": ("Ground-glass opacity.", "No ground-glass opacity."),
         "cardiomegaly": ("Cardiomegaly is present.", "The heart is normal in size."),
     }
-    assert zero_shot.label_names("phantoms") == synthetic_phantoms.FINDINGS
+    assert zero_shot_prompts.label_names("phantoms") == synthetic_phantoms.FINDINGS
 
 
 @pytest.mark.parametrize("benchmark", zero_shot_config.DATASETS)
 def test_every_benchmark_ships_prompts_for_its_labels(benchmark):
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path(benchmark))
+    prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path(benchmark))
     names = list(prompts.pairs) + list(prompts.classes)
-    labels = zero_shot.label_names(zero_shot_config.BENCHMARKS[benchmark][0])
-    assert zero_shot.label_columns(names, labels, prompts.path) == [labels.index(n) for n in names]
+    labels = zero_shot_prompts.label_names(zero_shot_config.BENCHMARKS[benchmark][0])
+    assert zero_shot_prompts.label_columns(names, labels, prompts.path) == [
+        labels.index(n) for n in names
+    ]
     if prompts.cross_modal is not None:  # the other modality's wording, of shared labels
         cross = list(prompts.cross_modal.pairs) + list(prompts.cross_modal.classes)
         assert cross and set(cross) <= set(names)
@@ -98,14 +107,18 @@ def test_bad_prompt_files_are_named(tmp_path, content, message):
     path = tmp_path / "mine.json"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(zero_shot.PromptError, match=message) as err:
-        zero_shot.load_prompts(path)
+    with pytest.raises(zero_shot_prompts.PromptError, match=message) as err:
+        zero_shot_prompts.load_prompts(path)
     assert str(path) in str(err.value)
 
 
 def test_prompts_for_unknown_labels_are_named(tmp_path):
-    with pytest.raises(zero_shot.PromptError, match=r"names \['Pneumothorax'\].*Cardiomegaly"):
-        zero_shot.label_columns(["Pneumothorax"], ct_rate.ABNORMALITIES, tmp_path / "p.json")
+    with pytest.raises(
+        zero_shot_prompts.PromptError, match=r"names \['Pneumothorax'\].*Cardiomegaly"
+    ):
+        zero_shot_prompts.label_columns(
+            ["Pneumothorax"], ct_rate.ABNORMALITIES, tmp_path / "p.json"
+        )
 
 
 def test_config_names_the_benchmarks():
@@ -141,10 +154,10 @@ def test_threshold_and_its_figures_match_ct_clip_and_sklearn(seed):
     scores = np.clip(0.5 * labels + rng.normal(0.3, 0.25, 60), 0, 1)
     if seed == 3:
         scores = np.round(scores, 1)  # ties on the grid
-    threshold = zero_shot.ct_clip_threshold(labels, scores)
+    threshold = zero_shot_metrics.ct_clip_threshold(labels, scores)
     assert threshold == pytest.approx(_ct_clip_find_threshold(scores, labels.astype(int)))
     predicted = scores > threshold
-    got = zero_shot.threshold_metrics(labels, predicted)
+    got = zero_shot_metrics.threshold_metrics(labels, predicted)
     assert got["f1"] == pytest.approx(f1_score(labels, predicted, average="weighted"))
     assert got["f1_positive"] == pytest.approx(f1_score(labels, predicted))
     assert got["precision"] == pytest.approx(precision_score(labels, predicted, zero_division=0))
@@ -154,10 +167,10 @@ def test_threshold_and_its_figures_match_ct_clip_and_sklearn(seed):
 
 def test_threshold_figures_when_nothing_is_predicted_positive():
     labels, predicted = np.array([1, 0, 0, 1]), np.zeros(4, bool)
-    got = zero_shot.threshold_metrics(labels, predicted)
+    got = zero_shot_metrics.threshold_metrics(labels, predicted)
     assert got["precision"] == precision_score(labels, predicted, zero_division=0) == 0.0
     assert got["f1"] == pytest.approx(f1_score(labels, predicted, average="weighted"))
-    assert math.isnan(zero_shot.ct_clip_threshold(np.ones(4), np.arange(4) / 4))
+    assert math.isnan(zero_shot_metrics.ct_clip_threshold(np.ones(4), np.arange(4) / 4))
 
 
 def test_bootstrap_intervals_by_brute_force():
@@ -165,7 +178,7 @@ def test_bootstrap_intervals_by_brute_force():
     n, samples, seed = 25, 1000, 3
     labels = rng.random((n, 2)) < 0.5
     scores = rng.random((n, 2)) + 0.4 * labels
-    report = zero_shot.multilabel_report(labels, scores, ["a", "b"], samples, seed)
+    report = zero_shot_metrics.multilabel_report(labels, scores, ["a", "b"], samples, seed)
 
     per_class, means = [], []
     for rows in np.random.default_rng(seed).integers(0, n, size=(samples, n)):
@@ -213,7 +226,7 @@ def _chexpert_style_labels(rng, n, c):
 def test_multilabel_report_leaves_out_uncertain_and_blank_labels_per_label():
     rng = np.random.default_rng(5)
     labels, scores = _chexpert_style_labels(rng, 60, 3), rng.random((60, 3))
-    found = zero_shot.multilabel_report(labels, scores, ["a", "b", "c"], samples=20, seed=0)
+    found = zero_shot_metrics.multilabel_report(labels, scores, ["a", "b", "c"], samples=20, seed=0)
     for c, name in enumerate("abc"):
         known = np.isin(labels[:, c], (0, 1))
         assert found["classes"][name]["auroc"] == pytest.approx(
@@ -235,7 +248,7 @@ def test_in_loop_zero_shot_scores_each_finding_on_the_records_that_state_it():
     """The training loop's zero_shot evaluator on CT-RATE-labelled volumes with uncertain and
     blank labels (a volume without labels, MIMIC-style cells): AUROC per finding on the records
     whose label is 0/1, against scikit-learn on brute-force prompt scores."""
-    names = list(zero_shot.load_prompts(zero_shot.prompts_path("ct_rate")).pairs)
+    names = list(zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path("ct_rate")).pairs)
     rng = np.random.default_rng(7)
     n, dim = 40, 6
     image_emb = rng.normal(size=(n, dim))
@@ -252,7 +265,7 @@ def test_in_loop_zero_shot_scores_each_finding_on_the_records_that_state_it():
     data = evaluators.EvalSet("ct_rate", {"volume": modality}, {"volume": "ct_rate"}, None, n)
     found = evaluators.zero_shot(Model(), data)
 
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path("ct_rate")).pairs
+    prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path("ct_rate")).pairs
     unit = lambda v: v / np.linalg.norm(v)
     expected = []
     for name in names:
@@ -268,7 +281,7 @@ def test_class_scores_are_glorias():
     rng = np.random.default_rng(1)
     images = rng.normal(size=(9, 4))
     prompts = [rng.normal(size=(3, 4)), rng.normal(size=(5, 4))]
-    got = zero_shot.class_scores(images, prompts)
+    got = zero_shot_metrics.class_scores(images, prompts)
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     best = np.array([[max(cos(i, p) for p in ps) for ps in prompts] for i in images])
     expected = (best - best.mean(0)) / best.std(0)
@@ -373,7 +386,9 @@ def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path, mon
         assert 0.0 <= low <= high <= 1.0
     assert 0.0 < scale <= 100.0
     # CT scored with the X-ray wording of the shared labels (the file's cross_modal pairs).
-    cross = zero_shot.load_prompts(zero_shot.prompts_path("ct_rate")).cross_modal.pairs
+    cross = zero_shot_prompts.load_prompts(
+        zero_shot_prompts.prompts_path("ct_rate")
+    ).cross_modal.pairs
     c = names.index("Pleural effusion")
     xray = model.embed_texts(list(cross["Pleural effusion"]))
     margin = scale * (emb[keep] @ xray[0] - emb[keep] @ xray[1])
@@ -439,10 +454,12 @@ def test_rsna_zero_shot_on_the_probe_split(run, rsna_dir):
     records = list(pipeline.open_source("rsna_pneumonia", rsna_dir, "2d", "train").open())
     images = np.stack([transforms.eval_transform_2d(r["image"], 32) for r in records])
     labels = np.array([int(r["label"]) for r in records])
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path("rsna_pneumonia")).classes
+    prompts = zero_shot_prompts.load_prompts(
+        zero_shot_prompts.prompts_path("rsna_pneumonia")
+    ).classes
     emb = model.embed_images(images)
     classes = [model.embed_texts(list(prompts[c])) for c in ("no pneumonia", "pneumonia")]
-    scores = zero_shot.class_scores(emb, classes)
+    scores = zero_shot_metrics.class_scores(emb, classes)
     predicted = scores.argmax(1)
     found = results["zero_shot"]
     assert results["records"] == len(records) and results["protocol"] == "rsna_zero_shot"
@@ -495,7 +512,9 @@ def test_results_table_puts_runs_next_to_published_figures(tmp_path, monkeypatch
 
 
 def test_glorias_template_prompts_are_every_combination():
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path("chexpert_5x200")).classes
+    prompts = zero_shot_prompts.load_prompts(
+        zero_shot_prompts.prompts_path("chexpert_5x200")
+    ).classes
     assert list(prompts) == list(chexpert.CLASS_NAMES)
     # GLoRIA's CHEXPERT_CLASS_PROMPTS: 3 severities x 7 subtypes x 10 locations for Atelectasis;
     # Pleural Effusion's parts come severity, location, subtype (a subtype listed twice).
@@ -504,7 +523,7 @@ def test_glorias_template_prompts_are_every_combination():
     assert "subsegmental atelectasis at the mid lung zone" in prompts["Atelectasis"]
     assert "small left bilateral pleural effusion" in prompts["Pleural Effusion"]
     assert len(prompts["Pleural Effusion"]) == 6 * 3 * 2
-    assert zero_shot.expand(["own  prompt", "own prompt"]) == ("own prompt",)
+    assert zero_shot_prompts.expand(["own  prompt", "own prompt"]) == ("own prompt",)
 
 
 def test_5x200_draw_is_seeded_and_exactly_one_positive():
@@ -517,7 +536,9 @@ def test_5x200_draw_is_seeded_and_exactly_one_positive():
             assert labels[row, c] == 1 and sum(labels[row, k] == 1 for k in range(5)) == 1
     np.testing.assert_array_equal(chosen, zero_shot.draw_5x200(labels, 6, seed=3, where="x"))
     assert not np.array_equal(chosen, zero_shot.draw_5x200(labels, 6, seed=4, where="x"))
-    with pytest.raises(zero_shot.PromptError, match=r"chexpert split 'test' has .*needs 500"):
+    with pytest.raises(
+        zero_shot_prompts.PromptError, match=r"chexpert split 'test' has .*needs 500"
+    ):
         zero_shot.draw_5x200(labels, 500, seed=3, where="chexpert split 'test'")
 
 
@@ -550,7 +571,7 @@ def test_5x200_draw_selects_as_gloria_does_on_real_label_conventions():
     labels = cells[:, [columns.index(n) for n in FIVE]]
     rest = cells[:, [columns.index(n) for n in others]]
     counts = {c: len(reference[n]) for c, n in enumerate(FIVE)}
-    with pytest.raises(zero_shot.PromptError, match=re.escape(str(counts))):
+    with pytest.raises(zero_shot_prompts.PromptError, match=re.escape(str(counts))):
         zero_shot.draw_5x200(labels, 10_000, 0, "mimic_cxr_jpg split 'test'", rest)
     per_class = min(counts.values())
     assert per_class >= 5  # the draw below has something to choose from
@@ -567,7 +588,7 @@ def test_precision_at_k_by_brute_force():
     rng = np.random.default_rng(2)
     query, gallery = rng.normal(size=(7, 3)), rng.normal(size=(12, 3))
     query_class, gallery_class = rng.integers(0, 3, 7), rng.integers(0, 3, 12)
-    got = zero_shot.precision_at_k(query, gallery, query_class, gallery_class, (1, 5))
+    got = zero_shot_metrics.precision_at_k(query, gallery, query_class, gallery_class, (1, 5))
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     for k in (1, 5):
         expected = np.mean(
@@ -625,8 +646,10 @@ def test_chexpert_5x200_on_a_fixture(run, chexpert_dir):
 
     model = inference.load(run)
     images = np.stack([transforms.eval_transform_2d(records[r]["image"], 32) for r in chosen.flat])
-    prompts = zero_shot.load_prompts(zero_shot.prompts_path("chexpert_5x200")).classes
-    scores = zero_shot.class_scores(
+    prompts = zero_shot_prompts.load_prompts(
+        zero_shot_prompts.prompts_path("chexpert_5x200")
+    ).classes
+    scores = zero_shot_metrics.class_scores(
         model.embed_images(images), [model.embed_texts(list(prompts[n])) for n in FIVE]
     )
     truth, predicted = np.repeat(np.arange(5), 2), scores.argmax(1)
@@ -638,8 +661,10 @@ def test_chexpert_5x200_on_a_fixture(run, chexpert_dir):
         assert found["classes"][name]["f1"] == pytest.approx(f1[c])
         assert found["classes"][name]["recall"] == pytest.approx(recall[c])
     assert "retrieval" not in results  # CheXpert has no reports
-    ct_worded = zero_shot.load_prompts(zero_shot.prompts_path("chexpert_5x200")).cross_modal
-    cross = zero_shot.class_scores(
+    ct_worded = zero_shot_prompts.load_prompts(
+        zero_shot_prompts.prompts_path("chexpert_5x200")
+    ).cross_modal
+    cross = zero_shot_metrics.class_scores(
         model.embed_images(images), [model.embed_texts(list(ct_worded.classes[n])) for n in FIVE]
     ).argmax(1)
     assert results["zero_shot_cross_modal"]["accuracy"] == pytest.approx(np.mean(cross == truth))

@@ -25,8 +25,15 @@ import numpy as np
 from data_pipelines import builders, pipeline
 from data_pipelines.pipeline import eval_batches, parse_sources
 from unimedi_jax.core.errors import ConfigError
-from unimedi_jax.evaluation import downstream, linear_probe, metrics, tasks, trained_model
-from unimedi_jax.evaluation import zero_shot as zero_shot_protocols
+from unimedi_jax.evaluation import (
+    downstream,
+    linear_probe,
+    metrics,
+    tasks,
+    trained_model,
+    zero_shot_metrics,
+    zero_shot_prompts,
+)
 from unimedi_jax.train.loop import is_due
 
 
@@ -104,15 +111,15 @@ def zero_shot(model, data: EvalSet) -> dict[str, float]:
     out = {}
     for key, m in data.modalities.items():
         source = data.sources[key]
-        prompts = zero_shot_protocols.load_prompts(zero_shot_protocols.prompts_path(source))
+        prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path(source))
         names = list(prompts.pairs)
-        columns = zero_shot_protocols.label_columns(
-            names, zero_shot_protocols.label_names(source), prompts.path
+        columns = zero_shot_prompts.label_columns(
+            names, zero_shot_prompts.label_names(source), prompts.path
         )
         positive = model.embed_texts([prompts.pairs[n][0] for n in names])
         negative = model.embed_texts([prompts.pairs[n][1] for n in names])
         scores = metrics.zero_shot_scores(m.image_emb, positive, negative)
-        found = zero_shot_protocols.per_label_auroc(m.labels[:, columns], scores, names)
+        found = zero_shot_metrics.per_label_auroc(m.labels[:, columns], scores, names)
         out.update({f"zero_shot_{key}/{name}": value for name, value in found.items()})
     return out
 

@@ -227,7 +227,8 @@ def _check_label_score_matrices(labels, scores) -> tuple[np.ndarray, np.ndarray]
     return labels, scores
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def mean_of_defined(values: Sequence[float]) -> float:
+    """The mean of the defined (not NaN) values; NaN when there are none."""
     values = np.asarray(values, dtype=np.float64)
     defined = values[~np.isnan(values)]
     return float(defined.mean()) if defined.size else float("nan")
@@ -246,7 +247,7 @@ def mean_auroc(
     if len(keys) != labels.shape[1]:
         raise ValueError(f"class_names has {len(keys)} names for {labels.shape[1]} columns.")
     per_class = {key: auroc(labels[:, c], scores[:, c]) for c, key in enumerate(keys)}
-    return _nanmean(list(per_class.values())), per_class
+    return mean_of_defined(list(per_class.values())), per_class
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -307,7 +308,7 @@ def label_map(
         sim = query[rows] @ gallery.T
         relevant = _relevance(query_labels[rows], gallery_labels, match_normal)
         aps.extend(average_precision(rel, s) for rel, s in zip(relevant, sim, strict=True))
-    return _nanmean(aps)
+    return mean_of_defined(aps)
 
 
 def modality_distance(
@@ -343,7 +344,7 @@ def modality_distance(
             + np.linalg.norm(group_b - centre_b, axis=1).mean()
         )
         ratios.append(np.linalg.norm(centre_a - centre_b) / max(spread, _EPS))
-    return _nanmean(ratios)
+    return mean_of_defined(ratios)
 
 
 def zero_shot_scores(
