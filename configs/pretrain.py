@@ -69,6 +69,9 @@ def paper_config() -> ml_collections.ConfigDict:
     c.model.dino_out_dim = 8192
     c.model.remat = "none"  # none | full | dots
     c.model.unroll_layers = False  # True: no layer loop (same params): slower compile
+    # Attention kernel: auto (cuDNN flash attention on a GPU in bfloat16/float16, XLA elsewhere)
+    # | xla (XLA's fusion; writes each layer's [B, heads, N, N] logits) | cudnn (GPU only).
+    c.model.attention = "auto"
     # Inputs are in [0, 1]; the tokenizers standardise them as (x - mean) / std (see vit.py).
     c.model.pixel_mean = 0.5
     c.model.pixel_std = 0.25

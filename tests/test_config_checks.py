@@ -23,6 +23,7 @@ def test_presets_pass():
         ("model.volume_size", (9, 32, 32), r"model.volume_size=\(9, 32, 32\)"),
         ("model.num_heads", 5, "model.width=32 is not divisible by model.num_heads=5"),
         ("model.remat", "sometimes", "model.remat='sometimes'"),
+        ("model.attention", "flash", "model.attention='flash'; valid: .'auto', 'xla', 'cudnn'"),
         ("selection.k", 9, r"selection.k=9 must be between 1 and the volume depth"),
         ("selection.mode", "best", "selection.mode='best'"),
         ("masking.mode", "half", "masking.mode='half'"),

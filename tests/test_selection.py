@@ -157,3 +157,19 @@ def test_random_mask_exact_count_and_rng():
 def test_mask_ratio_out_of_range():
     with pytest.raises(ValueError, match="mask_ratio"):
         selection.attentive_token_mask(jnp.ones((1, 4)), 1.5)
+
+
+@pytest.mark.parametrize(("ratio", "parts"), [(0.5, None), (0.3, (10, 7)), (0.0, None)])
+def test_masked_positions_are_the_masks_true_entries_in_order(ratio, parts):
+    """``num_masked`` is the count ``token_mask`` masks in every sample, and
+    ``masked_positions`` lists exactly those tokens, ascending; an all-False mask (masking off)
+    gets the first positions, which its weights drop."""
+    attention = jax.random.uniform(jax.random.key(3), (4, 17))
+    mask = np.asarray(selection.token_mask(attention, ratio, parts=parts))
+    count = selection.num_masked(17, ratio, parts)
+    assert (mask.sum(1) == count).all()
+    positions = np.asarray(selection.masked_positions(jnp.asarray(mask), count))
+    expected = np.stack([np.flatnonzero(row) for row in mask])
+    np.testing.assert_array_equal(positions, expected.reshape(4, count))
+    off = selection.masked_positions(jnp.zeros((4, 17), bool), count)
+    np.testing.assert_array_equal(off, np.broadcast_to(np.arange(count), (4, count)))

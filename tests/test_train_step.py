@@ -10,8 +10,10 @@ from scipy.special import logsumexp
 
 from configs.pretrain import get_config
 from tests.test_selection import _naive_slice_scores
+from unimedi_jax.models import vit
 from unimedi_jax.models.text import BertConfig
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi, init_inputs
+from unimedi_jax.models.vit import PatchProjection
 from unimedi_jax.train.state import (
     init_train_state,
     learning_rate_schedule,
@@ -19,7 +21,7 @@ from unimedi_jax.train.state import (
     teacher_subtree,
     weight_decay_mask,
 )
-from unimedi_jax.train.step import make_schedules, make_train_step
+from unimedi_jax.train.step import PretrainStep, make_schedules, make_train_step
 
 VOCAB = 50
 
@@ -335,3 +337,121 @@ def test_per_param_clipping_clips_each_parameter_and_each_scanned_layer():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), found, expected
     )
+
+
+LOSS_TERMS = ("loss", "loss_vl", "loss_icl", "loss_pcl")
+
+
+def gradients_as_state() -> optax.GradientTransformation:
+    """An optimizer that changes nothing and keeps the last gradients as its state: a jitted
+    step hands back its exact gradients."""
+    return optax.GradientTransformation(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda grads, state, params=None, **_: (jax.tree.map(jnp.zeros_like, grads), grads),
+    )
+
+
+def losses_and_grads(config, step_class=PretrainStep):
+    """One step's loss terms and gradients on both modalities, with a teacher unlike the
+    student (as after many EMA steps); and the step's FLOPs as XLA counts them."""
+    model = tiny_model(config)
+    tx = gradients_as_state()
+    params = nn.unbox(model.init(jax.random.key(0), *init_inputs(config))["params"])
+    other = nn.unbox(model.init(jax.random.key(7), *init_inputs(config))["params"])
+    state = init_train_state(params, tx, config.model.dino_out_dim, jax.random.key(1))
+    state = state.replace(teacher=teacher_subtree(other))
+    schedules = make_schedules(config, optax.constant_schedule(1e-3), 10, 2)
+    step = jax.jit(step_class(model, tx, schedules, config))
+    batch = tiny_batch(config, ("image", "volume"))
+    new_state, metrics = step(state, batch)
+    flops = step.lower(state, batch).cost_analysis()["flops"]
+    return {k: float(metrics[k]) for k in LOSS_TERMS}, new_state.opt_state, flops
+
+
+def assert_close_grads(grads, reference, rtol):
+    """Every gradient entry within ``rtol`` of the reference's, relative to the largest
+    gradient entry (gradients that are zero in exact arithmetic, such as the attention key bias's,
+    are rounding noise of the others)."""
+    scale = max(float(np.abs(r).max()) for r in jax.tree.leaves(reference))
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference), strict=True
+    ):
+        np.testing.assert_allclose(g, r, rtol=0, atol=rtol * scale, err_msg=str(path))
+
+
+class StudentHeadOnEveryToken(PretrainStep):
+    """The step as it was: the student's DINO head on every token, L_pcl weighting the masked
+    positions (no positions passed on)."""
+
+    def teacher_targets(self, *args):
+        return super().teacher_targets(*args)._replace(pcl_positions={})
+
+
+def reference_config():
+    """The tiny config with XLA's attention, masked per part (the masked count is the sum of
+    two)."""
+    config = get_config("tiny")
+    config.model.attention = "xla"
+    config.masking.per_part = True
+    return config
+
+
+@pytest.fixture(scope="module")
+def today():
+    """The step's losses, gradients and FLOPs at ``reference_config``."""
+    return losses_and_grads(reference_config())
+
+
+def test_student_head_on_the_masked_tokens_equals_the_head_on_every_token(today):
+    """``loss.pcl_tokens=masked``: the student's DINO head runs on [CLS] and the masked tokens
+    only, with the losses and gradients of the head on every token (float32 on the CPU: the
+    summation order alone differs, so 1e-6 of the loss, 1e-5 of the largest gradient) and fewer
+    FLOPs."""
+    terms, grads, flops = today
+    ref_terms, ref_grads, ref_flops = losses_and_grads(reference_config(), StudentHeadOnEveryToken)
+    for name in LOSS_TERMS:
+        np.testing.assert_allclose(terms[name], ref_terms[name], rtol=1e-6, err_msg=name)
+    assert_close_grads(grads, ref_grads, 1e-5)
+    assert flops < ref_flops
+
+
+def conv_tokenizers(next_fun, args, kwargs, context):
+    """The tokenizers as they were: ``nn.Conv`` over the same parameters (once ``init`` has made
+    them)."""
+    module = context.module
+    if not isinstance(module, PatchProjection) or not module.has_variable("params", "kernel"):
+        return next_fun(*args, **kwargs)
+    conv = nn.Conv(
+        module.width, module.patch, strides=module.patch, padding="VALID", dtype=module.dtype
+    )
+    out = conv.apply({"params": module.variables["params"]}, *args)
+    return out.reshape(out.shape[0], -1, module.width)
+
+
+def test_tokenizers_as_matmuls_equal_the_convolutions(today):
+    """Patch embedding as reshape + matmul: the losses and gradients of the step with the 1-channel
+    convolutions over the same parameters (float32 on the CPU: 1e-6 of the loss, 1e-5 of the
+    largest gradient)."""
+    terms, grads, _ = today
+    with nn.intercept_methods(conv_tokenizers):
+        ref_terms, ref_grads, _ = losses_and_grads(reference_config())
+    for name in LOSS_TERMS:
+        np.testing.assert_allclose(terms[name], ref_terms[name], rtol=1e-6, err_msg=name)
+    assert_close_grads(grads, ref_grads, 1e-5)
+
+
+def attention_as_it_was(q, k, v, implementation, mask=None):
+    """The vision tower's attention before ``model.attention``: jax's default implementation."""
+    assert implementation == "xla" and mask is None
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+def test_xla_attention_is_the_step_as_it_was_bit_for_bit(today, monkeypatch):
+    """``model.attention=xla``: losses and gradients bit for bit those of the attention call the
+    step made before the option. (The naive attention math agrees to rounding only, its HLO
+    differing: test_vit.py holds the tower to it.)"""
+    terms, grads, _ = today
+    monkeypatch.setattr(vit, "dot_product_attention", attention_as_it_was)
+    ref_terms, ref_grads, _ = losses_and_grads(reference_config())
+    assert terms == ref_terms
+    jax.tree.map(np.testing.assert_array_equal, grads, ref_grads)

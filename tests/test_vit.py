@@ -8,8 +8,10 @@ from flax import linen as nn
 from scipy.special import erf
 
 from tests.tiny_models import TINY_VIT
+from unimedi_jax.models import layers
 from unimedi_jax.models.heads import DINOHead, Projection
-from unimedi_jax.models.vit import VisionTransformer
+from unimedi_jax.models.text import BertConfig, BertEncoder
+from unimedi_jax.models.vit import Block, PatchProjection, VisionTransformer
 
 TINY = {**TINY_VIT, "depth": 3}
 
@@ -278,3 +280,122 @@ def test_dino_head_last_layer_cosines_in_float32_under_bfloat16():
     h = bottleneck / np.linalg.norm(bottleneck, axis=-1, keepdims=True)
     w = np.asarray(params["last_layer"], np.float64)
     np.testing.assert_allclose(logits, h @ (w / np.linalg.norm(w, axis=0)), atol=2e-5)
+
+
+@pytest.mark.parametrize("patch", [(8, 8), (2, 8, 8)])
+def test_patch_projection_takes_the_convolutions_parameters(patch):
+    """The tokenizers' reshape + matmul has the 1-channel convolution's parameters (names,
+    shapes, init values), so checkpoints of either load, and its output within float32 rounding
+    (1e-5 of the largest token entry) on random parameters."""
+    spatial = (16, 16) if len(patch) == 2 else (4, 16, 16)
+    x = jax.random.uniform(jax.random.key(0), (3, *spatial, 1))
+    conv = nn.Conv(32, patch, strides=patch, padding="VALID")
+    conv_params = nn.unbox(conv.init(jax.random.key(1), x))
+    ours = PatchProjection(32, patch)
+    params = nn.unbox(ours.init(jax.random.key(1), x))
+    jax.tree.map(np.testing.assert_array_equal, params, conv_params)
+    random = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), conv_params)
+    expected = conv.apply(random, x).reshape(3, -1, 32)
+    got = ours.apply(random, x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_eq1_is_the_cls_row_of_the_full_attention():
+    """The block's Eq. 1, computed from q_cls and K alone, is the [CLS] row of the full softmax
+    attention matrix over patch keys (renormalised without the [CLS] key), averaged over heads."""
+    x = jax.random.normal(jax.random.key(0), (2, 1 + 12, 32))
+    block = Block(32, 4, 64)
+    params = nn.unbox(block.init(jax.random.key(1), x)["params"])
+    _, eq1 = block.apply({"params": params}, x)
+    h = np_layer_norm(np.asarray(x, np.float64), params["norm1"])
+    q, k = (
+        np.einsum("bnd,dhc->bnhc", h, params[n]["kernel"]) + params[n]["bias"]
+        for n in ("query", "key")
+    )
+    logits = np.einsum("bqhc,bkhc->bhqk", q, k) / np.sqrt(q.shape[-1])
+    full = np.exp(logits - logits.max(-1, keepdims=True))
+    full /= full.sum(-1, keepdims=True)  # [B, heads, 13, 13]
+    row = full[:, :, 0, 1:]
+    np.testing.assert_allclose(eq1, (row / row.sum(-1, keepdims=True)).mean(1), atol=1e-6)
+
+
+def test_attention_auto_picks_cudnn_on_gpus_in_half_precision(monkeypatch):
+    """``model.attention=auto``: cuDNN's flash kernel on a GPU with bfloat16 or float16 inputs,
+    XLA for float32 and on other backends; a named implementation stays as named."""
+    for backend, dtype, expected in (
+        ("gpu", jnp.bfloat16, "cudnn"),
+        ("gpu", jnp.float16, "cudnn"),
+        ("gpu", jnp.float32, "xla"),
+        ("cpu", jnp.bfloat16, "xla"),
+        ("tpu", jnp.bfloat16, "xla"),
+    ):
+        monkeypatch.setattr(layers.jax, "default_backend", lambda b=backend: b)
+        assert layers.attention_implementation("auto", dtype) == expected, (backend, dtype)
+        assert layers.attention_implementation("xla", dtype) == "xla"
+        assert layers.attention_implementation("cudnn", dtype) == "cudnn"
+
+
+def test_dino_head_last_layer_is_a_full_precision_matmul():
+    """The float32 last layer asks for full precision, so a GPU does not run it in TF32 (a CPU
+    computes float32 matmuls in full precision anyway: what the lowered head asks for is what
+    can be checked here)."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, 32))
+    head = DINOHead(hidden_dim=64, bottleneck_dim=32, out_dim=128, dtype=jnp.bfloat16)
+    params = nn.unbox(head.init(jax.random.key(1), x)["params"])
+    jaxpr = jax.make_jaxpr(lambda p: head.apply({"params": p}, x))(params)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    last = [e for e in dots if e.outvars[0].aval.shape[-1] == 128]
+    assert len(last) == 1 and last[0].outvars[0].aval.dtype == jnp.float32
+    assert last[0].params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
+    assert all(e.params["precision"] is None for e in dots if e not in last)
+
+
+def relative_error(got, expected) -> float:
+    """||got - expected|| / ||expected|| over every leaf of two trees, in float64."""
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+    diff = ref = 0.0
+    for g, e in pairs:
+        g, e = np.asarray(g, np.float64), np.asarray(e, np.float64)
+        diff, ref = diff + np.sum((g - e) ** 2), ref + np.sum(e**2)
+    return float(np.sqrt(diff / ref))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_agrees_with_xla_in_bfloat16():
+    """On a GPU in bfloat16 (launch/device_check.sh runs it): cuDNN's flash attention against
+    XLA's, a ViT-B-like tower (head dim 64) on a CT sequence and the text tower on padded
+    reports. Both round differently in bfloat16 (8-bit mantissa, ~4e-3 per operation), so the
+    bound is 2e-2 on the outputs and 5e-2 on the gradients, relative, by the norm."""
+    vit_kwargs = dict(TINY_VIT, width=128, num_heads=2, mlp_dim=256, dtype=jnp.bfloat16)
+    volumes = jax.random.uniform(jax.random.key(0), (2, 8, 16, 16))
+    slices = volumes[:, :2]
+    model = VisionTransformer(**vit_kwargs, attention="xla")
+    params = init_both(model, volumes[:, 0], volumes, slices)
+
+    def vit_loss(params, attention):
+        out = VisionTransformer(**vit_kwargs, attention=attention).apply(
+            {"params": params}, volumes, slices
+        )
+        return jnp.sum(out.tokens.astype(jnp.float32) ** 2), out.tokens
+
+    bert = BertConfig.from_scratch(100, 128, 2, 2, 256, max_position_embeddings=64)
+    ids = jax.random.randint(jax.random.key(3), (3, 48), 1, 100)
+    mask = (jnp.arange(48)[None] < jnp.array([[48], [30], [7]])).astype(jnp.int32)
+    text = BertEncoder(bert, jnp.bfloat16, attention="xla")
+    text_params = text.init(jax.random.key(4), ids, mask)["params"]
+
+    def text_loss(params, attention):
+        hidden = BertEncoder(bert, jnp.bfloat16, attention=attention).apply(
+            {"params": params}, ids, mask
+        )
+        return jnp.sum((hidden * mask[..., None]) ** 2), hidden
+
+    for loss, p in ((vit_loss, params), (text_loss, text_params)):
+        results = {
+            name: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(p, name)
+            for name in ("xla", "cudnn")
+        }
+        (_, out_cudnn), grads_cudnn = results["cudnn"]
+        (_, out_xla), grads_xla = results["xla"]
+        assert relative_error(out_cudnn, out_xla) < 2e-2
+        assert relative_error(grads_cudnn, grads_xla) < 5e-2

@@ -15,7 +15,7 @@ from unimedi_jax.core.precision import COMPUTE_DTYPES
 from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
 from unimedi_jax.core.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
 from unimedi_jax.method.selection import MODES
-from unimedi_jax.models.layers import REMAT_POLICIES
+from unimedi_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from unimedi_jax.models.unimedi import TEXT_POOLINGS
 from unimedi_jax.models.vit import ATTENTION_LAYERS
 
@@ -47,6 +47,11 @@ def check_model(config) -> None:
         )
     if m.remat not in REMAT_POLICIES:
         raise ConfigError(f"model.remat={m.remat!r}; valid: {REMAT_POLICIES}.")
+    if m.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attention={m.attention!r}; valid: {ATTENTION_IMPLEMENTATIONS} (cudnn needs a "
+            "GPU and compute dtype bfloat16; auto picks it where it runs)."
+        )
     depth = m.volume_size[0]
     if not 1 <= config.selection.k <= depth:
         raise ConfigError(

@@ -49,6 +49,7 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     ("eval_settings", evaluator_settings.inherit_defaults()),
     # Files were read with the defaults of the time: X-rays stored at prepare's default size.
     ("preprocessing", preprocessing.before_recorded),
+    ("model.attention", "xla"),  # XLA's attention on every backend
 )
 
 

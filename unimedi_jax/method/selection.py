@@ -96,6 +96,19 @@ def _num_kept(num_tokens: int, mask_ratio: float) -> int:
     return round((1.0 - mask_ratio) * num_tokens)
 
 
+def num_masked(num_tokens: int, mask_ratio: float, parts: tuple[int, ...] | None = None) -> int:
+    """How many of ``num_tokens`` tokens ``token_mask`` masks in every sample: a static count."""
+    return sum(n - _num_kept(n, mask_ratio) for n in parts or (num_tokens,))
+
+
+def masked_positions(mask: jax.Array, count: int) -> jax.Array:
+    """Indices [B, count] (int32, ascending) of the masked tokens of ``mask`` [B, P] that holds
+    ``count`` per sample (``num_masked``), so that only those tokens need to be computed on; a
+    mask with fewer (masking off) fills up with unmasked positions, which its weights drop."""
+    _, indices = jax.lax.top_k(mask.astype(jnp.int32), count)  # ties: the lower index first
+    return indices.astype(jnp.int32)
+
+
 def attentive_token_mask(attention: jax.Array, mask_ratio: float) -> jax.Array:
     """Mask [B, P] (True = masked) keeping the round((1 - ratio) * P) highest-attention tokens.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 # model.remat -> the jax.checkpoint policy of the rematerialised blocks (None: save nothing,
@@ -12,6 +13,31 @@ _CHECKPOINT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 REMAT_POLICIES = ("none", *_CHECKPOINT_POLICIES)
+
+# model.attention: auto | xla | cudnn (config/checks.py checks a config's name against these).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# The dtypes cuDNN's flash attention takes.
+_FLASH_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(name: str, dtype: jnp.dtype | type) -> str:
+    """``model.attention`` resolved for inputs of ``dtype``: 'auto' is cuDNN's flash kernel on a
+    GPU in bfloat16/float16 (no [B, heads, N, N] logits in memory), XLA's fusion elsewhere."""
+    if name != "auto":
+        return name
+    flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) in _FLASH_DTYPES
+    return "cudnn" if flash else "xla"
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, mask: jax.Array | None = None
+) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over [B, N, heads, d] inputs by ``model.attention``; ``mask``
+    [B, 1 or heads, 1 or N, N] (True: attend). cuDNN takes a mask only at full [N, N] size."""
+    implementation = attention_implementation(implementation, q.dtype)
+    if implementation == "cudnn" and mask is not None:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def scanned(

@@ -19,7 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from unimedi_jax.core.errors import UserError
-from unimedi_jax.models.layers import ones_init, scanned, zeros_init
+from unimedi_jax.models.layers import dot_product_attention, ones_init, scanned, zeros_init
 
 Dtype = jnp.dtype | type
 
@@ -143,6 +143,7 @@ class _BertLayer(nn.Module):
     config: BertConfig
     dtype: Dtype
     deterministic: bool
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, hidden: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
@@ -170,7 +171,7 @@ class _BertLayer(nn.Module):
             )
             context = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
         else:
-            context = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+            context = dot_product_attention(q, k, v, self.attention, mask=key_mask)
         attended = nn.DenseGeneral(
             cfg.hidden_size,
             axis=(-2, -1),
@@ -228,13 +229,16 @@ class BertEncoder(nn.Module):
 
     Matmuls run in ``dtype``; parameters, LayerNorm and softmax stay float32 and so does the
     residual stream (post-LN makes it a LayerNorm output).
-    ``remat`` is one of layers.REMAT_POLICIES; ``unroll_layers`` see layers.scanned.
+    ``remat`` is one of layers.REMAT_POLICIES; ``unroll_layers`` see layers.scanned;
+    ``attention`` (``model.attention``) serves the layers without attention dropout: inference,
+    and training where ``attention_probs_dropout_prob`` is 0.
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     remat: str = "none"
     unroll_layers: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -256,7 +260,7 @@ class BertEncoder(nn.Module):
         hidden = _BertEmbeddings(cfg, deterministic, name="embeddings")(input_ids, token_type_ids)
 
         layers = scanned(_BertLayer, cfg.num_hidden_layers, self.remat, self.unroll_layers)(
-            cfg, self.dtype, deterministic, name="layers"
+            cfg, self.dtype, deterministic, self.attention, name="layers"
         )
         key_mask = attention_mask.astype(bool)[:, None, None, :]  # [B, heads, queries, keys]
         hidden, _ = layers(hidden, key_mask)

@@ -124,11 +124,16 @@ def build_unimedi(config, text_config: BertConfig, dtype: jnp.dtype | type) -> U
         pixel_mean=model_cfg.pixel_mean,
         pixel_std=model_cfg.pixel_std,
         attention_layers=config.selection.layers,
+        attention=model_cfg.attention,
     )
     return UniMedI(
         vision=vision,
         text=BertEncoder(
-            text_config, dtype=dtype, remat=model_cfg.remat, unroll_layers=model_cfg.unroll_layers
+            text_config,
+            dtype=dtype,
+            remat=model_cfg.remat,
+            unroll_layers=model_cfg.unroll_layers,
+            attention=model_cfg.attention,
         ),
         embed_dim=model_cfg.embed_dim,
         dino_hidden_dim=model_cfg.dino_hidden_dim,

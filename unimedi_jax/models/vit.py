@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unimedi_jax.models.layers import dense_init, ones_init, scanned, zeros_init
+from unimedi_jax.models.layers import (
+    dense_init,
+    dot_product_attention,
+    ones_init,
+    scanned,
+    zeros_init,
+)
 
 Dtype = jnp.dtype | type
 # Which layers' [CLS] attention Eq. 1 averages (config ``selection.layers``).
@@ -59,6 +65,42 @@ def token_grid(spatial_shape: Sequence[int], patch: Sequence[int]) -> tuple[int,
     return tuple(s // p for s, p in zip(spatial_shape, patch, strict=True))
 
 
+class PatchProjection(nn.Module):
+    """A patch-sized, patch-strided convolution as one reshape and one matmul.
+
+    A 1-channel convolution uses the matrix units poorly (a CT's 3D tokenizer most); cutting the
+    input into patch rows and multiplying by the flattened kernel is the same linear map. The
+    parameters are those of the ``nn.Conv`` it replaces (kernel [*patch, C, D], bias [D], same
+    names and inits), so checkpoints of either load in the other.
+    """
+
+    width: int
+    patch: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, *spatial, C] -> [B, N, D], tokens row-major over the patch grid."""
+        rank, channels = len(self.patch), x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (*((None,) * rank), None, "embed")
+            ),
+            (*self.patch, channels, self.width),
+        )
+        bias = self.param("bias", zeros_init(("embed",)), (self.width,))
+        grid = token_grid(x.shape[1:-1], self.patch)
+        # [B, g1, p1, g2, p2, ..., C] -> [B, g1, g2, ..., p1, p2, ..., C] -> [B, N, p1 p2 ... C]
+        split = x.reshape(
+            x.shape[0], *(n for pair in zip(grid, self.patch, strict=True) for n in pair), channels
+        )
+        order = (0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1)
+        patches = split.transpose(order).reshape(x.shape[0], math.prod(grid), -1)
+        patches, kernel, bias = nn.dtypes.promote_dtype(patches, kernel, bias, dtype=self.dtype)
+        return jnp.dot(patches, kernel.reshape(-1, self.width)) + bias
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> linear embedding, plus a learned position table.
 
@@ -83,18 +125,7 @@ class PatchEmbed(nn.Module):
     pixel_std: float = 1.0
 
     def setup(self):
-        spatial = (None,) * len(self.patch)
-        self.proj = nn.Conv(
-            self.width,
-            kernel_size=self.patch,
-            strides=self.patch,
-            padding="VALID",
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (*spatial, None, "embed")
-            ),
-            bias_init=zeros_init(("embed",)),
-        )
+        self.proj = PatchProjection(self.width, self.patch, self.dtype)
         self.pos_embed = self.param(
             "pos_embed",
             nn.with_logical_partitioning(
@@ -111,8 +142,7 @@ class PatchEmbed(nn.Module):
         if x.ndim == len(self.patch) + 1:
             x = x[..., None]
         x = (x.astype(jnp.float32) - self.pixel_mean) / self.pixel_std
-        y = self.proj(x.astype(self.dtype))
-        return y.reshape(y.shape[0], -1, self.width)
+        return self.proj(x.astype(self.dtype))
 
     def position(self, grid: Sequence[int]) -> jax.Array:
         """Position embeddings [N, D] for a token grid."""
@@ -128,12 +158,18 @@ class EncoderOutput(NamedTuple):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block that also returns its [CLS]->patch attention (heads averaged)."""
+    """Pre-LN transformer block that also returns its [CLS]->patch attention (heads averaged).
+
+    ``attention`` is ``model.attention`` (layers.ATTENTION_IMPLEMENTATIONS). Eq. 1 needs only the
+    [CLS] query's row, computed apart from q_cls and K in float32, so no implementation has to
+    give up its attention matrix.
+    """
 
     width: int
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -150,7 +186,7 @@ class Block(nn.Module):
 
         h = layer_norm("norm1")(x)
         q, k, v = project("query"), project("key"), project("value")
-        attended = jax.nn.dot_product_attention(q, k, v)
+        attended = dot_product_attention(q, k, v, self.attention)
         x = x + nn.DenseGeneral(
             self.width,
             axis=(-2, -1),
@@ -199,11 +235,12 @@ class Encoder(nn.Module):
     remat: str = "none"
     unroll_layers: bool = False
     attention_layers: str = "all"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> EncoderOutput:
         blocks = scanned(Block, self.depth, self.remat, self.unroll_layers)(
-            self.width, self.num_heads, self.mlp_dim, self.dtype, name="blocks"
+            self.width, self.num_heads, self.mlp_dim, self.dtype, self.attention, name="blocks"
         )
         x, cls_attention = blocks(x)
         eq1 = cls_attention.mean(axis=0) if self.attention_layers == "all" else cls_attention[-1]
@@ -217,7 +254,8 @@ class VisionTransformer(nn.Module):
     optionally followed by the tokens of ``slices`` [B, k, h, w] (the 2D tokenizer). ``mask``
     [B, N] (True = masked) replaces those patch embeddings by the learned [MASK] embedding before
     position embeddings are added, as in iBOT. Inputs are in [0, 1]; both tokenizers standardise
-    them with ``pixel_mean`` / ``pixel_std`` (see PatchEmbed). ``attention_layers``: see Encoder.
+    them with ``pixel_mean`` / ``pixel_std`` (see PatchEmbed). ``attention_layers``: see Encoder;
+    ``attention``: see Block.
     """
 
     width: int = 768
@@ -235,6 +273,7 @@ class VisionTransformer(nn.Module):
     pixel_mean: float = 0.0
     pixel_std: float = 1.0
     attention_layers: str = "all"
+    attention: str = "auto"
 
     def setup(self):
         self.embed_2d = PatchEmbed(
@@ -274,6 +313,7 @@ class VisionTransformer(nn.Module):
             self.remat,
             self.unroll_layers,
             self.attention_layers,
+            self.attention,
         )
 
     def patch_tokens(

@@ -99,6 +99,9 @@ class TeacherTargets(NamedTuple):
 
     dino_logits: dict[str, jax.Array]  # modality -> DINO logits of the full sequence [B, 1+N, K]
     student_masks: dict[str, jax.Array]  # modality -> [B, N], True where the student sees [MASK]
+    # modality -> [B, M]: the patch positions L_pcl reads (``loss.pcl_tokens=masked``: the M
+    # masked ones), the only ones the student's DINO head runs on; absent: all N.
+    pcl_positions: dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,25 +163,31 @@ class PretrainStep:
     ) -> TeacherTargets:
         """Sec. 3.4: the teacher on the full sequences -> its DINO logits (the targets), and its
         [CLS] attention -> the tokens the student sees masked (``masking.mode``, ``.ratio``;
-        none where ``masking`` is False)."""
+        none where ``masking`` is False) and, with ``loss.pcl_tokens=masked``, their positions."""
         if not self.config.loss.self_distill:
-            return TeacherTargets({}, {})
+            return TeacherTargets({}, {}, {})
+        mask_cfg = self.config.masking
         mask_rngs = dict(zip(MODALITIES, jax.random.split(rng), strict=True))
-        logits, masks = {}, {}
+        logits, masks, positions = {}, {}, {}
         for m, inputs in sequences.items():
             out = self._encode(teacher, *inputs)
             logits[m] = jax.lax.stop_gradient(self._dino(teacher, out.tokens))
+            num_tokens = out.cls_attention.shape[1]
+            parts = self._mask_parts(m, inputs[0], num_tokens)
             masks[m] = (
                 selection.token_mask(
                     jax.lax.stop_gradient(out.cls_attention),
-                    self.config.masking.ratio,
-                    self.config.masking.mode,
+                    mask_cfg.ratio,
+                    mask_cfg.mode,
                     mask_rngs[m],
-                    self._mask_parts(m, inputs[0], out.cls_attention.shape[1]),
+                    parts,
                 )
                 & masking
             )
-        return TeacherTargets(logits, masks)
+            if self.config.loss.pcl_tokens == "masked":
+                count = selection.num_masked(num_tokens, mask_cfg.ratio, parts)
+                positions[m] = selection.masked_positions(masks[m], count)
+        return TeacherTargets(logits, masks, positions)
 
     def student_losses(
         self,
@@ -220,7 +229,10 @@ class PretrainStep:
         terms = {"loss_vl": loss_vl, **clip_metrics}
         total = loss_cfg.w_vl * loss_vl
         if loss_cfg.self_distill:
-            student_logits = {m: self._dino(params, student[m].tokens) for m in modalities}
+            student_logits = {
+                m: self._dino(params, cls_and_positions(student[m].tokens, targets, m))
+                for m in modalities
+            }
             terms.update(
                 distillation_losses(student_logits, targets, state, teacher_temp, loss_cfg)
             )
@@ -314,6 +326,17 @@ def keep_finite_update(finite: jax.Array, new: TrainState, old: TrainState) -> T
     return new.replace(**kept, nonfinite_skips=skips)
 
 
+def at_positions(x: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """x [B, N, ...] at each sample's positions [B, M] (None: all N)."""
+    return x if positions is None else jax.vmap(lambda row, i: row[i])(x, positions)
+
+
+def cls_and_positions(tokens: jax.Array, targets: TeacherTargets, modality: str) -> jax.Array:
+    """A sequence's [CLS] and the patch tokens L_pcl reads: [B, 1 + M, D]."""
+    positions = targets.pcl_positions.get(modality)
+    return jnp.concatenate([tokens[:, :1], at_positions(tokens[:, 1:], positions)], axis=1)
+
+
 def distillation_losses(
     student_logits: dict[str, jax.Array],
     targets: TeacherTargets,
@@ -323,7 +346,8 @@ def distillation_losses(
 ) -> dict[str, jax.Array]:
     """L_icl on [CLS] over all samples; L_pcl on the masked patches (``loss.pcl_tokens=masked``,
     iBOT) or on all of them (``all``: the paper's "all local patch tokens"), averaged over all
-    samples."""
+    samples. ``student_logits``: [B, 1 + M, K] of [CLS] and the positions
+    ``targets.pcl_positions`` names (all N where it names none)."""
     modalities = tuple(student_logits)
     teacher_logits, masks = targets.dino_logits, targets.student_masks
     on_all = loss_cfg.pcl_tokens == "all"
@@ -339,8 +363,10 @@ def distillation_losses(
         sizes[m]
         * losses.ibot_patch_loss(
             student_logits[m][:, 1:],
-            teacher_logits[m][:, 1:],
-            jnp.ones_like(masks[m]) if on_all else masks[m],
+            at_positions(teacher_logits[m][:, 1:], targets.pcl_positions.get(m)),
+            at_positions(
+                jnp.ones_like(masks[m]) if on_all else masks[m], targets.pcl_positions.get(m)
+            ),
             state.center_patch,
             teacher_temp,
             loss_cfg.student_temp,
