@@ -383,12 +383,14 @@ class _Frame:
 def read_dicom_series(source: PathLike | Sequence[PathLike]) -> Volume:
     """Read one DICOM series (a directory or its files) as float32 HU with a RAS+ affine.
 
-    Files are grouped by SeriesInstanceUID; when there are several series the one with the most
-    frames is read and an OtherSeriesWarning names the others (a study folder often holds a
-    scout or a second reconstruction). Multi-frame files (enhanced CT) give one slice a frame,
-    placed by its functional groups. Slices are sorted by ImagePositionPatient along the slice
-    normal (row x column cosines of ImageOrientationPatient), never by file name, and each is
-    rescaled by its own slope/intercept. Array axes are (slice, row, column) in that order;
+    Files that are no image (not DICOM, DICOMDIR, reports) are set aside with a SetAsideWarning.
+    The others are grouped by SeriesInstanceUID; when there are several series the one with the
+    most frames is read and an OtherSeriesWarning names the others (a study folder often holds a
+    scout or a second reconstruction); `Volume.series` describes them all. Multi-frame files
+    (enhanced CT) give one slice a frame, placed by its functional groups. Slices are sorted by
+    ImagePositionPatient along the slice normal (row x column cosines of
+    ImageOrientationPatient), never by file name, and each is rescaled by its own
+    slope/intercept. Array axes are (slice, row, column) in that order;
     `canonicalize` puts them into the canonical order.
     """
     files = _series_files(source)
