@@ -107,10 +107,45 @@ def test_flops_are_counted_on_one_cpu_where_the_backend_counts_none(monkeypatch)
 
 def test_mfu_says_why_it_is_missing():
     config = get_config("tiny")
-    timing = step_benchmark.StepTiming(10, 1.0, 1.0, 0.5, None, None)
-    rows = dict(step_benchmark.report_rows(config, timing, (0.0, 0.0), 989.0, 1))
+    timing = step_benchmark.StepTiming(10, 1.0, 1.0, 0.5, None)
+    rows = dict(step_benchmark.report_rows(config, timing, None, (0.0, 0.0), 989.0, 1))
     assert rows["MFU"] == "n/a (no FLOP count)"
-    rows = dict(step_benchmark.report_rows(config, timing._replace(flops=2e12), (0, 0), None, 1))
+    rows = dict(step_benchmark.report_rows(config, timing, 2e12, (0, 0), None, 1))
     assert rows["MFU"] == "n/a (no peak known)"
-    rows = dict(step_benchmark.report_rows(config, timing._replace(flops=2e12), (0, 0), 8.0, 1))
+    rows = dict(step_benchmark.report_rows(config, timing, 2e12, (0, 0), 8.0, 1))
     assert rows["MFU"] == "50.0%"  # 2 TFLOP in 0.5 s on a device of 8 TFLOP/s
+
+
+def test_flops_are_the_maths_whatever_the_attention_kernel_and_layer_loop(monkeypatch):
+    """The FLOP count is the step with unrolled layers and XLA's attention whatever the config
+    runs (cuDNN's kernel is a custom call that XLA counts nothing for; a scanned loop's body is
+    counted once), so MFU prints with cuDNN attention, and the benchmark with and without
+    --compare_unrolled reports one count."""
+    config = get_config("tiny")
+    mesh, text = step_benchmark.checked_mesh_and_text(config)
+    counted = []
+    count = step_benchmark._lowered_step_flops
+
+    def spy(config, mesh, text):
+        counted.append((config.model.attention, config.model.unroll_layers))
+        return count(config, mesh, text)
+
+    monkeypatch.setattr(step_benchmark, "_lowered_step_flops", spy)
+    flops = {}
+    for attention in ("cudnn", "xla"):
+        config.model.attention = attention
+        flops[attention] = step_benchmark.step_flops(config, mesh, text)
+    assert counted == [("xla", True), ("xla", True)]
+    assert flops["cudnn"] == flops["xla"] > 0
+    # Scanned, a layer is counted once: the count would be smaller.
+    config.model.attention = "xla"
+    assert count(config, mesh, text) < flops["xla"]
+
+    monkeypatch.setattr(step_benchmark, "step_flops", lambda *args: 3e9)
+    monkeypatch.setattr(
+        step_benchmark, "time_step", lambda *args: step_benchmark.StepTiming(1, 0, 0, 1.5, None)
+    )
+    for compare_unrolled in (False, True):
+        report = step_benchmark.step_report(config, 1, compare_unrolled=compare_unrolled)
+        assert "| GFLOP / step (XLA cost analysis) | 3 |" in report
+        assert "| achieved TFLOP/s | 0.002 |" in report

@@ -7,8 +7,10 @@ batches of the config's shapes, so it needs no data and no Hugging Face weights.
 config add ``--config.text.vocab_size=28996`` to size the embedding like BioClinicalBERT's.)
 One process, all its devices. Markdown tables for docs/benchmarks.md.
 
-FLOPs are XLA's cost analysis of the whole (global) step, lowered with its layer scans unrolled:
-XLA counts a loop body once. They include what remat recomputes. MFU divides the achieved FLOP/s
+FLOPs are what the step's math does, the same for every variant of a config: XLA's cost analysis
+of the whole (global) step, lowered with its layer scans unrolled (XLA counts a loop body once)
+and XLA's attention (XLA counts nothing for cuDNN's kernel). They include what remat recomputes
+under the config's remat. MFU divides the achieved FLOP/s
 by the devices' dense bf16 peak (V100: fp16); where the compute dtype is float32 (CPU, V100 by
 default) give the float32 peak (``step_report``'s ``peak``, the command's --peak_tflops). Data
 time is measured apart from the step: building this process's random host batch, then putting
@@ -30,6 +32,7 @@ from unimedi_jax.config.checks import check_batch_for_mesh, check_mesh, check_mo
 from unimedi_jax.core import sharding
 from unimedi_jax.core.host_memory import huge_pages_requested
 from unimedi_jax.core.precision import compute_dtype
+from unimedi_jax.models.layers import attention_implementation
 from unimedi_jax.text_tower.run_setup import SCRATCH_VOCAB_SIZE, TextTower, scratch_bert_config
 from unimedi_jax.trainers.pretraining import build_trainer, count_params
 
@@ -110,7 +113,6 @@ class StepTiming(NamedTuple):
     lower_s: float
     compile_s: float
     step_s: float  # median over the timed steps
-    flops: float | None  # XLA counts a loop body once: right only with unrolled layers
     memory: int | None  # peak bytes on a device so far (a high-water mark)
 
 
@@ -152,29 +154,30 @@ def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> S
         lower_s=step.lower_s,
         compile_s=step.compile_s,
         step_s=statistics.median(times),
-        flops=lowered_flops(step.lowered),
         memory=peak_memory_bytes(),
     )
 
 
 def step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
-    """FLOPs of one step over all devices: the step with unrolled layers, lowered, not compiled.
+    """FLOPs of one step over all devices, whichever layer loop and attention kernel run it: the
+    step with unrolled layers and XLA's attention, lowered, not compiled.
 
-    (The scanned step's own count would include only one layer of each tower.) Where the
-    devices' backend counts nothing (jax 0.11.2's GPU backend on an H200 did not), the same
-    global step is lowered for one CPU device: a program's FLOPs do not depend on where it runs.
+    (The scanned step's own count would include only one layer of each tower, and cuDNN's
+    attention is a custom call that XLA counts nothing for.) Where the devices' backend counts
+    nothing (jax 0.11.2's GPU backend on an H200 did not), the same global step is lowered for
+    one CPU device: a program's FLOPs do not depend on where it runs.
     """
-    flops = _lowered_step_flops(config, mesh, text)
+    counted = with_unrolled_layers(config)
+    counted.model.attention = "xla"
+    flops = _lowered_step_flops(counted, mesh, text)
     if flops is None:
         one_cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
-        flops = _lowered_step_flops(config, one_cpu, text)
+        flops = _lowered_step_flops(counted, one_cpu, text)
     return flops
 
 
 def _lowered_step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
-    trainer = build_trainer(
-        with_unrolled_layers(config), text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP
-    )
+    trainer = build_trainer(config, text, mesh, SCHEDULE_STEPS, SCHEDULE_WARMUP)
     return lowered_flops(trainer.step.lower(trainer.state, device_batch(config, mesh, text)))
 
 
@@ -203,12 +206,13 @@ def table(rows: list[tuple[str, str]]) -> str:
 
 
 def report_rows(
-    config, timing: StepTiming, data: tuple, peak: float | None, steps: int
+    config, timing: StepTiming, flops: float | None, data: tuple, peak: float | None, steps: int
 ) -> list[tuple[str, str]]:
-    """The main table: what a step costs and how well it uses the devices."""
+    """The main table: what a step costs (``flops``: ``step_flops``) and how well it uses the
+    devices."""
     b2, b3 = config.batch.size_2d, config.batch.size_3d
     devices = jax.device_count()
-    achieved = timing.flops / timing.step_s / 1e12 if timing.flops else None
+    achieved = flops / timing.step_s / 1e12 if flops else None
     mfu = achieved / (peak * devices) if achieved and peak else None
     return [
         ("parameters", f"{timing.params / 1e6:.1f}M"),
@@ -218,7 +222,7 @@ def report_rows(
         (f"step s (median of {steps})", f"{timing.step_s:.3f}"),
         ("samples/s 2D", f"{b2 / timing.step_s:.3g}"),
         ("samples/s 3D", f"{b3 / timing.step_s:.3g}"),
-        ("GFLOP / step (XLA cost analysis)", _fmt(timing.flops, 1e9, ".4g")),
+        ("GFLOP / step (XLA cost analysis)", _fmt(flops, 1e9, ".4g")),
         ("achieved TFLOP/s", _fmt(achieved, 1, ".3f")),
         ("MFU", _mfu_cell(mfu, peak)),
         ("peak memory / device GiB", _fmt(timing.memory, 2**30, ".2f")),
@@ -262,17 +266,18 @@ def step_report(
     unrolled = None
     if compare_unrolled:
         unrolled = time_step(with_unrolled_layers(config), mesh, text, steps)
-        flops = unrolled.flops
-    else:
-        flops = step_flops(config, mesh, text)
+    flops = step_flops(config, mesh, text)
     data = data_seconds(config, mesh, text.config.vocab_size, steps)
 
     lines = [
         f"{jax.device_count()} x {device.device_kind} ({platform.processor() or platform.machine()}"
         f"), jax {jax.__version__}, preset {config.get('preset', '?')}, compute {dtype.name}, "
-        f"mesh {dict(mesh.shape)}, peak {'n/a' if peak is None else f'{peak:g}'} TFLOP/s/device"
+        f"attention {attention_implementation(config.model.attention, dtype)}, remat "
+        f"{config.model.remat}, layers {'unrolled' if config.model.unroll_layers else 'scanned'}, "
+        f"mesh {dict(mesh.shape)}, "
+        f"peak {'n/a' if peak is None else f'{peak:g}'} TFLOP/s/device"
         f", host malloc huge pages {'on' if huge_pages_requested() else 'off'}",
-        table(report_rows(config, timing._replace(flops=flops), data, peak, steps)),
+        table(report_rows(config, timing, flops, data, peak, steps)),
     ]
     if unrolled is not None:
         lines.append("\n| layers | trace + lower s | compile s | step s |\n|---|---|---|---|")
