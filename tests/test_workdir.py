@@ -18,13 +18,13 @@ from unimedi_jax.text_tower.run_setup import text_tower_config
 from unimedi_jax.text_tower.tokenizer import train_wordpiece_tokenizer
 from unimedi_jax.train.checkpoint import Checkpointer
 from unimedi_jax.train.metric_writer import MetricWriter, rewind_jsonl
-from unimedi_jax.train.workdir import abstract_train_state, prepare_workdir
+from unimedi_jax.train.workdir import abstract_train_state, check_workdir, record_config
 
 REPORTS = ["no acute findings", "small left pleural effusion", "right lower lobe nodule"]
 
 
 def _tiny():
-    """The tiny preset as ``train`` passes it to ``prepare_workdir``: with the preprocessing
+    """The tiny preset as ``train`` passes it to ``check_workdir``: with the preprocessing
     group it records at the start of a run (for phantoms, what ``before_recorded`` gives)."""
     config = get_config("tiny")
     config.preprocessing = before_recorded(config)
@@ -43,7 +43,8 @@ def test_keeps_the_latest_k_plus_every_mth(tmp_path):
 def _previous_run(workdir, config):
     """A workdir as a run of ``config`` leaves it: config.json, its vocabulary, a checkpoint of
     its train state's shapes, metrics."""
-    prepare_workdir(config, workdir)
+    check_workdir(config, workdir)
+    record_config(config, workdir)
     train_wordpiece_tokenizer(REPORTS, 64, workdir / "tokenizer")
     state = abstract_train_state(config, text_tower_config(config, workdir))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=1, async_save=False, clean_up=True)
@@ -59,7 +60,7 @@ def test_workdir_with_other_shapes_is_refused_naming_the_params_and_fields(tmp_p
     config.model.width = 48
     config.text.hidden_size = 64
     with pytest.raises(ConfigError) as error:
-        prepare_workdir(config, tmp_path)
+        check_workdir(config, tmp_path)
     message = str(error.value)
     assert "holds checkpoints (newest: step 2)" in message
     # The first parameters in path order, with their saved and new shapes, and how many more.
@@ -82,7 +83,7 @@ def test_changed_optimizer_make_up_is_a_shape_change(tmp_path):
     with pytest.raises(
         ConfigError, match=r"opt_state/0/count absent -> int32\[\].*train.grad_clip_norm 3.0 -> 0.0"
     ):
-        prepare_workdir(config, tmp_path)
+        check_workdir(config, tmp_path)
 
 
 def test_same_shapes_resume_with_an_older_runs_config(tmp_path, caplog):
@@ -94,7 +95,7 @@ def test_same_shapes_resume_with_an_older_runs_config(tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = _tiny()
     with caplog.at_level(logging.WARNING):
-        prepare_workdir(config, tmp_path)  # the tiny config pools reports by their mean
+        check_workdir(config, tmp_path)  # the tiny config pools reports by their mean
     assert "changed config: text.pooling cls -> mean" in caplog.text
 
 
@@ -104,7 +105,8 @@ def test_other_changes_resume_with_a_warning(tmp_path, caplog):
     previous = config.train.learning_rate
     config.train.learning_rate = previous / 10
     with caplog.at_level(logging.WARNING):
-        prepare_workdir(config, tmp_path)
+        check_workdir(config, tmp_path)
+    record_config(config, tmp_path)
     assert f"train.learning_rate {previous} -> {previous / 10}" in caplog.text
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["learning_rate"] == previous / 10
@@ -115,7 +117,8 @@ def test_restart_moves_the_previous_run_aside(tmp_path):
     config = _tiny()
     config.model.depth = 3
     config.on_shape_change = "restart"
-    prepare_workdir(config, tmp_path)
+    check_workdir(config, tmp_path)
+    record_config(config, tmp_path)
     (previous,) = tmp_path.glob("previous-*")
     assert sorted(p.name for p in previous.iterdir()) == [
         "checkpoints",
@@ -126,7 +129,7 @@ def test_restart_moves_the_previous_run_aside(tmp_path):
     assert json.loads((previous / "config.json").read_text())["model"]["depth"] == 2
     assert json.loads((tmp_path / "config.json").read_text())["model"]["depth"] == 3
     assert not (tmp_path / "checkpoints").exists()
-    prepare_workdir(config, tmp_path)  # a rerun of the same command: nothing more to move
+    check_workdir(config, tmp_path)  # a rerun of the same command: nothing more to move
     assert len(list(tmp_path.glob("previous-*"))) == 1
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.app import run_app
+from unimedi_jax.core.app import define_path, run_app, shown_path
 from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
 
 require_extra("ablate", "viz", VIZ_EXTRA)  # its t-SNE figure
 from unimedi_jax.experiments.ablation import ROWS, run_ablation  # noqa: E402
 
-_OUT = flags.DEFINE_string("out", None, "Folder of the ablation: runs, tables, figures.")
+_OUT = define_path("out", "Folder of the ablation: runs, tables, figures.")
 _BUDGET = flags.DEFINE_integer(
     "budget_steps", 0, "Training steps of every run (0: the preset's total_steps).", lower_bound=0
 )
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--seeds takes integers, e.g. --seeds=0,1 ({err})") from err
     run_ablation(_CONFIG.value, _OUT.value, _ROWS.value, seeds, _BUDGET.value)
     logging.info("wrote %s/ablation.md and ablation.json", _OUT.value)
-    print(f"wrote {_OUT.value}/ablation.md")
+    print(f"wrote {shown_path(_OUT.value)}/ablation.md")
 
 
 def cli() -> None:

@@ -25,12 +25,12 @@ from absl import flags
 
 from data_pipelines import imaging
 from unimedi_jax import inference
-from unimedi_jax.core.app import parse_absl_flags, run_app
+from unimedi_jax.core.app import define_path, parse_absl_flags, run_app, shown_path
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.evaluation.embed_files import embed_files, skipped_line, zero_shot_table
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")
-_OUT = flags.DEFINE_string("out", None, "The .npz file to write.")
+_WORKDIR = define_path("workdir", "Run workdir or its checkpoints/<step>.")
+_OUT = define_path("out", "The .npz file to write.")
 _TEXTS = flags.DEFINE_multi_string(
     "texts", [], "Report texts to compare each input with (the arguments after --texts)."
 )
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     embedded.save(_OUT.value, texts, similarity)
     images = embedded.kinds.count(imaging.IMAGE)
     print(
-        f"wrote {_OUT.value}: {len(embedded.paths)} embeddings ({images} images, "
+        f"wrote {shown_path(_OUT.value)}: {len(embedded.paths)} embeddings ({images} images, "
         f"{len(embedded.paths) - images} volumes), {len(embedded.failed)} failed"
     )
     if texts:

@@ -22,20 +22,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 from unimedi_jax import inference
-from unimedi_jax.core.app import parse_absl_flags, run_app
+from unimedi_jax.core.app import define_path, parse_absl_flags, run_app
 from unimedi_jax.core.overrides import apply_overrides, config_given, override_args
 from unimedi_jax.evaluation import downstream, zero_shot
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "The run (its latest checkpoint) or <run>/checkpoints/<step>."
-)
-_OUT = flags.DEFINE_string(
-    "out", None, "Where eval.json goes (default: the run's workdir; probes: under probe/)."
+_WORKDIR = define_path("workdir", "The run (its latest checkpoint) or <run>/checkpoints/<step>.")
+_OUT = define_path(
+    "out", "Where eval.json goes (default: the run's workdir; probes: under probe/)."
 )
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional config replacing the run's, or configs/probe.py:dataset=NAME."

@@ -16,14 +16,12 @@ from __future__ import annotations
 from absl import flags
 
 from unimedi_jax.config.checks import VISION_WEIGHTS
-from unimedi_jax.core.app import run_app
+from unimedi_jax.core.app import define_path, run_app, shown_path
 from unimedi_jax.interop.torch_export import FORMATS, export_run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run workdir or its checkpoints/<step>.")
+_WORKDIR = define_path("workdir", "Run workdir or its checkpoints/<step>.")
 _FORMAT = flags.DEFINE_enum("format", None, FORMATS, "What to export.")
-_OUT = flags.DEFINE_string(
-    "out", None, "Output directory, outside the run (written when complete)."
-)
+_OUT = define_path("out", "Output directory, outside the run (written when complete).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")
 _SIZE = flags.DEFINE_list(
     "size",
@@ -58,7 +56,7 @@ def main(argv: list[str]) -> None:
         weights=_VISION_WEIGHTS.value,
         overwrite=_OVERWRITE.value,
     )
-    print(f"wrote {out}")
+    print(f"wrote {shown_path(str(out))}")
 
 
 def cli() -> None:

@@ -19,7 +19,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.app import run_app
+from unimedi_jax.core.app import define_path, run_app
 from unimedi_jax.train.preemption import Preempted
 from unimedi_jax.trainers import by_kind
 
@@ -28,13 +28,12 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job stopped b
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string(
+_WORKDIR = define_path(
     "workdir",
-    None,
     "The run to train or continue (checkpoints, metrics); fine-tuning: the pre-training run "
     "(its latest checkpoint) or <run>/checkpoints/<step> to start from.",
 )
-_OUT = flags.DEFINE_string("out", None, "Fine-tuning only: the new folder of the fine-tuning run.")
+_OUT = define_path("out", "Fine-tuning only: the new folder of the fine-tuning run.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside SLURM/TPU."
 )

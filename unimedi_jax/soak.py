@@ -18,10 +18,10 @@ from pathlib import Path
 
 from absl import app, flags
 
-from unimedi_jax.core.app import run_app
+from unimedi_jax.core.app import define_path, run_app
 from unimedi_jax.diagnostics.resume_soak import soak
 
-_ROOT = flags.DEFINE_string("root", None, "Directory for both runs.")
+_ROOT = define_path("root", "Directory for both runs.")
 _KILLS = flags.DEFINE_integer("kills", 10, "SIGKILLs in a row.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
 _MAX_JITTER_S = flags.DEFINE_float("max_jitter_s", 1.0, "Most delay after the kill step.")
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
             "-- --config=configs/pretrain.py:demo"
         )
     summary = soak(
-        Path(_ROOT.value).absolute(),
+        Path(_ROOT.value),
         main_args,
         _KILLS.value,
         _SEED.value,

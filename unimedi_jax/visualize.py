@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from unimedi_jax.core.app import run_app
+from unimedi_jax.core.app import absolute_path, define_path, run_app, shown_path
 from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
 
 require_extra("visualize", "viz", VIZ_EXTRA)
@@ -28,8 +28,8 @@ from unimedi_jax.evaluation.figures import (  # noqa: E402  (after the check abo
     draw_figure,
 )
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory or a checkpoint dir.")
-_OUT = flags.DEFINE_string("out", None, "PNG file to write, outside the run's folder.")
+_WORKDIR = define_path("workdir", "Run directory or a checkpoint dir.")
+_OUT = define_path("out", "PNG file to write, outside the run's folder.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 _NUM = flags.DEFINE_integer(
     "num",
@@ -44,7 +44,9 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv: list[str]) -> None:
     figure, *more_runs = argv[1:] or [""]
     if figure == "curves":  # more runs may follow the figure name, to overlay
-        out = draw_curves([_WORKDIR.value, *more_runs], _OUT.value, _OVERWRITE.value)
+        out = draw_curves(
+            [_WORKDIR.value, *map(absolute_path, more_runs)], _OUT.value, _OVERWRITE.value
+        )
     elif figure in FIGURES and not more_runs:
         out = draw_figure(
             figure, _WORKDIR.value, _OUT.value, _NUM.value, _SPLIT.value, _OVERWRITE.value
@@ -55,7 +57,7 @@ def main(argv: list[str]) -> None:
             f" (got {' '.join(argv[1:]) or 'none'}), e.g. python -m unimedi_jax.visualize slices "
             "--workdir=runs/demo --out=slices.png"
         )
-    print(f"wrote {out}")
+    print(f"wrote {shown_path(str(out))}")
 
 
 def cli() -> None:

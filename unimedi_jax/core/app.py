@@ -7,6 +7,7 @@ errors reported (``errors.report``: one paragraph, exit 2) and anything else rai
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,34 @@ from absl import app, flags
 from unimedi_jax.core.errors import reporting_user_errors
 from unimedi_jax.core.host_memory import restart_with_huge_pages
 from unimedi_jax.core.overrides import config_given, parse_flags
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute against the working directory (``~`` expanded), once, where a
+    command reads it: the library (orbax among it) then sees one spelling of each folder."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def shown_path(path: str) -> str:
+    """How a command prints a path: relative to the working directory when under it, as the
+    user most likely typed it; absolute otherwise."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+class _PathParser(flags.ArgumentParser):
+    """A flag's value as an absolute path (``absolute_path``)."""
+
+    def parse(self, argument: str) -> str:
+        return absolute_path(argument)
+
+    def flag_type(self) -> str:
+        return "path"
+
+
+def define_path(name: str, help_text: str) -> flags.FlagHolder:
+    """A flag naming a file or folder, given relative or absolute: its value is absolute."""
+    return flags.DEFINE(_PathParser(), name, None, help_text, serializer=flags.ArgumentSerializer())
 
 
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:

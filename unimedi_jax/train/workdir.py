@@ -10,7 +10,8 @@ of the run whose checkpoints these are) differs. With ``on_shape_change=restart`
 run's files move to ``previous-<UTC time>/`` instead and training starts at step 0. A restart
 of that command then finds its own config and resumes, so the option can stay in a launcher
 that preemption reruns. Other changes (learning rate, data sources, ...) resume, with a warning
-listing them.
+listing them. Nothing is written before these checks and the restore have passed: a refused
+run leaves the workdir as it was.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def saved_state_shapes(directory: Path) -> tuple[int, StateShapes] | None:
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
     for step in steps:
         try:
-            metadata = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "state")
+            # orbax takes absolute paths only
+            state_dir = (directory / str(step) / "state").absolute()
+            metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
         except (OSError, ValueError) as err:  # damaged: the restore skips it too
             logging.warning("checkpoint %d in %s: no readable metadata (%s)", step, directory, err)
             continue
@@ -176,10 +179,10 @@ def _saved_config_json(workdir: Path) -> dict:
     return json.loads(read_run_config(workdir).to_json_best_effort())
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Check the run already in ``workdir`` against ``config`` (refuse it, or move it aside
-    with ``on_shape_change=restart``), then record this run's config. Every process checks;
-    process 0 moves and writes once all have checked."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Check the run already in ``workdir`` against ``config``: refuse it, or move it aside with
+    ``on_shape_change=restart``. Every process checks; process 0 moves once all have checked.
+    Writes nothing else: ``record_config`` follows once the restore has succeeded too."""
     config_json = json.loads(config.to_json_best_effort())
     shapes = {}
     if has_checkpoints(workdir):
@@ -195,10 +198,14 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
             logging.warning("Resuming %s with a changed config: %s", workdir, _describe(fields))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("workdir checked")
-    if jax.process_index() == 0:
-        if shapes:
-            moved = move_previous_run(workdir)
-            logging.warning("on_shape_change=restart: moved the previous run to %s", moved)
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
+    if jax.process_index() == 0 and shapes:
+        moved = move_previous_run(workdir)
+        logging.warning("on_shape_change=restart: moved the previous run to %s", moved)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("workdir prepared")
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes this run's ``config.json`` (process 0), once nothing can refuse the run."""
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

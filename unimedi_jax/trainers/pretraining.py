@@ -20,8 +20,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines.pipeline import TrainStream
 from data_pipelines.prepare import ensure_prepared
+from data_pipelines.train_stream import TrainStream
 from unimedi_jax.config.checks import check_batch_for_mesh, check_config
 from unimedi_jax.config.preprocessing import record_preprocessing
 from unimedi_jax.core import sharding
@@ -44,7 +44,7 @@ from unimedi_jax.train.state import (
     state_initializer,
 )
 from unimedi_jax.train.step import make_schedules, make_train_step
-from unimedi_jax.train.workdir import prepare_workdir
+from unimedi_jax.train.workdir import check_workdir, record_config
 
 NONFINITE_REMEDY = (
     "lower train.learning_rate or set precision.compute_dtype=float32 and resume, or set "
@@ -139,7 +139,7 @@ def train(config, workdir: str | Path) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
     prepare_demo_data(config, workdir)
     record_preprocessing(config)  # config.json says how files become this run's inputs
-    prepare_workdir(config, workdir)
+    check_workdir(config, workdir)  # may refuse the run: nothing of it is written before
     text = prepare_text_tower(config, workdir)
     data = TrainStream(config, text.tokenizer, jax.process_index(), jax.process_count())
     total_steps, warmup_steps = schedule_lengths(config, data.steps_per_epoch)
@@ -170,6 +170,7 @@ def train(config, workdir: str | Path) -> dict:
             "no readable checkpoint to take the text tower's weights from: point "
             "--config.text.path at the pretrained BERT to start this run afresh."
         )
+    record_config(config, workdir)  # the checkpoint read (or there was none)
 
     # The step loop on the shared parts (train/loop.py), with in-loop evaluation.
     log_run_layout(state.params, mesh)
