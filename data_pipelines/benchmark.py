@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 from transformers import BertTokenizerFast
 
-from data_pipelines import pipeline, prepare
+from data_pipelines import prepare, sources, train_stream
 from unimedi_jax.core.app import run_app
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -80,7 +80,7 @@ def stream_config(
 def time_stream(config: ml_collections.ConfigDict, tokenizer, steps: int) -> tuple[float, float]:
     """(samples per second, samples per CPU-second of this process) of one fresh stream over
     `steps` batches after the first."""
-    stream = pipeline.TrainStream(config, tokenizer)
+    stream = train_stream.TrainStream(config, tokenizer)
     try:
         next(stream)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -113,7 +113,7 @@ def run(
         num_test=0,
     ):
         print(summary.format())
-    texts = pipeline.report_texts(stream_config(config, data_dir, "", 0))
+    texts = sources.report_texts(stream_config(config, data_dir, "", 0))
     tokenizer = word_tokenizer(texts, Path(tempfile.mkdtemp()))
     lines = []
     for modality in ("2d", "3d"):

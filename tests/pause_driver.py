@@ -22,7 +22,7 @@ from pathlib import Path
 
 from orbax.checkpoint._src.path import atomicity
 
-from data_pipelines.pipeline import TrainStream
+from data_pipelines.train_stream import TrainStream
 
 KIND, STEP = os.environ["UNIMEDI_PAUSE"].split(":")
 STEP = int(STEP)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import imaging, pipeline, prepare
+from data_pipelines import imaging, prepare, sources, train_stream
 from data_pipelines.builders import (
     chexpert,
     common,
@@ -267,12 +267,12 @@ def _empty_report(record, features):
 def test_pipeline_replaces_and_counts_bad_records(data_dir, tokenizer, tmp_path):  # noqa: F811
     damage = {3: _cut_short, 5: _empty_report, 7: lambda record, features: b"\x0a\xff"}
     copy = damage_train_records(data_dir, tmp_path / "data", "phantoms/xray", damage)
-    stream = pipeline.TrainStream(_config(copy, sources_3d=""), tokenizer)
+    stream = train_stream.TrainStream(_config(copy, sources_3d=""), tokenizer)
     batches = _take(stream, N_TRAIN // 8)  # one epoch: each record is drawn once
     assert all(np.isfinite(b["image"]).all() for b in batches)
     assert stream.skipped == {
-        f"phantoms/xray: {pipeline.UNDECODABLE}": 2,
-        f"phantoms/xray: {pipeline.EMPTY_REPORT}": 1,
+        f"phantoms/xray: {train_stream.UNDECODABLE}": 2,
+        f"phantoms/xray: {train_stream.EMPTY_REPORT}": 1,
     }
     assert stream.reads == {"phantoms/xray": N_TRAIN + 3}
     assert stream.skip_metrics() == {
@@ -284,7 +284,7 @@ def test_pipeline_replaces_and_counts_bad_records(data_dir, tokenizer, tmp_path)
 
 
 @dataclasses.dataclass(frozen=True)
-class _ListSource(pipeline.Source):
+class _ListSource(sources.Source):
     """A source whose records are given, for kinds no prepared dataset stores (float arrays)."""
 
     records: tuple = ()
@@ -298,10 +298,10 @@ def test_pipeline_replaces_volumes_with_nan_values():
     bad = {**good, "volume": np.full((2, 4, 4), np.nan, np.float32)}
     records = (bad, *[good] * 7)
     source = _ListSource("floats/ct", Path("x"), "train", 8, (2, 4, 4), np.float32, records=records)
-    loader = pipeline._RecordLoader("3d", [source], seed=0, crop=4, window=(-1000.0, 1000.0))
+    loader = train_stream._RecordLoader("3d", [source], seed=0, crop=4, window=(-1000.0, 1000.0))
     volume, report, skipped = loader((0, 0, 0))
     assert np.isfinite(volume).all() and report == "Clear lungs."
-    assert skipped == [f"floats/ct: {pipeline.NON_FINITE}"]
+    assert skipped == [f"floats/ct: {train_stream.NON_FINITE}"]
 
 
 def test_pipeline_stops_when_a_source_fails_too_often(data_dir, tokenizer, tmp_path):  # noqa: F811
@@ -309,9 +309,9 @@ def test_pipeline_stops_when_a_source_fails_too_often(data_dir, tokenizer, tmp_p
     copy = damage_train_records(data_dir, tmp_path / "data", "phantoms/xray", damage)
     config = _config(copy, sources_3d="", max_failure_fraction=0.2)
     with pytest.raises(TooManyFailuresError, match=r"phantoms/xray in .*: \d+ of \d+ inputs"):
-        _take(pipeline.TrainStream(config, tokenizer), 40)
+        _take(train_stream.TrainStream(config, tokenizer), 40)
     config.data.max_failure_fraction = 0.7
-    assert len(_take(pipeline.TrainStream(config, tokenizer), 20)) == 20
+    assert len(_take(train_stream.TrainStream(config, tokenizer), 20)) == 20
 
 
 # --------------------------------------------------------------- paths that leave manual_dir

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import imaging, pipeline, prepare, transforms
+from data_pipelines import imaging, prepare, sources, transforms
 from data_pipelines.builders import (
     REGISTRY,
     cc_ccii,
@@ -30,7 +30,7 @@ SPLITS = ("train", "validation", "test")
 def _records(data_dir, name):
     """split -> the prepared records of `name`, in order."""
     return {
-        split: list(pipeline.open_source(name, data_dir, split=split).open()) for split in SPLITS
+        split: list(sources.open_source(name, data_dir, split=split).open()) for split in SPLITS
     }
 
 
@@ -665,7 +665,7 @@ def test_worker_processes_give_the_same_records(built, luna_root, tmp_path):
     (again,) = prepare.ensure_prepared("luna16", tmp_path, str(luna_root), **options)
     assert not again.built  # the recorded options match the ones asked for
     for split, want in _records(data_dir, "luna16").items():
-        got = list(pipeline.open_source("luna16", tmp_path, split=split).open())
+        got = list(sources.open_source("luna16", tmp_path, split=split).open())
         assert [_text(r["id"]) for r in got] == [_text(r["id"]) for r in want]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a["volume"], b["volume"])

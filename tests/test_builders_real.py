@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs.pretrain import get_config
-from data_pipelines import imaging, pipeline, prepare, transforms
+from data_pipelines import eval_split, imaging, prepare, train_stream, transforms
 from data_pipelines.builders import bimcv_covid19, common, ct_rate, mimic_cxr_jpg
 
 IMAGE_SIZE, VOLUME = 32, (8, 32, 32)
@@ -365,7 +365,7 @@ def _eval_rows(data_dir, name, modality, split, crop=24):
     key = {"2d": "image", "3d": "volume"}[modality]
     return {
         _text(record_id): array
-        for batch in pipeline.eval_batches(config, name, modality, split)
+        for batch in eval_split.eval_batches(config, name, modality, split)
         for record_id, array in zip(batch["id"], batch[key], strict=True)
     }
 
@@ -634,13 +634,13 @@ def test_train_stream_reads_mimic_and_bimcv(built):
         sources_3d="bimcv_covid19",
         worker_count=0,
     )
-    stream = pipeline.TrainStream(c, _Tokenizer())
+    stream = train_stream.TrainStream(c, _Tokenizer())
     batch = next(stream)
     stream.close()
     assert batch["image"].shape == (2, 16, 16) and batch["volume"].shape == (2, *VOLUME)
     words = min(len(SPANISH_TEXT.split()), c.text.max_length)
     assert batch["volume_text_mask"].sum(axis=1).tolist() == [words, words]
     assert stream.skipped == {}
-    (evaluated,) = pipeline.eval_batches(c, "bimcv_covid19", "3d", "test")
+    (evaluated,) = eval_split.eval_batches(c, "bimcv_covid19", "3d", "test")
     assert evaluated["labels"].shape == (1, 0)
     assert not math.isnan(float(evaluated["volume"].mean()))

@@ -16,7 +16,7 @@ import pytest
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from configs import probe as probe_config
-from data_pipelines import pipeline, synthetic_phantoms, transforms
+from data_pipelines import finetune_epochs, sources, synthetic_phantoms, transforms
 from data_pipelines.prepare import ensure_prepared
 from tests import test_visualize
 from tests.test_builders_downstream import _image
@@ -114,7 +114,7 @@ def test_probe_feeds_the_inference_features_of_each_split(run, model, data_dir, 
     assert results["step"] == 2 and results["encoder"] == "pretrained"
     assert results["splits"] == {"train": 30, "val": 12, "test": 12}
     for role, split in (("train", "train"), ("test", "test")):
-        reader = pipeline.open_source("phantoms/xray", data_dir, split=split).open()
+        reader = sources.open_source("phantoms/xray", data_dir, split=split).open()
         records = list(reader)[: len(seen[role][1])]
         images = np.stack([transforms.eval_transform_2d(r["image"], 32) for r in records])
         np.testing.assert_allclose(seen[role][0], model.image_features(images), atol=1e-5)
@@ -244,16 +244,16 @@ def _finetune_config(data_dir, epochs=2):
 
 
 def _with_batch_hook(monkeypatch, hook):
-    """Fine-tuning reads its batches through ``pipeline.labelled_epoch``; ``hook(step, batch)``
-    sees (and may change) each one before the trainer does."""
-    original, step = pipeline.labelled_epoch, [0]
+    """Fine-tuning reads its batches through ``finetune_epochs.labelled_epoch``;
+    ``hook(step, batch)`` sees (and may change) each one before the trainer does."""
+    original, step = finetune_epochs.labelled_epoch, [0]
 
     def hooked(*args, **kwargs):
         for batch in original(*args, **kwargs):
             step[0] += 1
             yield hook(step[0], batch)
 
-    monkeypatch.setattr(pipeline, "labelled_epoch", hooked)
+    monkeypatch.setattr(finetune_epochs, "labelled_epoch", hooked)
 
 
 def test_main_dispatches_a_finetune_config_to_the_finetuning_trainer(run, cc_ccii_dir, tmp_path):

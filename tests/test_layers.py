@@ -171,5 +171,5 @@ def test_the_readme_layout_names_these_layers():
 
 
 def test_the_walk_sees_imports_inside_functions_and_finds_cycles():
-    assert "data_pipelines.pipeline" in GRAPH["unimedi_jax.config.preprocessing"]
+    assert "data_pipelines.sources" in GRAPH["unimedi_jax.config.preprocessing"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.pretrain import get_config
-from data_pipelines import pipeline, prepare, transforms
+from data_pipelines import eval_split, finetune_epochs, prepare, sources, train_stream, transforms
 from tests.damaged_records import damage_train_records
 from unimedi_jax.text_tower.tokenizer import train_wordpiece_tokenizer
 
@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(data_dir, tmp_path_factory):
-    texts = pipeline.report_texts(_config(data_dir))
+    texts = sources.report_texts(_config(data_dir))
     return train_wordpiece_tokenizer(texts, 300, tmp_path_factory.mktemp("tokenizer"))
 
 
@@ -53,7 +53,7 @@ def _take(stream, n):
 
 
 def _records(data_dir, config, split="train"):
-    return pipeline.open_source(f"phantoms/{config}", data_dir, split=split).open()
+    return sources.open_source(f"phantoms/{config}", data_dir, split=split).open()
 
 
 def _assert_batches_equal(a, b):
@@ -63,7 +63,7 @@ def _assert_batches_equal(a, b):
 
 
 def test_batch_keys_shapes_dtypes_ranges(data_dir, tokenizer):
-    stream = pipeline.TrainStream(_config(data_dir), tokenizer)
+    stream = train_stream.TrainStream(_config(data_dir), tokenizer)
     assert stream.steps_per_epoch == N_TRAIN // 8
     (batch,) = _take(stream, 1)
     expected = {
@@ -82,7 +82,7 @@ def test_batch_keys_shapes_dtypes_ranges(data_dir, tokenizer):
 
 
 def test_single_modality_stream(data_dir, tokenizer):
-    stream = pipeline.TrainStream(_config(data_dir, sources_2d=""), tokenizer)
+    stream = train_stream.TrainStream(_config(data_dir, sources_2d=""), tokenizer)
     assert stream.steps_per_epoch == N_TRAIN // 4
     (batch,) = _take(stream, 1)
     assert set(batch) == {"volume", "volume_text_ids", "volume_text_mask"}
@@ -98,7 +98,7 @@ def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
     encode = lambda r: transforms.tokenize([r["report"].decode()], tokenizer, MAX_LENGTH, "x")
     image_ids = [encode(images[i])["x_text_ids"][0] for i in range(N_TRAIN)]
     seen_volumes, seen_images = [], []
-    for batch in _take(pipeline.TrainStream(config, tokenizer), N_TRAIN // 8):
+    for batch in _take(train_stream.TrainStream(config, tokenizer), N_TRAIN // 8):
         for row, ids in enumerate(batch["volume_text_ids"]):
             (match,) = [
                 i for i, v in enumerate(stored_volumes) if np.array_equal(v, batch["volume"][row])
@@ -118,7 +118,7 @@ def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
 def test_new_order_each_epoch(data_dir, tokenizer):
     config = _config(data_dir, sources_3d="")
     spe = N_TRAIN // 8
-    batches = _take(pipeline.TrainStream(config, tokenizer), 2 * spe)
+    batches = _take(train_stream.TrainStream(config, tokenizer), 2 * spe)
     epochs = [
         np.concatenate([b["image_text_ids"] for b in batches[e * spe : (e + 1) * spe]])
         for e in (0, 1)
@@ -129,16 +129,16 @@ def test_new_order_each_epoch(data_dir, tokenizer):
 
 
 def test_seed_changes_the_order(data_dir, tokenizer):
-    a = _take(pipeline.TrainStream(_config(data_dir), tokenizer), 1)[0]
+    a = _take(train_stream.TrainStream(_config(data_dir), tokenizer), 1)[0]
     config = _config(data_dir)
     config.seed = 1
-    b = _take(pipeline.TrainStream(config, tokenizer), 1)[0]
+    b = _take(train_stream.TrainStream(config, tokenizer), 1)[0]
     assert not np.array_equal(a["volume"], b["volume"])
 
 
 def test_same_batches_with_worker_processes(data_dir, tokenizer):
-    in_process = _take(pipeline.TrainStream(_config(data_dir), tokenizer), 3)
-    workers = _take(pipeline.TrainStream(_config(data_dir, worker_count=2), tokenizer), 3)
+    in_process = _take(train_stream.TrainStream(_config(data_dir), tokenizer), 3)
+    workers = _take(train_stream.TrainStream(_config(data_dir, worker_count=2), tokenizer), 3)
     for a, b in zip(in_process, workers, strict=True):
         _assert_batches_equal(a, b)
         assert type(b["image"]) is np.ndarray
@@ -146,8 +146,8 @@ def test_same_batches_with_worker_processes(data_dir, tokenizer):
 
 def test_global_batch_does_not_depend_on_process_count(data_dir, tokenizer):
     config = _config(data_dir)
-    whole = _take(pipeline.TrainStream(config, tokenizer), 6)
-    parts = [_take(pipeline.TrainStream(config, tokenizer, p, 2), 6) for p in (0, 1)]
+    whole = _take(train_stream.TrainStream(config, tokenizer), 6)
+    parts = [_take(train_stream.TrainStream(config, tokenizer, p, 2), 6) for p in (0, 1)]
     for step, batch in enumerate(whole):
         joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in batch}
         _assert_batches_equal(batch, joined)
@@ -156,12 +156,12 @@ def test_global_batch_does_not_depend_on_process_count(data_dir, tokenizer):
 
 def test_state_round_trip(data_dir, tokenizer):
     config = _config(data_dir)
-    stream = pipeline.TrainStream(config, tokenizer)
+    stream = train_stream.TrainStream(config, tokenizer)
     _take(stream, 3)
     state = json.loads(json.dumps(stream.get_state()))
     expected = [next(stream) for _ in range(3)]
     stream.close()
-    resumed = pipeline.TrainStream(config, tokenizer)
+    resumed = train_stream.TrainStream(config, tokenizer)
     resumed.set_state(state)
     for a, b in zip(expected, _take(resumed, 3), strict=True):
         _assert_batches_equal(a, b)
@@ -171,19 +171,19 @@ def test_state_round_trip(data_dir, tokenizer):
 def test_corrupt_record_is_replaced_and_counted(data_dir, tokenizer, tmp_path):
     damage = {5: lambda record, features: b"\x0a\xff damaged"}
     copy = damage_train_records(data_dir, tmp_path / "data", "phantoms/xray", damage)
-    stream = pipeline.TrainStream(_config(copy, sources_3d=""), tokenizer)
+    stream = train_stream.TrainStream(_config(copy, sources_3d=""), tokenizer)
     batches = _take(stream, N_TRAIN // 8)  # one epoch: every record is drawn once
     assert all(b["image"].shape == (8, CROP, CROP) for b in batches)
-    assert stream.skipped == {f"phantoms/xray: {pipeline.UNDECODABLE}": 1}
+    assert stream.skipped == {f"phantoms/xray: {train_stream.UNDECODABLE}": 1}
     assert stream.get_state()["skipped"] == dict(stream.skipped)
 
 
 def test_mixed_sources(data_dir, tokenizer):
     config = _config(data_dir, sources_2d="phantoms:3, phantoms/xray:1", sources_3d="")
-    stream = pipeline.TrainStream(config, tokenizer)
+    stream = train_stream.TrainStream(config, tokenizer)
     assert stream.steps_per_epoch == 2 * N_TRAIN // 8
     a = _take(stream, 2)
-    b = _take(pipeline.TrainStream(config, tokenizer), 2)
+    b = _take(train_stream.TrainStream(config, tokenizer), 2)
     for x, y in zip(a, b, strict=True):
         _assert_batches_equal(x, y)
 
@@ -199,8 +199,8 @@ def test_mixed_sources(data_dir, tokenizer):
 def test_size_mismatch_is_reported(data_dir, tokenizer, change, message):
     config = _config(data_dir)
     config.model.update(change)
-    with pytest.raises(pipeline.DataConfigError, match=message):
-        pipeline.TrainStream(config, tokenizer)
+    with pytest.raises(sources.DataConfigError, match=message):
+        train_stream.TrainStream(config, tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -219,33 +219,33 @@ def test_config_errors(data_dir, tokenizer, data, batch, process_count, message)
     config = _config(data_dir, **data)
     config.batch.update(batch)
     with pytest.raises(ValueError, match=message):
-        pipeline.TrainStream(config, tokenizer, 0, process_count)
+        train_stream.TrainStream(config, tokenizer, 0, process_count)
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path, tokenizer):
     with pytest.raises(
-        pipeline.DataConfigError, match=r"python -m data_pipelines\.prepare phantoms"
+        sources.DataConfigError, match=r"python -m data_pipelines\.prepare phantoms"
     ):
-        pipeline.TrainStream(_config(tmp_path), tokenizer)
+        train_stream.TrainStream(_config(tmp_path), tokenizer)
 
 
 def test_report_texts(data_dir):
-    texts = pipeline.report_texts(_config(data_dir))
+    texts = sources.report_texts(_config(data_dir))
     xrays = _records(data_dir, "xray")
     assert len(texts) == 2 * N_TRAIN and texts[0] == xrays[0]["report"].decode()
-    assert len(pipeline.report_texts(_config(data_dir), limit=5)) == 10
+    assert len(sources.report_texts(_config(data_dir), limit=5)) == 10
 
 
 def test_eval_batches_in_order_centre_cropped(data_dir):
     config = _config(data_dir)
-    batches = list(pipeline.eval_batches(config, "phantoms", "2d", "test", batch_size=4))
+    batches = list(eval_split.eval_batches(config, "phantoms", "2d", "test", batch_size=4))
     assert [len(b["id"]) for b in batches] == [4, 2]
     records = _records(data_dir, "xray", "test")
     margin = (STORED - CROP) // 2
     for i, image in enumerate(np.concatenate([b["image"] for b in batches])):
         stored = records[i]["image"][margin : margin + CROP, margin : margin + CROP]
         np.testing.assert_allclose(image, stored / 255.0, atol=1e-6)
-    (volumes,) = list(pipeline.eval_batches(config, "phantoms", "3d", "test", batch_size=8))
+    (volumes,) = list(eval_split.eval_batches(config, "phantoms", "3d", "test", batch_size=8))
     assert volumes["volume"].shape == (N_TEST, *VOLUME)
     assert volumes["lesion_slices"].shape == (N_TEST, VOLUME[0])
     assert volumes["labels"].shape == (N_TEST, 6) and len(volumes["report"]) == N_TEST
@@ -256,9 +256,9 @@ def test_eval_batches_in_order_centre_cropped(data_dir):
 
 
 def _labelled(data_dir, label_key="id", seed=0, epoch=0, threads=1, flip_axes=(0, 2)):
-    source = pipeline.open_source("phantoms/ct", data_dir, split="train")
+    source = sources.open_source("phantoms/ct", data_dir, split="train")
     window = (-1000.0, 1000.0)
-    epoch_batches = pipeline.labelled_epoch(
+    epoch_batches = finetune_epochs.labelled_epoch(
         source, label_key, 8, seed, epoch, window=window, flip_axes=flip_axes, threads=threads
     )
     return list(epoch_batches)
@@ -310,17 +310,17 @@ def test_labelled_epoch_keeps_multi_hot_labels_with_their_volumes(data_dir):
 def test_open_for_model_names_the_checkpoint_whose_sizes_are_fixed(data_dir):
     """A trained model's sizes cannot change: the message names its checkpoint, offers only
     another preparation, and the not-prepared message says how to prepare."""
-    with pytest.raises(pipeline.DataConfigError) as info:
-        pipeline.open_for_model(
+    with pytest.raises(sources.DataConfigError) as info:
+        sources.open_for_model(
             "phantoms/ct", data_dir, "3d", "train", (CROP, CROP), (8, 8, 8), checkpoint="/r/7"
         )
     message = str(info.value)
     assert message.startswith("model.volume_size=(8, 8, 8) of checkpoint /r/7 (its config.json)")
     assert "--volume_shape=8,8,8 into another data_dir" in message
     assert "config.model" not in message
-    with pytest.raises(pipeline.DataConfigError, match=r"image_size=\(32, 32\) of checkpoint"):
-        pipeline.open_for_model(
+    with pytest.raises(sources.DataConfigError, match=r"image_size=\(32, 32\) of checkpoint"):
+        sources.open_for_model(
             "phantoms/xray", data_dir, "2d", "test", (32, 32), VOLUME, checkpoint="c"
         )
-    source = pipeline.open_for_model("phantoms/xray", data_dir, "2d", "test", (CROP, CROP), VOLUME)
+    source = sources.open_for_model("phantoms/xray", data_dir, "2d", "test", (CROP, CROP), VOLUME)
     assert source.size == N_TEST and source.array_shape == (STORED, STORED)

@@ -22,7 +22,7 @@ from sklearn.metrics import (
 )
 
 from configs import zero_shot as zero_shot_config
-from data_pipelines import pipeline, synthetic_phantoms, transforms
+from data_pipelines import sources, synthetic_phantoms, transforms
 from data_pipelines.builders import chexpert, ct_rate, mimic_cxr_jpg
 from data_pipelines.prepare import ensure_prepared
 from tests import test_visualize
@@ -366,7 +366,7 @@ def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path, mon
     # embedded through the inference API; CT-CLIP's pairwise softmax; scikit-learn's AUROC.
     model = inference.load(run)
     window = tuple(inference.load_config(run).data.hu_window)  # the config's default: the run's
-    records = list(pipeline.open_source("ct_rate", ct_rate_dir, "3d", "test").open())
+    records = list(sources.open_source("ct_rate", ct_rate_dir, "3d", "test").open())
     volumes = np.stack([transforms.transform_3d(r["volume"], window) for r in records])
     reports = [r["report"].decode() for r in records]
     labels = np.stack([r["labels"] for r in records])
@@ -451,7 +451,7 @@ def test_rsna_zero_shot_on_the_probe_split(run, rsna_dir):
     results = zero_shot.evaluate(config, run)
 
     model = inference.load(run)
-    records = list(pipeline.open_source("rsna_pneumonia", rsna_dir, "2d", "train").open())
+    records = list(sources.open_source("rsna_pneumonia", rsna_dir, "2d", "train").open())
     images = np.stack([transforms.eval_transform_2d(r["image"], 32) for r in records])
     labels = np.array([int(r["label"]) for r in records])
     prompts = zero_shot_prompts.load_prompts(
@@ -636,7 +636,7 @@ def test_chexpert_5x200_on_a_fixture(run, chexpert_dir):
     config.per_class = 2
     results = zero_shot.evaluate(config, run)
 
-    records = list(pipeline.open_source("chexpert", chexpert_dir, "2d", "train").open())
+    records = list(sources.open_source("chexpert", chexpert_dir, "2d", "train").open())
     labels = np.stack([r["labels"] for r in records])
     ids = [r["id"].decode() for r in records]
     chosen = zero_shot.draw_5x200(labels, 2, 0, "")
@@ -742,7 +742,7 @@ def test_mimic_5x200_adds_retrieval_precision_by_class(run, mimic_dir, tmp_path)
     assert {i for v in results["selection"]["ids"].values() for i in v} == glorias
 
     model = inference.load(run)
-    records = list(pipeline.open_source("mimic_cxr_jpg", mimic_dir, "2d", "test").open())
+    records = list(sources.open_source("mimic_cxr_jpg", mimic_dir, "2d", "test").open())
     by_id = {r["id"].decode(): r for r in records}
     order = [i for n in FIVE for i in results["selection"]["ids"][n]]
     images = np.stack([transforms.eval_transform_2d(by_id[i]["image"], 32) for i in order])

@@ -24,7 +24,7 @@ def recorded(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The preprocessing of the run ``config`` trains: stored X-ray size of its 2D training
     sources (the largest-weighted one when they differ, with a warning), volume shape, crop,
     HU window. Reads the sources' dataset info only, never a record."""
-    from data_pipelines.pipeline import open_source, parse_sources  # see _source_names
+    from data_pipelines.sources import open_source, parse_sources  # see _source_names
 
     weights = dict(parse_sources(config.data.sources_2d))
     sizes = {
@@ -54,9 +54,9 @@ def before_recorded(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _source_names(sources: str) -> list[str]:
-    """The names of a ``sources_2d`` entry. The pipeline module (grain, TFDS) is imported only
+    """The names of a ``sources_2d`` entry. The sources module (TFDS) is imported only
     when a config needs it: reading a saved config stays light."""
-    from data_pipelines.pipeline import parse_sources
+    from data_pipelines.sources import parse_sources
 
     return [name for name, _ in parse_sources(sources)]
 

@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from data_pipelines import builders, pipeline
+from data_pipelines import builders, eval_split
+from data_pipelines.sources import DataConfigError, Source, open_for_model
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.evaluation import linear_probe, tasks, trained_model
 from unimedi_jax.evaluation.predict import Predictor
@@ -41,7 +42,7 @@ class DownstreamSetup(NamedTuple):
 
     task: tasks.Downstream
     eval_config: ml_collections.ConfigDict  # the checkpoint's config, reading the dataset
-    sources: dict[str, pipeline.Source]  # by role: train, val, test
+    sources: dict[str, Source]  # by role: train, val, test
     model: trained_model.UniMedIInference
 
 
@@ -100,9 +101,9 @@ def open_checked_split(
     split: str,
     checkpoint: Path,
     pretrained: bool,
-) -> pipeline.Source:
+) -> Source:
     """The prepared split, after checking it exists and fits the checkpoint's model (the
-    pipeline's one check, ``pipeline.open_for_model``).
+    data pipelines' one check, ``sources.open_for_model``).
 
     ``pretrained`` adds the check that the run saw the modality in pre-training (else its
     tokenizer for it never learned anything).
@@ -116,7 +117,7 @@ def open_checked_split(
         )
     model = config.model
     try:
-        return pipeline.open_for_model(
+        return open_for_model(
             task.name,
             config.data.data_dir,
             modality,
@@ -125,7 +126,7 @@ def open_checked_split(
             model.volume_size,
             checkpoint=checkpoint,
         )
-    except pipeline.DataConfigError as err:
+    except DataConfigError as err:
         raise DownstreamError(str(err)) from None
 
 
@@ -134,7 +135,7 @@ def extract_features(
     params: dict,
     eval_config: ml_collections.ConfigDict,
     task: tasks.Downstream,
-    source: pipeline.Source,
+    source: Source,
     limit: int = 0,
     with_slices: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +145,7 @@ def extract_features(
     k = eval_config.selection.k if with_slices else 0
     features, labels = [], []
     done, start, logged = 0, time.perf_counter(), time.perf_counter()
-    batches = pipeline.eval_batches(
+    batches = eval_split.eval_batches(
         eval_config, task.name, task.modality, source.split, predictor.batch_size
     )
     for batch in batches:
@@ -175,7 +176,7 @@ def probe_features(
     model: trained_model.UniMedIInference,
     eval_config: ml_collections.ConfigDict,
     task: tasks.Downstream,
-    sources: dict[str, pipeline.Source],
+    sources: dict[str, Source],
     limits: dict[str, int],
     with_slices: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -22,8 +22,9 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from data_pipelines import builders, pipeline
-from data_pipelines.pipeline import eval_batches, parse_sources
+from data_pipelines import builders
+from data_pipelines.eval_split import eval_batches
+from data_pipelines.sources import open_source, parse_sources
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.evaluation import (
     downstream,
@@ -175,7 +176,7 @@ def frozen_probe(model, data: EvalSet) -> dict[str, float]:
         spec, stored, _ = builders.resolve(name, modality)
         task = tasks.resolve(name if len(spec.modalities) == 1 else f"{spec.name}/{stored}")
         sources = {
-            role: pipeline.open_source(task.name, config.data.data_dir, modality, split)
+            role: open_source(task.name, config.data.data_dir, modality, split)
             for role, split in tasks.SPLITS.items()
         }
         features = downstream.probe_features(model, config, task, sources, limits)

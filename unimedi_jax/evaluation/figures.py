@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from data_pipelines.pipeline import eval_batches, open_source, parse_sources
+from data_pipelines.eval_split import eval_batches
+from data_pipelines.sources import open_source, parse_sources
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import check_output, written_atomically
 from unimedi_jax.evaluation import trained_model

@@ -25,7 +25,7 @@ template parts), replaced with ``--config.prompts=FILE.json``. A file's ``cross_
 words the labels shared with the other modality as that modality's reports do (CT findings in
 X-ray wording and the reverse): scored beside the dataset's own prompts, a test of UniMedI's one
 space for both. Embeddings come from ``trained_model`` (the one prediction path); the data check
-is the probe's (``downstream.open_checked_split`` -> ``pipeline.open_for_model``).
+is the probe's (``downstream.open_checked_split`` -> ``sources.open_for_model``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data_pipelines import builders, pipeline
+from data_pipelines import builders, eval_split
 from unimedi_jax.evaluation import downstream, metrics, tasks, trained_model
 from unimedi_jax.evaluation.zero_shot_metrics import (
     class_scores,
@@ -81,7 +81,7 @@ def _embed_split(
     embed = model.embed_images if key == "image" else model.embed_volumes
     out: dict[str, list] = {"emb": [], task.label_key: [], "report": []}
     done = 0
-    for batch in pipeline.eval_batches(eval_config, task.name, task.modality, split, batch_size):
+    for batch in eval_split.eval_batches(eval_config, task.name, task.modality, split, batch_size):
         take = len(batch[key]) if limit <= 0 else min(limit - done, len(batch[key]))
         out["emb"].append(embed(batch[key][:take]))
         out[task.label_key].append(np.asarray(batch[task.label_key])[:take])
@@ -258,7 +258,7 @@ def _five_by_200(model, prompts: Prompts, task, eval_config, config) -> dict[str
     # GLoRIA also requires the dataset's other observations (MIMIC's 14 CheXpert labels) at 0.
     other = [i for i, n in enumerate(task.classes) if i not in columns and n != "No Finding"]
     labels, ids = [], []
-    for batch in pipeline.eval_batches(eval_config, task.name, task.modality, config.split):
+    for batch in eval_split.eval_batches(eval_config, task.name, task.modality, config.split):
         labels.append(np.asarray(batch[task.label_key]))
         ids.extend(batch.get("id", []))
     where = f"{task.name} split {config.split!r}"
@@ -270,7 +270,7 @@ def _five_by_200(model, prompts: Prompts, task, eval_config, config) -> dict[str
     emb = np.zeros((len(rows), 0), np.float32)
     reports: list[str] = [""] * len(rows)
     start = 0
-    for batch in pipeline.eval_batches(
+    for batch in eval_split.eval_batches(
         eval_config, task.name, task.modality, config.split, config.batch_size
     ):
         n = len(batch["image"])

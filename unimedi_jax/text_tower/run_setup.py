@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.experimental import multihost_utils
 
-from data_pipelines.pipeline import report_texts
+from data_pipelines.sources import report_texts
 from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
 from unimedi_jax.models.text import BertConfig
 from unimedi_jax.text_tower.hugging_face import load_hf_bert, read_bert_config

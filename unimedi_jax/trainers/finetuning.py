@@ -4,7 +4,7 @@ classification (paper Table 3).
 The checkpoint's vision tower (its ``vision_weights``, as the probe uses) and a zero-initialised
 linear head on its final-norm [CLS] feature train together: AdamW with a linear warm-up and cosine
 decay (``train/state.py``), random flips of the training volumes on the host
-(``pipeline.labelled_epoch``), data parallel over the local devices. After each epoch the
+(``finetune_epochs.labelled_epoch``), data parallel over the local devices. After each epoch the
 validation split is scored and the parameters of the epoch with the lowest validation loss are
 kept on the host; those are tested. The head has the linear probe's layout, so validation and
 test reuse its metrics (``linear_probe.evaluate_linear_probe``): AUROC, plus accuracy for
@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from data_pipelines import pipeline
+from data_pipelines import finetune_epochs
 from unimedi_jax.core import sharding
 from unimedi_jax.core.run_folders import FINETUNE, check_new_run
 from unimedi_jax.evaluation import downstream, linear_probe
@@ -202,7 +202,7 @@ def finetune(
         try:
             for epoch in range(epochs):
                 at, losses = f"{epoch + 1}/{epochs}", []
-                for batch in pipeline.labelled_epoch(
+                for batch in finetune_epochs.labelled_epoch(
                     sources["train"],
                     task.label_key,
                     batch_size,

@@ -1,6 +1,6 @@
-"""Grain input pipeline: prepared ArrayRecord datasets -> tokenised batches, per process.
+"""The training stream: prepared ArrayRecord datasets -> tokenised batches, per process.
 
-Everything a batch holds is a pure function of (seed, step), so the pipeline is deterministic
+Everything a batch holds is a pure function of (seed, step), so the stream is deterministic
 whatever the number of workers or processes, and its state is just the next step:
 
   record stream   source k, position j -> epoch j // L_k, record shuffle_{seed,k,epoch}(j % L_k),
@@ -11,11 +11,6 @@ whatever the number of workers or processes, and its state is just the next step
   transform       decode, crop (2D, random, seeded by (seed, source, epoch, record)) or
                   HU window (3D), tokenise the reports: `transforms`, the one transform layer
   stream          the 2D and 3D step datasets zipped, prefetched by `worker_count` processes
-
-Evaluation reads a split in order (`eval_batches`), fine-tuning a labelled 3D split in seeded
-epochs with host-side flips (`labelled_epoch`). Training, `eval_batches` and the downstream
-probes and fine-tuning open their splits through `open_for_model`, the one check that the data
-is prepared and fits the model.
 
 A record that fails to decode, has the wrong shape, NaN/Inf values or an empty report is
 replaced by another record of the same source chosen by a seeded draw, and counted in
@@ -30,17 +25,22 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
-from absl import flags
 
-from data_pipelines import builders, transforms
+from data_pipelines import transforms
 from data_pipelines.failure_limit import FailureLimit
-from unimedi_jax.core.errors import UserError
+from data_pipelines.sources import (
+    ARRAY_KEY,
+    DataConfigError,
+    Source,
+    crop_size,
+    open_for_config,
+    parse_sources,
+)
+from data_pipelines.worker_flags import ensure_absl_flags_parsed
 
 # Why a record was replaced; TrainStream.skipped counts "<source>: <reason>".
 UNDECODABLE = "undecodable record"
@@ -51,128 +51,7 @@ EMPTY_REPORT = "empty report"
 MAX_ATTEMPTS = 32  # replacement draws before a source is declared unreadable
 _STEPS = 2**40  # length of the (practically infinite) step datasets
 _ROWS = 2**50
-_ARRAY_KEY = {"2d": "image", "3d": "volume"}
 _MODALITY_ID = {"2d": 0, "3d": 1}
-
-
-class DataConfigError(UserError, ValueError):
-    """The data part of a config does not match what is prepared on disk."""
-
-
-# ------------------------------------------------------------------------------------- sources
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One prepared split of one dataset config, as the pipeline reads it."""
-
-    name: str  # NAME/CONFIG
-    path: Path
-    split: str
-    size: int
-    array_shape: tuple[int, ...]
-    array_dtype: np.dtype
-    weight: float = 1.0
-
-    def open(self) -> Sequence[dict]:
-        """TFDS's random-access reader of the split: index -> decoded numpy dict."""
-        return tfds.builder_from_directory(self.path).as_data_source(self.split)
-
-
-def parse_sources(text: str) -> list[tuple[str, float]]:
-    """'a:2, b' -> [('a', 2.0), ('b', 1.0)]; '' -> []."""
-    out = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, weight = item.partition(":")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise DataConfigError(f"bad weight in data source {item!r}: use NAME:WEIGHT") from None
-        if value <= 0:
-            raise DataConfigError(f"data source {item!r} needs a positive weight")
-        out.append((name.strip(), value))
-    return out
-
-
-def open_source(
-    name: str,
-    data_dir: str | Path,
-    modality: str | None = None,
-    split: str = "train",
-    weight: float = 1.0,
-) -> Source:
-    """Find the prepared split that a `sources_2d` / `sources_3d` entry names."""
-    spec, config, modality = builders.resolve(name, modality)
-    path = builders.prepared_dir(data_dir, spec, config)
-    if not builders.is_prepared(path):
-        raw = " --manual_dir=RAW_DIR (the files as downloaded, docs/data.md)"
-        raise DataConfigError(
-            f"{spec.name}/{config} is not prepared in {data_dir} (config.data.data_dir): run "
-            f"python -m data_pipelines.prepare {spec.name} --data_dir={data_dir}"
-            f"{raw if spec.needs_manual_dir else ''}, or point config.data.data_dir at where "
-            "it was prepared"
-        )
-    info = tfds.builder_from_directory(path).info
-    if split not in info.splits:
-        raise DataConfigError(f"{path} has no split {split!r}; it has {list(info.splits)}")
-    feature = info.features[_ARRAY_KEY[modality]]
-    return Source(
-        name=f"{spec.name}/{config}",
-        path=path,
-        split=split,
-        size=info.splits[split].num_examples,
-        array_shape=tuple(feature.shape),
-        array_dtype=np.dtype(feature.np_dtype),
-        weight=weight,
-    )
-
-
-def open_for_model(
-    name: str,
-    data_dir: str | Path,
-    modality: str,
-    split: str,
-    image_size: Sequence[int],
-    volume_size: Sequence[int],
-    *,
-    weight: float = 1.0,
-    checkpoint: str | Path | None = None,
-) -> Source:
-    """`open_source`, then check that the stored arrays fit the model: X-rays at least the crop
-    (`image_size`), volumes exactly `volume_size`. The one check of prepared data against a model,
-    for training, evaluation, probes and fine-tuning alike.
-
-    `checkpoint` names a trained model whose sizes are fixed (its config.json's model.*); without
-    it the sizes are config.model's, which the message also offers to change.
-    """
-    source = open_source(name, data_dir, modality, split, weight)
-    image_size, volume_size = tuple(int(n) for n in image_size), tuple(int(n) for n in volume_size)
-
-    def field(key: str, value: tuple[int, ...]) -> str:
-        if checkpoint is None:
-            return f"config.model.{key}={value}"
-        return f"model.{key}={value} of checkpoint {checkpoint} (its config.json)"
-
-    again = "into another data_dir and point config.data.data_dir there"
-    stored = source.array_shape
-    if modality == "2d" and min(stored) < max(image_size):
-        lower = ", or lower config.model.image_size" if checkpoint is None else ""
-        raise DataConfigError(
-            f"{field('image_size', image_size)} is larger than the stored X-rays of "
-            f"{source.name} ({stored} in {source.path}): prepare it with "
-            f"--image_size>={max(image_size)} {again}{lower}"
-        )
-    if modality == "3d" and stored != volume_size:
-        match = ", or set config.model.volume_size to match" if checkpoint is None else ""
-        raise DataConfigError(
-            f"{field('volume_size', volume_size)} but {source.name} in {source.path} "
-            f"stores volumes of {stored}: prepare it with "
-            f"--volume_shape={','.join(map(str, volume_size))} {again}{match}"
-        )
-    return source
-
-
-# ----------------------------------------------------------------------------- transformations
 
 
 def _epoch_seed(*key: int) -> int:
@@ -259,7 +138,7 @@ class _RecordLoader:
             record = self._reader(k)[index]
         except Exception:  # any parse error of a damaged record: skip it, never crash
             return None, "", UNDECODABLE
-        array = record.get(_ARRAY_KEY[self.modality])
+        array = record.get(ARRAY_KEY[self.modality])
         if (
             not isinstance(array, np.ndarray)
             or array.shape != source.array_shape
@@ -291,7 +170,7 @@ class _LoadBatch:
 
     def __call__(self, refs: list) -> dict:
         rows = [self.loader(ref) for ref in refs]
-        prefix = _ARRAY_KEY[self.loader.modality]
+        prefix = ARRAY_KEY[self.loader.modality]
         reads: Counter[str] = Counter()
         for (k, _, _), (_, _, labels) in zip(refs, rows, strict=True):
             reads[self.loader.sources[k].name] += 1 + len(labels)  # the replaced ones too
@@ -322,9 +201,6 @@ def _merge_steps(parts: dict | tuple[dict, ...]) -> dict:
     return merged
 
 
-# ------------------------------------------------------------------------------------ training
-
-
 @dataclasses.dataclass(frozen=True)
 class _ModalityPlan:
     modality: str
@@ -341,35 +217,6 @@ class _ModalityPlan:
         return sum(self.epoch_lengths) // self.global_batch
 
 
-def _data_dir(config) -> str:
-    data_dir = config.data.data_dir
-    if not data_dir:
-        raise DataConfigError(
-            "config.data.data_dir is empty: set it to the directory given to "
-            "python -m data_pipelines.prepare (the demo sets it to <workdir>/data)"
-        )
-    return data_dir
-
-
-def _crop_size(config) -> int:
-    height, width = (int(n) for n in config.model.image_size)
-    if height != width:
-        raise DataConfigError(
-            f"config.model.image_size={tuple(config.model.image_size)}: X-ray crops are square"
-        )
-    return height
-
-
-def _open_for_config(config, name: str, modality: str, split: str, weight: float = 1.0) -> Source:
-    """The split `name` of config.data.data_dir, checked against config.model's sizes."""
-    if modality == "2d":
-        _crop_size(config)  # square
-    model = config.model
-    return open_for_model(
-        name, _data_dir(config), modality, split, model.image_size, model.volume_size, weight=weight
-    )
-
-
 def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
     entries = parse_sources(config.data[f"sources_{modality}"])
     if not entries:
@@ -382,7 +229,7 @@ def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
             f"processes (config.data.sources_{modality} is set)"
         )
     sources = tuple(
-        _open_for_config(config, name, modality, "train", weight) for name, weight in entries
+        open_for_config(config, name, modality, "train", weight) for name, weight in entries
     )
     for source in sources:
         if source.size < global_batch:
@@ -408,7 +255,7 @@ def _step_dataset(plan: _ModalityPlan, config, tokenizer, process_index: int) ->
         plan.modality,
         plan.sources,
         int(config.seed),
-        _crop_size(config),
+        crop_size(config),
         tuple(float(v) for v in config.data.hu_window),
     )
     return (
@@ -417,16 +264,6 @@ def _step_dataset(plan: _ModalityPlan, config, tokenizer, process_index: int) ->
         .map(_LoadBatch(loader, tokenizer, int(config.text.max_length)))
         .slice(slice(0, _STEPS))
     )
-
-
-def _ensure_absl_flags_parsed() -> None:
-    """Grain's worker processes read absl flags; outside an absl app, use their defaults.
-
-    Marked parsed rather than parsed: parsing would run the validators of flags other modules
-    define (e.g. a required --workdir), which have no value outside their own app.
-    """
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
 
 
 class TrainStream:
@@ -471,7 +308,7 @@ class TrainStream:
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2)
         )
         if self._workers > 0:
-            _ensure_absl_flags_parsed()
+            ensure_absl_flags_parsed()
             ds = ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=2)
             )
@@ -533,126 +370,3 @@ class TrainStream:
             if close is not None:
                 close()
             self._iterator = None
-
-
-def report_texts(config, limit: int | None = None) -> list[str]:
-    """Training reports of every configured source (at most `limit` each, spread over the
-    split), e.g. to build a from-scratch WordPiece vocabulary."""
-    data_dir = _data_dir(config)
-    texts = []
-    for modality in ("2d", "3d"):
-        for name, _ in parse_sources(config.data[f"sources_{modality}"]):
-            source = open_source(name, data_dir, modality)
-            skip = {_ARRAY_KEY[modality]: tfds.decode.SkipDecoding()}
-            reader = tfds.builder_from_directory(source.path).as_data_source(
-                source.split, decoders=skip
-            )
-            count = source.size if limit is None else min(limit, source.size)
-            for index in np.linspace(0, source.size - 1, count).round().astype(int):
-                texts.append(reader[int(index)]["report"].decode("utf-8"))
-    return texts
-
-
-# ---------------------------------------------------------------------------------- evaluation
-
-
-@dataclasses.dataclass(frozen=True)
-class _EvalTransform:
-    modality: str
-    crop: int
-    window: tuple[float, float]
-
-    def __call__(self, record: dict) -> dict:
-        out = {k: v for k, v in record.items() if k in ("labels", "label", "lesion_slices")}
-        # Downstream (probe) datasets carry no report; pre-training datasets carry no patient id.
-        for key in ("report", "id", "patient_id"):
-            if key in record:
-                out[key] = record[key].decode("utf-8")
-        if self.modality == "2d":
-            out["image"] = transforms.eval_transform_2d(record["image"], self.crop)
-        else:
-            out["volume"] = transforms.transform_3d(record["volume"], self.window)
-        return out
-
-
-def _collate_eval(rows: Sequence[dict]) -> dict:
-    return {
-        k: (
-            np.stack([r[k] for r in rows])
-            if isinstance(rows[0][k], np.ndarray)
-            else [r[k] for r in rows]
-        )
-        for k in rows[0]
-    }
-
-
-def eval_batches(
-    config, name: str, modality: str, split: str = "test", batch_size: int = 64
-) -> Iterator[dict]:
-    """Every record of a split in order, centre-cropped (2D) or windowed (3D), no shuffling.
-
-    Yields {'image' | 'volume': float32 [b, ...], plus what the records hold of 'labels' [b, F]
-    (multi-hot), 'label' [b] (class index), 'lesion_slices' bool [b, D], and lists of str
-    'report', 'id', 'patient_id'}; the last batch holds the remainder.
-    """
-    source = _open_for_config(config, name, modality, split)
-    transform = _EvalTransform(
-        modality, _crop_size(config), tuple(float(v) for v in config.data.hu_window)
-    )
-    ds = grain.MapDataset.source(source.open()).map(transform)
-    return iter(ds.batch(batch_size, batch_fn=_collate_eval))
-
-
-# --------------------------------------------------------------------------------- fine-tuning
-
-
-@dataclasses.dataclass
-class _LabelledRecord:
-    """Record index -> {'volume': windowed, flipped float32, label_key: label}, in grain's reader
-    threads; the flips are drawn from (seed, epoch, index) alone, so any thread reads alike."""
-
-    source: Source
-    label_key: str
-    window: tuple[float, float]
-    flip_axes: tuple[int, ...]
-    seed: int
-    epoch: int
-    _reader: Any = dataclasses.field(default=None, init=False, repr=False)  # opened on first use
-
-    def __call__(self, index: int) -> dict:
-        if self._reader is None:
-            self._reader = self.source.open()
-        record = self._reader[int(index)]
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        volume = transforms.random_flips(record["volume"], rng, self.flip_axes)
-        return {
-            "volume": transforms.transform_3d(volume, self.window),
-            self.label_key: np.asarray(record[self.label_key]),
-        }
-
-
-def labelled_epoch(
-    source: Source,
-    label_key: str,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    *,
-    window: tuple[float, float],
-    flip_axes: tuple[int, ...] = (),
-    threads: int = 1,
-) -> Iterator[dict]:
-    """One epoch of a labelled 3D split in full batches, for fine-tuning.
-
-    Yields {'volume': float32 [B, D, H, W] in [0, 1], label_key: [B, ...]} in an order seeded by
-    (seed, epoch); each volume is HU-windowed and mirrored along each of `flip_axes` (0 = depth)
-    with probability 1/2, seeded by (seed, epoch, record index). The last partial batch is
-    dropped. The batches are the same whatever `threads` (the reader threads).
-    """
-    order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    load = _LabelledRecord(
-        source, label_key, tuple(float(v) for v in window), tuple(flip_axes), seed, epoch
-    )
-    ds = grain.MapDataset.range(source.size).shuffle(seed=order_seed).map(load)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads)))
