@@ -159,7 +159,7 @@ def paper_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # dp: (data, fsdp, tensor) = (all, 1, 1) | fsdp: (1, all, 1) | fsdp_tp: (1, all/2, 2)
-    # (unimedi_jax/core/sharding.py MESH_PRESETS; README, "Meshes").
+    # (unimedi_jax/core/sharding.py MESH_PRESETS; docs/launching.md, "Meshes").
     c.mesh.preset = "dp"
     # 0: the preset's size; any other value replaces it (-1 fills the devices left over).
     c.mesh.data = 0
