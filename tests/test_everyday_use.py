@@ -3,6 +3,7 @@ a shape change included), one result per evaluated checkpoint, the commands' hel
 One tiny run, trained once for the module; the tests that change a run work on a copy."""
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.tiny_runs import subprocess_env, tiny_run_config
+from unimedi_jax import inference
 from unimedi_jax.config.checks import ConfigError
+from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
+from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
+from unimedi_jax.interop.torch_export import export_run
 from unimedi_jax.trainers.pretraining import train
 
 
@@ -82,3 +87,37 @@ def test_the_command_with_a_relative_workdir_refuses_a_shape_change_with_exit_2(
     assert "model.mlp_dim 64 -> 128" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _snapshot(Path(run_copy)) == before
+
+
+def test_each_evaluated_step_keeps_its_own_result(tmp_path):
+    """The newest checkpoint's result is eval.json, an earlier one's eval-step<N>.json; once the
+    run has trained on, the older eval.json is kept under its step's name."""
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "2").mkdir()
+    write_checkpoint_result(tmp_path, tmp_path, {"step": 2, "a": 0.5})
+    write_checkpoint_result(tmp_path, tmp_path, {"step": 1, "a": 0.25})
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"step": 2, "a": 0.5}
+    assert json.loads((tmp_path / "eval-step1.json").read_text()) == {"step": 1, "a": 0.25}
+    (tmp_path / "checkpoints" / "3").mkdir()
+    write_checkpoint_result(tmp_path, tmp_path, {"step": 3, "a": 0.75})
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "eval-step2.json").read_text()) == {"step": 2, "a": 0.5}
+
+
+def test_model_cards_quote_the_figures_of_the_step_they_export(root, run_copy, tmp_path):
+    config = inference.load_config(Path(run_copy))
+    config.update(evals=("retrieval",), eval_limit=8)
+    earlier = Path(run_copy) / "checkpoints" / "1"
+    written = write_checkpoint_result(run_copy, run_copy, evaluate_checkpoint(earlier, config))
+    assert written == Path(run_copy) / "eval-step1.json"
+    assert not (Path(run_copy) / "eval.json").exists()
+    figures = json.loads(written.read_text())
+    assert figures["step"] == 1
+
+    card = (export_run(earlier, "hf_bert", tmp_path / "step1") / "README.md").read_text()
+    assert "checkpoint step 1." in card
+    name = "retrieval_image/image_to_text/R@1"
+    assert f"| {name} | {figures[name]:.4f} |" in card
+    card = (export_run(run_copy, "hf_bert", tmp_path / "step2") / "README.md").read_text()
+    assert "checkpoint step 2." in card and name not in card
+    assert "No evaluation of step 2 in the run" in card

@@ -336,6 +336,7 @@ def test_evaluate_overrides_apply_to_the_saved_config(tiny_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "eval.json").read_text())
+    assert results.pop("step") == 2
     assert results and all(name.startswith("retrieval_") for name in results), sorted(results)
     assert all(np.isfinite(v) for v in results.values())
     bad = _command("unimedi_jax.evaluate", f"--workdir={tiny_run}", "--config.eval_limt=8")

@@ -5,7 +5,10 @@ Pre-training evaluators, ``--workdir=W``: reads the run's saved config
 of the saved config), runs every evaluator the config's ``evals`` names (retrieval Recall@K,
 zero-shot AUROC, cross-modal mAP, slice-selection hit rate, linear probe), each on its held-out
 split and limit (``eval_split``/``eval_limit``, or its ``eval_settings.<name>``), whatever its
-in-loop schedule, and writes ``W/eval.json``: the evaluators and figures of in-loop evaluation.
+in-loop schedule, and writes ``W/eval.json`` (the run's newest checkpoint) or
+``W/eval-step<N>.json`` (an earlier one, ``--workdir=W/checkpoints/<N>``): the figures of
+in-loop evaluation and the ``step`` they measure (``evaluation/checkpoint_results.py``). The
+figures are printed once, as ``name value`` lines.
 
 Linear probe (paper Tables 1-2), ``--config=configs/probe.py:dataset=NAME[,fraction=F]
 --workdir=PATH``: writes ``<run workdir>/probe/<dataset>-<fractions>[-random_init]/eval.json``
@@ -22,13 +25,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, logging
+from absl import app
 from ml_collections import config_flags
 
 from unimedi_jax import inference
-from unimedi_jax.core.app import define_path, parse_absl_flags, run_app
+from unimedi_jax.core.app import define_path, parse_absl_flags, run_app, shown_path
 from unimedi_jax.core.overrides import apply_overrides, config_given, override_args
 from unimedi_jax.evaluation import downstream, zero_shot
+from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 
 _WORKDIR = define_path("workdir", "The run (its latest checkpoint) or <run>/checkpoints/<step>.")
@@ -40,18 +44,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 
 
-def _log_probe(results: dict) -> None:
-    for fraction, found in results["fractions"].items():
-        logging.info(
-            "%s %s at %s of the labels: %s %.4f (n_train %d, best epoch %d)",
-            results["encoder"],
-            results["dataset"],
-            fraction,
-            results["metric"],
-            found[results["metric"]],
-            found["n_train"],
-            found["best_epoch"],
-        )
+def _probe_lines(results: dict) -> list[str]:
+    return [
+        f"{results['encoder']} {results['dataset']} at {fraction} of the labels: "
+        f"{results['metric']} {found[results['metric']]:.4f} (n_train {found['n_train']}, "
+        f"best epoch {found['best_epoch']})"
+        for fraction, found in results["fractions"].items()
+    ]
+
+
+def _figure_lines(results: dict) -> list[str]:
+    """A pre-training evaluation as aligned ``name value`` lines, its step first."""
+    figures = {k: v for k, v in results.items() if k != "step"}
+    width = max(map(len, figures), default=0)
+    return [
+        f"step {results['step']}",
+        *(f"{name:<{width}} {value:.4f}" for name, value in sorted(figures.items())),
+    ]
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
@@ -72,23 +81,24 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("fine-tuning configs run with python -m unimedi_jax.finetune")
     if kind == "probe":
         results = downstream.probe(config, path)
-        out_dir = out or downstream.default_out_dir(config, path)
-        _log_probe(results)
+        written = downstream.write_eval_json(
+            out or downstream.default_out_dir(config, path), results
+        )
+        lines = _probe_lines(results)
     elif kind == "zero_shot":
         results = zero_shot.evaluate(config, path)
-        out_dir = out or zero_shot.default_out_dir(config, path)
+        written = downstream.write_eval_json(
+            out or zero_shot.default_out_dir(config, path), results
+        )
+        lines = [json.dumps(results, indent=2, sort_keys=True)]
     else:
         workdir = inference.resolve_run(path)[0]
         if overrides:
             config = apply_overrides(inference.load_config(workdir), overrides)
         results = evaluate_checkpoint(path, config)
-        out_dir = out or workdir
-        width = max(map(len, results))
-        for name, value in sorted(results.items()):
-            logging.info("%-*s %.4f", width, name, value)
-    written = downstream.write_eval_json(Path(out_dir), results)
-    logging.info("wrote %s", written)
-    print(json.dumps(results, indent=2, sort_keys=True))
+        written = write_checkpoint_result(Path(out or workdir), workdir, results)
+        lines = _figure_lines(results)
+    print("\n".join([*lines, f"wrote {shown_path(str(written))}"]))
 
 
 def cli() -> None:

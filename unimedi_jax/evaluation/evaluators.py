@@ -253,10 +253,11 @@ def run_evaluators(
 
 def evaluate_checkpoint(path: str | Path, config=None) -> dict[str, float]:
     """Loads the checkpoint at ``path`` and runs every evaluator the config names (``config``:
-    the run's own when None), with the vision tower the config names."""
+    the run's own when None), with the vision tower the config names; the figures come with
+    the ``step`` of the checkpoint read, which a run's folder alone does not say."""
     model = trained_model.load(path, vision_weights=config.vision_weights if config else None)
     if config is None:
         config = model.config
     elif not config.data.data_dir:
         config.data.data_dir = model.config.data.data_dir  # a demo run's data lives in its workdir
-    return run_evaluators(model, config, from_config(config))
+    return {"step": model.step, **run_evaluators(model, config, from_config(config))}

@@ -5,7 +5,7 @@ The library of ``python -m unimedi_jax.export``. It lives apart from ``models/``
 writes files and speaks other frameworks' names; models stay pure flax. Every format is a
 directory holding ``model.safetensors`` (float32, written by safetensors.numpy,
 so exporting needs neither torch nor pickle), ``config.json`` (the constructor arguments) and a
-``README.md`` model card (what it holds, training data and config, the run's eval.json figures,
+``README.md`` model card (what it holds, training data and config, the exported step's figures,
 the preprocessing, the loading recipe). The exported networks reproduce our features: MONAI's
 ViT and timm's VisionTransformer return the final-norm tokens of
 ``VisionTransformer.apply(params, x).tokens`` (volumes without slices, images), transformers'
@@ -51,6 +51,7 @@ from flax import linen as nn
 
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import check_output, written_atomically
+from unimedi_jax.evaluation.checkpoint_results import result_of_step
 from unimedi_jax.interop.formats import (
     CONFIG,
     LAYER_NORM_EPS,
@@ -562,16 +563,19 @@ _HOLDS = {
 }
 
 
-def _figures(workdir: Path) -> str:
-    """The run's held-out figures (its eval.json) as a Markdown table, or a line saying why not."""
-    path = workdir / "eval.json"
-    if not path.is_file():
-        return "No `eval.json` in the run: run `python -m unimedi_jax.evaluate` on it first."
-    results = json.loads(path.read_text())
+def _figures(workdir: Path, step: int) -> str:
+    """The held-out figures of the exported checkpoint (the run's evaluation of that step) as a
+    Markdown table, or a line saying why there are none: another step's figures never."""
+    results = result_of_step(workdir, step)
+    if results is None:
+        return (
+            f"No evaluation of step {step} in the run: run `python -m unimedi_jax.evaluate "
+            f"--workdir={workdir}/checkpoints/{step}` and export again."
+        )
     rows = [
         f"| {name} | {value:.4f} |"
         for name, value in sorted(results.items())
-        if isinstance(value, int | float) and not isinstance(value, bool)
+        if name != "step" and isinstance(value, int | float) and not isinstance(value, bool)
     ]
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
@@ -609,7 +613,7 @@ def model_card(run, fmt: str, workdir: Path, weights: str | None = None) -> str:
         "",
         "## Held-out figures",
         "",
-        _figures(workdir),
+        _figures(workdir, run.step),
         "",
         "## Preprocessing",
         "",

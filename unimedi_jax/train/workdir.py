@@ -169,6 +169,8 @@ def move_previous_run(workdir: Path) -> Path:
     for name in RUN_FILES:
         if (workdir / name).exists():
             (workdir / name).rename(target / name)
+    for result in workdir.glob("eval-step*.json"):  # evaluations of earlier checkpoints
+        result.rename(target / result.name)
     return target
 
 
