@@ -269,7 +269,9 @@ def test_embed_readme_line(demo, model, tmp_path_factory):
     Image.fromarray(pixels).save(scans / "xrays" / "a.png")
     _write_xray(scans / "xrays" / "b.dcm", pixels.astype(np.uint16) * 16)
     (scans / "xrays" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (scans / "xrays" / "labels.csv").write_text("path,finding\na.png,normal\n")
     _write_series(scans / "study", _ct(), "1.2.3.1")
+    (scans / "study" / "README").write_text("exported by a viewer")
     _write_series(scans / "study", _ct(seed=4, depth=3), "1.2.3.2", prefix="b")
     _write_nifti(scans / "ct.nii.gz", _ct(seed=8))
     env = {**fast_compile_env(tmp_path_factory.mktemp("jax_cache")), "JAX_PLATFORMS": "cpu"}
@@ -286,6 +288,9 @@ def test_embed_readme_line(demo, model, tmp_path_factory):
     assert re.search(r"^failed scans/xrays/broken\.jpg: unreadable file", out, re.M), out
     assert re.search(r"^warning scans/study: .*left out 1\.2\.3\.2 \(3 frames\)", out, re.M)
     assert "wrote embeddings.npz: 4 embeddings (2 images, 2 volumes), 1 failed" in out
+    assert "skipped 1 files that are neither images nor volumes by name and content (1 .csv)" in out
+    assert re.search(r"^warning scans/study: .*set aside 1 files .*not DICOM: README", out, re.M)
+    assert re.search(r"read and embedded 5/5 inputs, [\d.]+ files/s, ETA 0 s$", proc.stderr, re.M)
     saved = np.load(demo / "embeddings.npz", allow_pickle=False)
     expected = ["scans/ct.nii.gz", "scans/study", "scans/xrays/a.png", "scans/xrays/b.dcm"]
     assert list(saved["paths"]) == expected
