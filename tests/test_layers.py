@@ -89,8 +89,8 @@ def imports(module: str) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
-            names = [n for n in names[:-1] if n in MODULES] or [base]
+            submodules = [f"{base}.{alias.name}" for alias in node.names]
+            names = [n for n in submodules if n in MODULES] or [base]
         else:
             continue
         found |= {target for name in names if (target := _known(name)) and target != module}

@@ -28,13 +28,13 @@ from data_pipelines.sources import open_source, parse_sources
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.evaluation import (
     downstream,
-    linear_probe,
     metrics,
     tasks,
     trained_model,
     zero_shot_metrics,
     zero_shot_prompts,
 )
+from unimedi_jax.evaluation.linear_probe import run_probe
 from unimedi_jax.train.loop import is_due
 
 
@@ -163,7 +163,7 @@ def slice_hit_rate(model, data: EvalSet) -> dict[str, float]:
     return {"slice_selection/hit_rate": hit, "slice_selection/random_hit_rate": chance}
 
 
-def frozen_probe(model, data: EvalSet) -> dict[str, float]:
+def linear_probe(model, data: EvalSet) -> dict[str, float]:
     """Linear probe on frozen [CLS] features of each evaluated source's own labels at 1, 10 and
     100% of its training split (the paper's protocol, sized for a run): up to
     ``probe_train_limit`` training records, the evaluator's limit of validation and test records.
@@ -180,7 +180,7 @@ def frozen_probe(model, data: EvalSet) -> dict[str, float]:
             for role, split in tasks.SPLITS.items()
         }
         features = downstream.probe_features(model, config, task, sources, limits)
-        results = linear_probe.run_probe(features, task.task, tasks.FRACTIONS)
+        results = run_probe(features, task.task, tasks.FRACTIONS)
         for fraction, scores in results.items():
             out[f"linear_probe_{key}/{task.metric}@{fraction:g}"] = scores[task.metric]
     return out
@@ -192,7 +192,7 @@ EVALUATORS: dict[str, Callable[[trained_model.UniMedIInference, EvalSet], dict[s
     "cross_modal": cross_modal,
     "modality_distance": modality_distance,
     "slice_hit_rate": slice_hit_rate,
-    "linear_probe": frozen_probe,
+    "linear_probe": linear_probe,
 }
 
 

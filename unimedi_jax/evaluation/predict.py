@@ -115,10 +115,11 @@ class Predictor:
         ``k`` selected slices in the joint pass."""
         return self._batched(lambda b: self._fns.embed_vision(params, b, k=k), x)
 
-    def select_slices(
+    def slice_indices_and_scores(
         self, params: dict, volumes: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(indices [N, k] sorted, per-slice scores [N, D]) of Eq. 2's attentive selection."""
+        """(indices [N, k] sorted, per-slice scores [N, D]) of Eq. 2's attentive selection: what
+        ``UniMedIInference.select_slices`` returns (the step's selection also gathers pixels)."""
         return self._batched(lambda b: self._fns.select(params, b, k=k), volumes)
 
     def embed_text(self, params: dict, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

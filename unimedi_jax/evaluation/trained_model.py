@@ -160,7 +160,9 @@ class UniMedIInference:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(indices [N, k] sorted, per-slice scores [N, D]) of Eq. 2's attentive selection."""
         k = k or self.config.selection.k
-        return self.predictor.select_slices(self.params_for(weights), as_float(volumes), k)
+        return self.predictor.slice_indices_and_scores(
+            self.params_for(weights), as_float(volumes), k
+        )
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised shared-space embeddings [N, E] of report texts."""

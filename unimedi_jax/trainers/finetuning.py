@@ -64,7 +64,7 @@ def _loss(logits: jax.Array, labels: jax.Array, task: str) -> jax.Array:
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
 
-def make_train_step(
+def make_finetune_step(
     vision: VisionTransformer,
     tx: optax.GradientTransformation,
     task: str,
@@ -161,6 +161,19 @@ def _describe(metrics: Mapping[str, float]) -> str:
     return f"loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}"
 
 
+@dataclasses.dataclass
+class _Training:
+    """What the step loop carries from epoch to epoch: the state, the compiled step, the step
+    count, the progress line and the non-finite watch."""
+
+    params: dict
+    opt_state: optax.OptState
+    step_fn: Callable
+    progress: Progress
+    nonfinite: NonFiniteWatch
+    step: int = 0
+
+
 def finetune(
     config: ml_collections.ConfigDict, checkpoint: str | Path, workdir: str | Path
 ) -> dict[str, Any]:
@@ -171,91 +184,132 @@ def finetune(
     ``workdir`` may be new or an earlier fine-tuning run's (which this one replaces), never a
     folder holding another kind of run: that is refused before anything is read or written.
     Raises ``Preempted`` after a SIGTERM/SIGINT, ``NonFiniteLossError`` at a NaN/Inf."""
-    # Set up: the folder is checked first, then the data and the encoder.
     workdir = Path(workdir)
-    check_new_run(workdir, FINETUNE)
+    check_new_run(workdir, FINETUNE)  # the folder first, then the data and the encoder
     run = _setup(config, checkpoint)
-    task, eval_config, sources, model = run.setup
-    epochs, batch_size = config.train.epochs, config.train.batch_size
+    _start_folder(run, workdir)
+    history, best = _train(run, workdir)
+    return _test_best_epoch(run, checkpoint, workdir, history, best)
+
+
+def _start_folder(run: _Run, workdir: Path) -> None:
+    """Logs what will run and writes the run's config.json."""
+    config = run.config
     logging.info(
         "fine-tuning %s: %d epochs x %d steps of %d volumes on %d devices",
-        task.name,
-        epochs,
+        run.setup.task.name,
+        config.train.epochs,
         run.steps_per_epoch,
-        batch_size,
+        config.train.batch_size,
         run.mesh.size,
     )
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    # State and the compiled step.
-    params, opt_state = _initial_state(run)
-    train_step = make_train_step(model.model.vision, run.tx, task.task, run.mesh)
 
-    # The step loop; the validation split after each epoch.
-    progress = Progress(run.total_steps, batch_size, _describe, unit="volumes")
-    nonfinite = NonFiniteWatch(True, NONFINITE_REMEDY)
+def _train(run: _Run, workdir: Path) -> tuple[list[dict], tuple[float, int, dict]]:
+    """Every epoch's steps, then its validation split; returns the history and the best epoch
+    (lowest validation loss) as (val loss, epoch, host params)."""
+    params, opt_state = _initial_state(run)
+    training = _Training(
+        params,
+        opt_state,
+        make_finetune_step(run.setup.model.model.vision, run.tx, run.setup.task.task, run.mesh),
+        Progress(run.total_steps, run.config.train.batch_size, _describe, unit="volumes"),
+        NonFiniteWatch(True, NONFINITE_REMEDY),
+    )
     writer = MetricWriter(workdir)
-    best = (np.inf, -1, {})  # (val loss, epoch, host params)
-    history, step = [], 0
+    best, history = (np.inf, -1, {}), []
     with StopRequest() as stop:
         try:
-            for epoch in range(epochs):
-                at, losses = f"{epoch + 1}/{epochs}", []
-                for batch in finetune_epochs.labelled_epoch(
-                    sources["train"],
-                    task.label_key,
-                    batch_size,
-                    config.seed,
-                    epoch,
-                    window=tuple(eval_config.data.hu_window),
-                    flip_axes=tuple(config.train.flip_axes),
-                    threads=config.data.read_threads,
-                ):
-                    batch = sharding.global_batch(batch, run.mesh)
-                    params, opt_state, metrics = train_step(
-                        params, opt_state, batch["volume"], batch[task.label_key]
-                    )
-                    step += 1
-                    nonfinite.dispatched(step, metrics, at)
-                    losses.append(metrics["loss"])
-                    progress.tick()
-                    if is_due(step, config.log_every_steps, run.total_steps):
-                        nonfinite.check(step, metrics, at)
-                        lr = run.schedule(step - 1)  # the rate this step applied
-                        progress.report(step, {**metrics, "learning_rate": lr}, f"epoch {at}  ")
-                    if stop.agreed():
-                        raise Preempted(
-                            f"fine-tuning stopped by {stop.requested} at epoch {at}, step {step}; "
-                            f"it does not resume: {workdir} holds only metrics.jsonl of the "
-                            "finished epochs. Run the same command to start it again."
-                        )
-                nonfinite.check(step, metrics, at)
-                val = _score(run, params, "val")
-                record = {
-                    "epoch": epoch,
-                    "train_loss": float(np.mean(jax.device_get(losses))),
-                    "val_loss": val["loss"],
-                    f"val_{task.metric}": val[task.metric],
-                }
+            for epoch in range(run.config.train.epochs):
+                losses = _train_epoch(run, training, epoch, stop, workdir)
+                record = _validate(run, training.params, epoch, losses)
                 history.append(record)
                 writer.write(epoch + 1, {k: v for k, v in record.items() if k != "epoch"})
-                if val["loss"] < best[0]:
-                    best = (val["loss"], epoch, jax.device_get(params))
-                logging.info(
-                    "epoch %s train loss %.4f val loss %.4f val %s %.4f (best epoch %d) ETA %s",
-                    at,
-                    record["train_loss"],
-                    val["loss"],
-                    task.metric,
-                    val[task.metric],
-                    best[1] + 1,
-                    progress.eta(step),
-                )
+                if record["val_loss"] < best[0]:
+                    best = (record["val_loss"], epoch, jax.device_get(training.params))
+                _log_epoch(run, record, best[1], training.progress.eta(training.step))
         finally:
             writer.close()
+    return history, best
 
-    # Test the epoch with the lowest validation loss.
+
+def _train_epoch(
+    run: _Run, training: _Training, epoch: int, stop: StopRequest, workdir: Path
+) -> list[jax.Array]:
+    """One epoch of steps on the training split; returns the steps' losses (on device)."""
+    config, task = run.config, run.setup.task
+    at, losses = f"{epoch + 1}/{config.train.epochs}", []
+    for batch in finetune_epochs.labelled_epoch(
+        run.setup.sources["train"],
+        task.label_key,
+        config.train.batch_size,
+        config.seed,
+        epoch,
+        window=tuple(run.setup.eval_config.data.hu_window),
+        flip_axes=tuple(config.train.flip_axes),
+        threads=config.data.read_threads,
+    ):
+        batch = sharding.global_batch(batch, run.mesh)
+        training.params, training.opt_state, metrics = training.step_fn(
+            training.params, training.opt_state, batch["volume"], batch[task.label_key]
+        )
+        training.step += 1
+        step = training.step
+        training.nonfinite.dispatched(step, metrics, at)
+        losses.append(metrics["loss"])
+        training.progress.tick()
+        if is_due(step, config.log_every_steps, run.total_steps):
+            training.nonfinite.check(step, metrics, at)
+            lr = run.schedule(step - 1)  # the rate this step applied
+            training.progress.report(step, {**metrics, "learning_rate": lr}, f"epoch {at}  ")
+        if stop.agreed():
+            raise Preempted(
+                f"fine-tuning stopped by {stop.requested} at epoch {at}, step {step}; it does "
+                f"not resume: {workdir} holds only metrics.jsonl of the finished epochs. Run the "
+                "same command to start it again."
+            )
+    training.nonfinite.check(training.step, metrics, at)
+    return losses
+
+
+def _validate(run: _Run, params: dict, epoch: int, losses: list[jax.Array]) -> dict[str, Any]:
+    """The epoch's history record: mean training loss, validation loss and metric."""
+    metric = run.setup.task.metric
+    val = _score(run, params, "val")
+    return {
+        "epoch": epoch,
+        "train_loss": float(np.mean(jax.device_get(losses))),
+        "val_loss": val["loss"],
+        f"val_{metric}": val[metric],
+    }
+
+
+def _log_epoch(run: _Run, record: dict[str, Any], best_epoch: int, eta: str) -> None:
+    metric = run.setup.task.metric
+    logging.info(
+        "epoch %d/%d train loss %.4f val loss %.4f val %s %.4f (best epoch %d) ETA %s",
+        record["epoch"] + 1,
+        run.config.train.epochs,
+        record["train_loss"],
+        record["val_loss"],
+        metric,
+        record[f"val_{metric}"],
+        best_epoch + 1,
+        eta,
+    )
+
+
+def _test_best_epoch(
+    run: _Run,
+    checkpoint: str | Path,
+    workdir: Path,
+    history: list[dict],
+    best: tuple[float, int, dict],
+) -> dict[str, Any]:
+    """Tests the epoch with the lowest validation loss; writes and returns eval.json's content."""
+    config, (task, _, sources, model) = run.config, run.setup
     _, best_epoch, best_params = best
     test = _score(run, best_params, "test")
     results = {
