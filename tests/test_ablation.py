@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs.pretrain import get_config
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax.evaluation import metrics
 from unimedi_jax.experiments import ablation
 
@@ -45,7 +45,7 @@ def out(tmp_path_factory, data_dir) -> Path:
     """The README's line, run as written from a fresh folder, then narrowed to the tiny preset
     (later flags win): rows separate and vl, seeds 0 and 1, 2 steps each."""
     root = tmp_path_factory.mktemp("readme_ablation")
-    env = {**fast_compile_env(root / "jax_cache"), "JAX_PLATFORMS": "cpu"}
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
     args = [
         *_readme_line(),
         f"--config={ROOT / 'configs' / 'pretrain.py'}:tiny",

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.test_results_table import EVAL_FILES
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return {**fast_compile_env(tmp_path_factory.mktemp("jax_cache")), "JAX_PLATFORMS": "cpu"}
+    return {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pydicom.uid import (
 from configs.pretrain import get_config
 from data_pipelines import imaging
 from tests.test_imaging import _testdata, _write_ct_slice, _write_xray
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.config.upgrade import read_run_config
 from unimedi_jax.trainers.pretraining import train
@@ -274,7 +274,7 @@ def test_embed_readme_line(demo, model, tmp_path_factory):
     (scans / "study" / "README").write_text("exported by a viewer")
     _write_series(scans / "study", _ct(seed=4, depth=3), "1.2.3.2", prefix="b")
     _write_nifti(scans / "ct.nii.gz", _ct(seed=8))
-    env = {**fast_compile_env(tmp_path_factory.mktemp("jax_cache")), "JAX_PLATFORMS": "cpu"}
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, *shlex.split(_readme_line())[1:]],
         cwd=demo,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.tiny_runs import fast_compile_env
+from tests.tiny_runs import subprocess_env
 from unimedi_jax.diagnostics.resume_soak import (
     compare_runs,
     complete_checkpoints,
@@ -36,7 +36,7 @@ TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return fast_compile_env(tmp_path_factory.mktemp("jax_cache"))
+    return subprocess_env()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax.core.overrides import resolve_config_args, resolve_config_file
 from unimedi_jax.diagnostics.resume_soak import logged_steps
 
@@ -125,7 +125,7 @@ def test_the_base_install_leaves_the_plots_to_the_viz_extra():
 def test_the_tiny_preset_trains_from_an_empty_directory(installed, tmp_path):
     data_dir = tmp_path / "data"
     tiny_run_config(data_dir)  # prepared by the checkout: the run reads it, nothing more
-    env = {**fast_compile_env(tmp_path / "cache"), "PYTHONPATH": str(installed)}
+    env = {**subprocess_env(), "PYTHONPATH": str(installed)}
     empty = tmp_path / "empty"
     empty.mkdir()
     where = subprocess.run(

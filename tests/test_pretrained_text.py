@@ -19,7 +19,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from configs.pretrain import get_config
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax.config.checks import check_config
 from unimedi_jax.core import sharding
 from unimedi_jax.diagnostics.resume_soak import (
@@ -52,7 +52,7 @@ def minilm_tensors() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return fast_compile_env(tmp_path_factory.mktemp("jax_cache"))
+    return subprocess_env()
 
 
 @pytest.fixture(scope="module")

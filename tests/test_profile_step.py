@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests.tiny_runs import fast_compile_env
+from tests.tiny_runs import subprocess_env
 from unimedi_jax.diagnostics import step_profile as sp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def test_readme_line_at_tiny_size(tmp_path):
     args = [a.replace(":demo", ":tiny") for a in _readme_args()]
     args = [a for a in args if not a.startswith("--out")] + [f"--out={tmp_path / 'p'}"]
     args[args.index("--steps") + 1] = "1"
-    env = {**fast_compile_env(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "unimedi_jax.profile_step", *args],
         cwd=ROOT,

@@ -6,7 +6,7 @@ log the same metrics and end in the same weights. The runs share the prepared ph
 compilation cache, so the second one does not compile; about a minute on a loaded 2-core machine.
 """
 
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax.diagnostics.resume_soak import compare_runs, run_to_end
 
 ARGS = [
@@ -22,7 +22,7 @@ TIMEOUT_S = 600
 def test_two_fresh_runs_build_the_same_vocabulary_and_log_the_same_losses(tmp_path):
     data_dir = tmp_path / "data"
     tiny_run_config(data_dir)  # prepares the phantoms both runs read
-    env = fast_compile_env(tmp_path / "jax_cache")
+    env = subprocess_env()
     runs = [tmp_path / "run_a", tmp_path / "run_b"]
     for workdir, hash_seed in zip(runs, ("1", "2"), strict=True):
         args = [*ARGS, f"--config.data.data_dir={data_dir}"]

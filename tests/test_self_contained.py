@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from transformers import BertTokenizerFast
 
 from configs.pretrain import get_config
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.diagnostics.resume_soak import logged_steps, run_to_end
@@ -50,7 +50,7 @@ def moved(tmp_path_factory):
     """(the run moved to another folder, text.path it trained with, data dir, env, (embeddings
     of TEXTS, evaluation figures) before the move)."""
     root = tmp_path_factory.mktemp("self_contained")
-    env = fast_compile_env(root / "jax_cache")
+    env = subprocess_env()
     data_dir = root / "data"
     tiny_run_config(data_dir)
     bert = root / "bert"

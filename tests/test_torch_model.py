@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tests.test_export import _vision
-from tests.tiny_runs import fast_compile_env, tiny_run_config
+from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax import inference, torch_model
 from unimedi_jax.interop import torch_export
 from unimedi_jax.method import selection
@@ -144,7 +144,7 @@ def _assert_matches_inference(
 
 
 def _export_command(run: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = {**fast_compile_env(out.parent / "jax_cache"), "JAX_PLATFORMS": "cpu"}
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
         [sys.executable, "-m", "unimedi_jax.export", f"--workdir={run}", f"--out={out}", *flags],
         cwd=ROOT,

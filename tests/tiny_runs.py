@@ -4,13 +4,15 @@ The demo preset builds 2,400 phantoms per modality on first use; 40 training rec
 for a few steps and take a fraction of a second. Imported as ``tests.tiny_runs``.
 """
 
+import os
 from pathlib import Path
 
 import ml_collections
 
 from configs.pretrain import get_config
 from data_pipelines.prepare import ensure_prepared
-from unimedi_jax.diagnostics.resume_soak import run_env
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_run_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
@@ -31,9 +33,7 @@ def tiny_run_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def fast_compile_env(cache_dir: Path) -> dict[str, str]:
-    """The environment for subprocess runs of a test: a compilation cache in ``cache_dir``
-    shared by its runs, and LLVM at -O0, which halves XLA's compile time on CPU."""
-    env = run_env(cache_dir)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return env
+def subprocess_env() -> dict[str, str]:
+    """The environment for a test's subprocess: this one (with conftest.py's fast compilation
+    and the run's shared compilation cache) and the repository on ``PYTHONPATH``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
