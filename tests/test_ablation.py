@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory, data_dir) -> Path:
-    """The README's line, run as written from a fresh folder, then narrowed to the tiny preset
+    """The docs' line, run as written from a fresh folder, then narrowed to the tiny preset
     (later flags win): rows separate and vl, seeds 0 and 1, 2 steps each."""
     root = tmp_path_factory.mktemp("readme_ablation")
     env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}

@@ -88,7 +88,7 @@ def test_results_table_readme_line(tmp_path):
 
 
 def test_soak_passes_what_follows_the_double_dash_to_training(demo, env, tmp_path):
-    """The README's soak line with no kills: both runs get the training flags after ``--``
+    """docs/reliability.md's soak line with no kills: both runs get the training flags after ``--``
     (2 steps, the tiny preset, the prepared data) and end equal."""
     proc = _command(
         env,

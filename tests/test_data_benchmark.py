@@ -1,4 +1,4 @@
-"""data_pipelines.benchmark: the README command runs, on the trainer's own config."""
+"""data_pipelines.benchmark: the command of docs/data.md runs, on the trainer's own config."""
 
 import re
 import subprocess

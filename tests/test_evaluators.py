@@ -48,7 +48,8 @@ def test_each_evaluator_takes_the_defaults_unless_its_settings_replace_them():
 
 
 def test_readme_overrides_of_the_eval_fields():
-    """The README's evaluate overrides, applied as the command applies them to a saved config."""
+    """docs/outputs.md's evaluate overrides, applied as the command applies them to a saved
+    config."""
     saved = get_config("tiny")
     readme = [
         "--config.eval_split=test",

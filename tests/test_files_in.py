@@ -40,7 +40,7 @@ PIXEL_SPACING = (0.7, 0.8)  # between rows, between columns (_write_ct_slice's)
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """A folder holding ``runs/demo``, a two-step tiny run (X-rays stored at 32, crop 32,
-    volumes 8 x 32 x 32), as the README's line expects."""
+    volumes 8 x 32 x 32), as the line of docs/outputs.md expects."""
     root = tmp_path_factory.mktemp("files_in")
     train(tiny_run_config(root / "data", total_steps=2), root / "runs" / "demo")
     return root
