@@ -78,7 +78,11 @@ def test_the_wheel_holds_every_module_and_config(wheel):
         if "__pycache__" not in p.parts
     }
     expected |= {f"unimedi_configs/{p.name}" for p in (ROOT / "configs").glob("*.py")}
-    expected |= {f"unimedi_configs/prompts/{p.name}" for p in (ROOT / "configs/prompts").iterdir()}
+    expected |= {
+        f"unimedi_configs/{folder}/{p.name}"
+        for folder in ("prompts", "published")
+        for p in (ROOT / "configs" / folder).iterdir()
+    }
     assert expected - names == set()
     assert {n for n in names if n.startswith("tests/")} == set()
 

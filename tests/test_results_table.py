@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from unimedi_jax.evaluation import paper_tables
+from unimedi_jax.evaluation import paper_tables, published
 
 
 def _probe(dataset, metric, fractions, encoder="pretrained", run="/runs/paper", step=1000):
@@ -106,3 +106,91 @@ def test_no_results_is_a_user_error_naming_the_paths(tmp_path):
         paper_tables.NoResultsError, match=r"no probe, fine-tuning or zero-shot eval\.json"
     ):
         paper_tables.tables_of([tmp_path])
+
+
+# ---------------------------------------------------------------- published rows, from data
+
+SHIPPED = {"ct_rate": ("zero_shot", "report_to_volume"), "rad_chestct": ("zero_shot",)}
+
+
+def test_shipped_published_figures_carry_their_sources():
+    shared = json.loads(published.published_path("ct_rate").read_text())
+    for benchmark, tables in SHIPPED.items():
+        found = published.load_published(published.published_path(benchmark))
+        assert set(found.tables) == set(tables)
+        for row in (r for t in tables for r in found.rows(t)):
+            assert row.sources and all(found.sources[k].line for k in row.sources)
+    ct_clip = published.load_published(published.published_path("ct_rate")).rows("zero_shot")[0]
+    assert ct_clip.figures == {"auroc": 0.731, "f1": 0.707, "accuracy": 0.668, "precision": 0.323}
+    assert "0.731 | 0.707" in shared["sources"]["EXACT-S4"]["line"]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"method": "M", "auroc": 0.7}, "'M' has no source"),
+        ({"method": "M", "auroc": 0.7, "source": []}, "'M' has no source"),
+        ({"method": "M", "auroc": 0.7, "source": ["elsewhere"]}, r"cites \['elsewhere'\]"),
+        (
+            {"method": "M", "auroc": 73.1, "source": ["S"]},
+            r"fractions in \[0, 1\]; bad: \['auroc'\]",
+        ),
+    ],
+)
+def test_a_figure_without_a_source_is_refused(tmp_path, row, message):
+    path = tmp_path / "mine.json"
+    source = {"what": "a table", "where": "a README", "line": "| M | 0.7 |"}
+    path.write_text(json.dumps({"sources": {"S": source}, "tables": {"zero_shot": [row]}}))
+    with pytest.raises(published.PublishedError, match=message) as err:
+        published.load_published(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_source_without_the_line_read_is_refused(tmp_path):
+    path = tmp_path / "mine.json"
+    row = {"method": "M", "auroc": 0.7, "source": ["S"]}
+    path.write_text(
+        json.dumps({"sources": {"S": {"what": "a", "where": "b"}}, "tables": {"t": [row]}})
+    )
+    with pytest.raises(published.PublishedError, match="source 'S' needs what, where, line"):
+        published.load_published(path)
+
+
+def _zero_shot(benchmark, figures, run="/runs/paper", step=500):
+    return {"kind": "zero_shot", "benchmark": benchmark, "dataset": benchmark,
+            "encoder": "pretrained", "checkpoint": run, "step": step,
+            "prompts": f"/x/{benchmark}.json", "zero_shot": figures}  # fmt: skip
+
+
+def test_published_rows_stand_above_ours_with_their_sources(tmp_path):
+    figures = {"mean_auroc": 0.7, "mean_auroc_ci": [0.65, 0.75], "mean_f1": 0.6,
+               "mean_accuracy": 0.55, "mean_precision": 0.3}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(_zero_shot("ct_rate", figures)))
+    out = paper_tables.tables_of([tmp_path])
+    lines = out[out.index("### CT-RATE zero-shot") :].splitlines()
+    assert lines[2] == "| Method | AUROC | F1 (weighted) | ACC | Precision | Source |"
+    assert lines[4] == (
+        "| CT-CLIP (zero-shot) | 73.1 | 70.7 | 66.8 | 32.3 | as reported in EXACT-S4, "
+        "CTCLIP_MODERN (secondary) |"
+    )
+    rows = published.load_published(published.published_path("ct_rate")).rows("zero_shot")
+    ours = 4 + len(rows)
+    assert lines[ours] == (
+        "| paper @500 | 70.0 | 60.0 | 55.0 | 30.0 | prompts ct_rate.json; AUROC 95% CI 65.0-75.0 |"
+    )
+    notes = lines[ours + 1 :]
+    assert "- CT-CLIP (zero-shot): AUROC, F1 (weighted), ACC, Precision" in notes
+    assert "- EXACT (zero-shot): AUROC, F1 (weighted), ACC" in notes
+    assert any(
+        n.startswith("- EXACT-S4: EXACT (Bai et al.)")
+        and n.endswith("line read: `| CT-CLIP (Zero-shot) | 0.731 | 0.707 | 0.668 | |`")
+        for n in notes
+    )
+    assert "### Table 1" in out and "RSNA Pneumonia zero-shot" not in out
+
+
+def test_a_table_without_published_rows_says_why(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps(_zero_shot("mimic_5x200", {"accuracy": 0.4})))
+    block = paper_tables.tables_of([tmp_path]).split("### MIMIC-CXR 5x200")[1]
+    assert "| paper @500 | 40.0 | prompts mimic_5x200.json |" in block
+    assert "no published row: no GLoRIA, MGCA or MedCLIP figure" in block

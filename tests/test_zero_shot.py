@@ -2,7 +2,6 @@
 files, the metric code against scikit-learn and brute force, and each protocol on a fixture laid
 out like the real release, run on a tiny trained model."""
 
-import dataclasses
 import json
 import math
 import re
@@ -46,6 +45,7 @@ from unimedi_jax import inference
 from unimedi_jax.evaluation import (
     evaluators,
     paper_tables,
+    published,
     tasks,
     zero_shot,
     zero_shot_metrics,
@@ -344,7 +344,7 @@ def _cli(*args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path, monkeypatch):
+def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path):
     _, ct_rate_dir = ct_rate_dir
     proc = _cli(
         "--config=configs/zero_shot.py:dataset=ct_rate",
@@ -403,21 +403,14 @@ def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path, mon
     assert results["retrieval"]["volume_to_report/R@50"] == 1.0
     assert set(results["retrieval"]) >= {f"report_to_volume/R@{k}" for k in (1, 5, 10, 50)}
 
-    # The results table puts this eval.json under the published rows of the protocol, each with
-    # its source (a row as a checked figure would be entered in ZERO_SHOT_TABLES).
-    table = dataclasses.replace(
-        paper_tables.ZERO_SHOT_TABLES[0],
-        published={"Other model (published)": ((73.1, 70.7, 66.8, None), "Someone, Table 1")},
-    )
-    monkeypatch.setattr(
-        paper_tables, "ZERO_SHOT_TABLES", (table, *paper_tables.ZERO_SHOT_TABLES[1:])
-    )
+    # The results table puts this eval.json under the published rows of the protocol.
+    rows = published.load_published(published.published_path("ct_rate")).rows("zero_shot")
     lines = paper_tables.tables_of([tmp_path]).split("### CT-RATE zero-shot")[1].splitlines()
-    assert lines[4] == "| Other model (published) | 73.1 | 70.7 | 66.8 | - | Someone, Table 1 |"
+    assert lines[4].startswith("| CT-CLIP (zero-shot) | 73.1 | 70.7 | 66.8 | 32.3 | as reported")
     low, high = (f"{100 * v:.1f}" for v in found["mean_auroc_ci"])
     ours = [f"{100 * found[k]:.1f}" for k in ("mean_auroc", "mean_f1", "mean_accuracy")]
     ours.append(f"{100 * found['mean_precision']:.1f}")
-    assert lines[5] == (
+    assert lines[4 + len(rows)] == (
         f"| {Path(run).name} @{results['step']} | " + " | ".join(ours)
         + f" | prompts ct_rate.json; AUROC 95% CI {low}-{high} |"
     )  # fmt: skip
@@ -466,46 +459,6 @@ def test_rsna_zero_shot_on_the_probe_split(run, rsna_dir):
     assert found["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
     assert found["f1"] == pytest.approx(f1_score(labels, predicted, zero_division=0))
     assert found["auroc"] == pytest.approx(roc_auc_score(labels, scores[:, 1] - scores[:, 0]))
-
-
-# -------------------------------------------------------------------------------- the table
-
-
-def test_results_table_puts_runs_next_to_published_figures(tmp_path, monkeypatch):
-    # A published row of the same protocol, as a checked figure would be entered.
-    table = dataclasses.replace(
-        paper_tables.ZERO_SHOT_TABLES[0],
-        published={"Other model (published)": ((73.1, 70.7, 66.8, None), "Someone et al.")},
-    )
-    monkeypatch.setattr(
-        paper_tables, "ZERO_SHOT_TABLES", (table, *paper_tables.ZERO_SHOT_TABLES[1:])
-    )
-    result = {
-        "kind": "zero_shot",
-        "benchmark": "ct_rate",
-        "dataset": "ct_rate",
-        "encoder": "pretrained",
-        "checkpoint": "/runs/paper",
-        "step": 500,
-        "prompts": "/x/configs/prompts/ct_rate.json",
-        "zero_shot": {
-            "mean_auroc": 0.7,
-            "mean_auroc_ci": [0.65, 0.75],
-            "mean_f1": 0.6,
-            "mean_accuracy": 0.55,
-            "mean_precision": 0.3,
-        },
-    }
-    (tmp_path / "eval.json").write_text(json.dumps(result))
-    out = paper_tables.tables_of([tmp_path])
-    block = out[out.index("### CT-RATE zero-shot") :]
-    lines = block.splitlines()
-    assert lines[2] == "| Method | AUROC | F1 (weighted) | ACC | Precision | Source |"
-    assert lines[4] == "| Other model (published) | 73.1 | 70.7 | 66.8 | - | Someone et al. |"
-    assert lines[5] == (
-        "| paper @500 | 70.0 | 60.0 | 55.0 | 30.0 | prompts ct_rate.json; AUROC 95% CI 65.0-75.0 |"
-    )
-    assert "### Table 1" in out and "RSNA Pneumonia zero-shot" not in out
 
 
 # ----------------------------------------------------------------------------------- 5x200

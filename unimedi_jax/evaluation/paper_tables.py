@@ -6,8 +6,10 @@ themselves) and renders Markdown tables laid out like the paper's Tables 1-3, in
 paper's UniMedI and Random Init rows first for comparison. A row is an encoder: a run at a
 checkpoint step, or "Random Init (run)". Cells without a result are '-'. Results on other
 datasets (the phantoms, a LUNA16 probe, ...) go to an "Other" table. Zero-shot benchmarks
-(``configs/zero_shot.py``) get a table each, after the published figures of the same protocol
-with their source (``ZERO_SHOT_TABLES``). Pre-training evaluations' eval.json are skipped.
+(``configs/zero_shot.py``) get a table each (``ZERO_SHOT_TABLES``), after the published figures
+of the same protocol from ``configs/published/<benchmark>.json``, marked as reported in their
+secondary sources, which are listed below the table with the line read. Pre-training
+evaluations' eval.json are skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from unimedi_jax.core.errors import UserError
+from unimedi_jax.evaluation.published import Published, Row, load_published, published_path
 from unimedi_jax.evaluation.tasks import FRACTIONS
 
 
@@ -84,46 +87,81 @@ PAPER_TABLES = (
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotTable:
-    """A zero-shot benchmark's figures (in %) with the published rows of the same protocol,
-    each with its source."""
+    """A zero-shot benchmark's figures (in %) after the published rows of the same protocol
+    (``configs/published/<benchmark>.json``, each with its sources), or why there are none."""
 
     title: str
     benchmark: str  # configs/zero_shot.py's dataset=NAME
-    figures: tuple[tuple[str, str], ...]  # (eval.json key under 'zero_shot', column title)
-    published: dict[str, tuple[tuple[float | None, ...], str]]  # row -> (values, source)
+    section: str  # the eval.json entry holding the figures
+    figures: tuple[tuple[str, str, str], ...]  # (key in section, column title, published key)
+    published_table: str = "zero_shot"  # the table of the published file it shows
+    unpublished: str = ""  # why no published row stands beside ours
+
+    def published(self) -> Published | None:
+        path = published_path(self.benchmark)
+        return load_published(path) if path.is_file() else None
 
 
+_CT_CLIP_FIGURES = (
+    ("mean_auroc", "AUROC", "auroc"),
+    ("mean_f1", "F1 (weighted)", "f1"),
+    ("mean_accuracy", "ACC", "accuracy"),
+    ("mean_precision", "Precision", "precision"),
+)
+_NO_SOURCE = (
+    "no published row: no GLoRIA, MGCA or MedCLIP figure on this set could be read from a "
+    "primary or secondary source we trust"
+)
 ZERO_SHOT_TABLES = (
     ZeroShotTable(
         "CT-RATE zero-shot, 18 abnormalities (CT-CLIP's protocol; means over the abnormalities, %)",
         "ct_rate",
-        (
-            ("mean_auroc", "AUROC"),
-            ("mean_f1", "F1 (weighted)"),
-            ("mean_accuracy", "ACC"),
-            ("mean_precision", "Precision"),
-        ),
-        # CT-CLIP's published figures go here once read in its paper's table (arXiv 2403.17834):
-        # the stored copies available to us hold the paper's opening only, not its tables.
-        {},
+        "zero_shot",
+        _CT_CLIP_FIGURES,
+    ),
+    ZeroShotTable(
+        "CT-RATE report-to-volume retrieval (CT-CLIP's count: the report's own volume in the top "
+        "K, %)",
+        "ct_rate",
+        "ct_clip_retrieval",
+        tuple((f"report_to_volume/R@{k}", f"R@{k}", f"recall@{k}") for k in (5, 10, 50, 100)),
+        published_table="report_to_volume",
+    ),
+    ZeroShotTable(
+        "CT-RATE volume-to-volume retrieval (CT-CLIP's MAP@K over the abnormality labels, %)",
+        "ct_rate",
+        "ct_clip_retrieval",
+        tuple((f"volume_to_volume/MAP@{k}", f"MAP@{k}", "") for k in (1, 5, 10, 50)),
+        published_table="volume_to_volume",
+        unpublished="no published row: CT-CLIP's MAP@K could not be read from a source we trust",
+    ),
+    ZeroShotTable(
+        "RAD-ChestCT zero-shot, the abnormalities shared with CT-RATE (CT-CLIP's protocol, "
+        "external set; means over the abnormalities, %)",
+        "rad_chestct",
+        "zero_shot",
+        _CT_CLIP_FIGURES,
     ),
     ZeroShotTable(
         "RSNA Pneumonia zero-shot (pneumonia vs normal prompts, %)",
         "rsna_pneumonia",
-        (("auroc", "AUROC"), ("accuracy", "ACC"), ("f1", "F1")),
-        {},
+        "zero_shot",
+        (("auroc", "AUROC", ""), ("accuracy", "ACC", ""), ("f1", "F1", "")),
+        unpublished=_NO_SOURCE,
     ),
     ZeroShotTable(
         "CheXpert 5x200 zero-shot (GLoRIA's protocol, %)",
         "chexpert_5x200",
-        (("accuracy", "ACC"),),
-        {},
+        "zero_shot",
+        (("accuracy", "ACC", ""),),
+        unpublished=_NO_SOURCE,
     ),
     ZeroShotTable(
         "MIMIC-CXR 5x200 zero-shot (GLoRIA's protocol, %)",
         "mimic_5x200",
-        (("accuracy", "ACC"),),
-        {},
+        "zero_shot",
+        (("accuracy", "ACC", ""),),
+        unpublished=_NO_SOURCE,
     ),
 )
 
@@ -216,21 +254,32 @@ def render(results: Sequence[tuple[Path, dict[str, Any]]]) -> str:
 
 
 def _zero_shot_blocks(results: Sequence[dict[str, Any]]) -> list[str]:
-    """A table per zero-shot benchmark with results: the published rows (with their source)
-    first, then each run; CT-RATE adds the mean AUROC's 95% bootstrap interval."""
+    """A table per zero-shot benchmark with results: the published rows first, marked as
+    reported in their (secondary) sources, then each run (CT-CLIP's protocol adds the mean
+    AUROC's 95% bootstrap interval); below it the columns each published row fills and the
+    sources with the line read."""
     blocks = []
     for table in ZERO_SHOT_TABLES:
-        found = [r for r in results if r["benchmark"] == table.benchmark]
+        found = [r for r in results if r["benchmark"] == table.benchmark and table.section in r]
         if not found:
             continue
-        headers = [title for _, title in table.figures] + ["Source"]
+        headers = [title for _, title, _ in table.figures] + ["Source"]
         lines = [f"### {table.title}", "", "| Method | " + " | ".join(headers) + " |"]
         lines.append("|---|" + "---:|" * (len(headers) - 1) + "---|")
-        for label, (values, source) in table.published.items():
-            lines.append(f"| {label} | " + " | ".join(map(_format, values)) + f" | {source} |")
+        published = table.published()
+        rows = published.rows(table.published_table) if published else ()
+        for row in rows:
+            values = [
+                100.0 * row.figures[key] if key in row.figures else None
+                for _, _, key in table.figures
+            ]
+            mark = f"as reported in {', '.join(row.sources)} (secondary)"
+            lines.append(f"| {row.method} | " + " | ".join(map(_format, values)) + f" | {mark} |")
         for result in found:
-            figures = result["zero_shot"]
-            values = [100.0 * figures[key] if key in figures else None for key, _ in table.figures]
+            figures = result[table.section]
+            values = [
+                100.0 * figures[key] if key in figures else None for key, _, _ in table.figures
+            ]
             interval = figures.get("mean_auroc_ci")
             source = f"prompts {Path(result['prompts']).name}" + (
                 f"; AUROC 95% CI {_format(100 * interval[0])}-{_format(100 * interval[1])}"
@@ -240,8 +289,28 @@ def _zero_shot_blocks(results: Sequence[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| {row_label(result)} | " + " | ".join(map(_format, values)) + f" | {source} |"
             )
+        lines += _published_notes(table, published, rows)
         blocks.append("\n".join(lines))
     return blocks
+
+
+def _published_notes(
+    table: ZeroShotTable, published: Published | None, rows: Sequence[Row]
+) -> list[str]:
+    """Below a table: what each published row fills and its sources, or why there is none."""
+    if not rows:
+        return ["", f"{table.unpublished or 'no published row'}."]
+    titles = {key: title for _, title, key in table.figures if key}
+    lines = ["", f"Published rows ({published.split}; {published.path.name}), each filling:"]
+    lines += [
+        f"- {row.method}: {', '.join(titles[k] for k in row.figures if k in titles)}"
+        for row in rows
+    ]
+    lines += ["", f"Sources. {published.note}"]
+    for key in dict.fromkeys(k for row in rows for k in row.sources):
+        source = published.sources[key]
+        lines.append(f"- {key}: {source.what}; {source.where}; line read: `{source.line}`")
+    return lines
 
 
 def tables_of(paths: Sequence[str | Path]) -> str:
