@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs.pretrain import get_config
@@ -116,30 +117,32 @@ def test_mfu_says_why_it_is_missing():
     assert rows["MFU"] == "50.0%"  # 2 TFLOP in 0.5 s on a device of 8 TFLOP/s
 
 
-def test_flops_are_the_maths_whatever_the_attention_kernel_and_layer_loop(monkeypatch):
-    """The FLOP count is the step with unrolled layers and XLA's attention whatever the config
-    runs (cuDNN's kernel is a custom call that XLA counts nothing for; a scanned loop's body is
-    counted once), so MFU prints with cuDNN attention, and the benchmark with and without
-    --compare_unrolled reports one count."""
+def test_flops_are_the_maths_whatever_the_attention_kernel_layer_loop_and_remat(monkeypatch):
+    """The FLOP count is the step with unrolled layers, XLA's attention and no remat whatever the
+    config runs (cuDNN's kernel is a custom call that XLA counts nothing for; a scanned loop's
+    body is counted once; recomputation is not the model's work), so MFU prints with cuDNN
+    attention, and the benchmark with and without --compare_unrolled reports one count."""
     config = get_config("tiny")
     mesh, text = step_benchmark.checked_mesh_and_text(config)
     counted = []
     count = step_benchmark._lowered_step_flops
 
     def spy(config, mesh, text):
-        counted.append((config.model.attention, config.model.unroll_layers))
+        counted.append((config.model.attention, config.model.remat, config.model.unroll_layers))
         return count(config, mesh, text)
 
     monkeypatch.setattr(step_benchmark, "_lowered_step_flops", spy)
-    flops = {}
-    for attention in ("cudnn", "xla"):
-        config.model.attention = attention
-        flops[attention] = step_benchmark.step_flops(config, mesh, text)
-    assert counted == [("xla", True), ("xla", True)]
-    assert flops["cudnn"] == flops["xla"] > 0
-    # Scanned, a layer is counted once: the count would be smaller.
-    config.model.attention = "xla"
-    assert count(config, mesh, text) < flops["xla"]
+    flops = []
+    for attention, remat in (("cudnn", "dots"), ("xla", "none")):
+        config.model.update(attention=attention, remat=remat)
+        flops.append(step_benchmark.step_flops(config, mesh, text))
+    assert counted == [("xla", "none", True)] * 2
+    assert flops[0] == flops[1] > 0
+    # Scanned, a layer is counted once; under full remat, the forward twice.
+    assert count(config, mesh, text) < flops[1]
+    config.model.update(unroll_layers=True, remat="full")
+    assert count(config, mesh, text) > flops[1]
+    config.model.update(unroll_layers=False, remat="none")
 
     monkeypatch.setattr(step_benchmark, "step_flops", lambda *args: 3e9)
     monkeypatch.setattr(
@@ -149,3 +152,48 @@ def test_flops_are_the_maths_whatever_the_attention_kernel_and_layer_loop(monkey
         report = step_benchmark.step_report(config, 1, compare_unrolled=compare_unrolled)
         assert "| GFLOP / step (XLA cost analysis) | 3 |" in report
         assert "| achieved TFLOP/s | 0.002 |" in report
+
+
+def test_variants_fall_back_to_the_largest_batch_that_fits(monkeypatch):
+    """``variant_rows``: each variant at the first batch whose step compiles and runs; a batch
+    that runs out of device memory is named, any other error is raised; FLOPs counted once per
+    batch. The times are faked (no compile): this is the bookkeeping, ``DRY_RUN=1
+    launch/device_check.sh`` runs the real thing."""
+    config = get_config("tiny")
+    fits = {("xla", "none"): 4, ("cudnn", "none"): 2, ("cudnn", "dots"): 0}
+
+    def time_step(variant, mesh, text, steps):
+        key = (variant.model.attention, variant.model.remat)
+        if variant.batch.size_2d > fits[key]:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
+        return step_benchmark.StepTiming(1, 0.1, 2.0, 0.5, None, 3 * 2**30)
+
+    counted = []
+    monkeypatch.setattr(step_benchmark, "time_step", time_step)
+    monkeypatch.setattr(
+        step_benchmark, "step_flops", lambda v, *a: counted.append(v.batch.size_2d) or 1e12
+    )
+    variants = [
+        {"attention": "xla"},
+        {"attention": "cudnn"},
+        {"attention": "cudnn", "remat": "dots"},
+    ]
+    rows = list(step_benchmark.variant_rows(config, variants, [(4, 2), (2, 1)], 1, peak=4.0))
+    assert [r["batch"] for r in rows] == [[4, 2], [2, 1], None]
+    assert [r["did_not_fit"] for r in rows] == [[], [[4, 2]], [[4, 2], [2, 1]]]
+    assert counted == [4, 2]
+    assert rows[0]["samples_per_s"] == 12.0 and rows[0]["tflops"] == 2.0
+    assert rows[0]["mfu"] == 0.5 and rows[0]["program_gib"] == 3.0
+    table = step_benchmark.variant_table(rows).splitlines()
+    assert table[2] == (
+        "| attention=xla | xla | none | scanned | 4 + 2 | 2.0 | 0.500 | 12 | 2.0 | 50.0% | 3.00 |"
+    )
+    assert "| 2 + 1 (4 + 2 did not fit) |" in table[3]
+    assert "| none fits (4 + 2, 2 + 1) |" in table[4]
+
+    def broken(*args):
+        raise jax.errors.JaxRuntimeError("INTERNAL: cuDNN failed")
+
+    monkeypatch.setattr(step_benchmark, "time_step", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="cuDNN"):
+        list(step_benchmark.variant_rows(config, variants[:1], [(4, 2)], 1))

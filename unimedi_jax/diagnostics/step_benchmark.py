@@ -9,8 +9,8 @@ One process, all its devices. Markdown tables for docs/benchmarks.md.
 
 FLOPs are what the step's math does, the same for every variant of a config: XLA's cost analysis
 of the whole (global) step, lowered with its layer scans unrolled (XLA counts a loop body once)
-and XLA's attention (XLA counts nothing for cuDNN's kernel). They include what remat recomputes
-under the config's remat. MFU divides the achieved FLOP/s
+and XLA's attention (XLA counts nothing for cuDNN's kernel), without remat: the model's FLOPs, not
+what a remat policy recomputes. MFU divides the achieved FLOP/s
 by the devices' dense bf16 peak (V100: fp16); where the compute dtype is float32 (CPU, V100 by
 default) give the float32 peak (``step_report``'s ``peak``, the command's --peak_tflops). Data
 time is measured apart from the step: building this process's random host batch, then putting
@@ -22,7 +22,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -114,6 +114,7 @@ class StepTiming(NamedTuple):
     compile_s: float
     step_s: float  # median over the timed steps
     memory: int | None  # peak bytes on a device so far (a high-water mark)
+    program_memory: int | None = None  # what XLA's compiled step needs on a device
 
 
 def device_batch(config, mesh: jax.sharding.Mesh, text: TextTower) -> dict[str, jax.Array]:
@@ -155,12 +156,13 @@ def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> S
         compile_s=step.compile_s,
         step_s=statistics.median(times),
         memory=peak_memory_bytes(),
+        program_memory=program_bytes(compiled),
     )
 
 
 def step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
-    """FLOPs of one step over all devices, whichever layer loop and attention kernel run it: the
-    step with unrolled layers and XLA's attention, lowered, not compiled.
+    """FLOPs of one step over all devices, whichever layer loop, attention kernel and remat policy
+    run it: the step with unrolled layers, XLA's attention and no remat, lowered, not compiled.
 
     (The scanned step's own count would include only one layer of each tower, and cuDNN's
     attention is a custom call that XLA counts nothing for.) Where the devices' backend counts
@@ -168,7 +170,7 @@ def step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None
     one CPU device: a program's FLOPs do not depend on where it runs.
     """
     counted = with_unrolled_layers(config)
-    counted.model.attention = "xla"
+    counted.model.update(attention="xla", remat="none")
     flops = _lowered_step_flops(counted, mesh, text)
     if flops is None:
         one_cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
@@ -190,6 +192,20 @@ def data_seconds(config, mesh: jax.sharding.Mesh, vocab_size: int, steps: int) -
         prep.append(seconds)
         put.append(timed(lambda b=local: sharding.global_batch(b, mesh))[1])
     return statistics.median(prep), statistics.median(put)
+
+
+def program_bytes(compiled) -> int | None:
+    """Device bytes the compiled step needs (arguments, outputs not aliased to them, temporaries):
+    unlike the process's high-water mark, this program's own, where the backend reports it."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
 
 
 def peak_memory_bytes() -> int | None:
@@ -283,4 +299,88 @@ def step_report(
         lines.append("\n| layers | trace + lower s | compile s | step s |\n|---|---|---|---|")
         for name, t in (("scanned", timing), ("unrolled", unrolled)):
             lines.append(f"| {name} | {t.lower_s:.1f} | {t.compile_s:.1f} | {t.step_s:.3f} |")
+    return "\n".join(lines)
+
+
+def out_of_memory(error: Exception) -> bool:
+    """Whether compiling or running a step failed for want of device memory."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and (
+        "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+    )
+
+
+def variant_rows(
+    config,
+    variants: Sequence[dict[str, Any]],
+    batches: Sequence[tuple[int, int]],
+    steps: int,
+    peak: float | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Each variant (overrides of ``config.model``, e.g. ``{"attention": "xla"}``) timed at the
+    first global batch (2D, 3D) of ``batches`` that fits on the devices, one row as each is done;
+    a variant none fits in is a row without a time. FLOPs (``step_flops``, the same for every
+    variant) are counted once per batch, so MFU compares variants of one batch by their step
+    times alone."""
+    mesh, text = checked_mesh_and_text(config)
+    peak = peak or peak_tflops(jax.devices()[0].device_kind)
+    dtype = compute_dtype(config.precision.compute_dtype)
+    flops: dict[tuple[int, int], float | None] = {}
+    for overrides in variants:
+        variant = config.copy_and_resolve_references()
+        variant.model.update(overrides)
+        row: dict[str, Any] = {
+            "variant": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "config",
+            "attention": attention_implementation(variant.model.attention, dtype),
+            "remat": variant.model.remat,
+            "layers": "unrolled" if variant.model.unroll_layers else "scanned",
+            "batch": None,
+            "did_not_fit": [],
+        }
+        for batch in batches:
+            variant.batch.update(size_2d=batch[0], size_3d=batch[1])
+            try:
+                timing = time_step(variant, mesh, text, steps)
+            except jax.errors.JaxRuntimeError as error:
+                if not out_of_memory(error):
+                    raise
+                row["did_not_fit"].append(list(batch))
+                continue
+            if batch not in flops:
+                flops[batch] = step_flops(variant, mesh, text)
+            achieved = flops[batch] / timing.step_s / 1e12 if flops[batch] else None
+            row.update(
+                batch=list(batch),
+                compile_s=timing.compile_s,
+                step_s=timing.step_s,
+                samples_per_s=sum(batch) / timing.step_s,
+                tflops=achieved,
+                mfu=achieved / (peak * jax.device_count()) if achieved and peak else None,
+                program_gib=None
+                if timing.program_memory is None
+                else timing.program_memory / 2**30,
+            )
+            break
+        yield row
+
+
+def variant_table(rows: list[dict[str, Any]]) -> str:
+    """``variant_rows`` as markdown, one line per variant."""
+    lines = [
+        "| variant | attention | remat | layers | batch | compile s | step s | samples/s "
+        "| TFLOP/s | MFU | program GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['variant']} | {r['attention']} | {r['remat']} | {r['layers']} |"
+        tried = ", ".join(f"{b2} + {b3}" for b2, b3 in r["did_not_fit"])
+        if r["batch"] is None:
+            lines.append(f"{head} none fits ({tried}) | | | | | | |")
+            continue
+        batch = f"{r['batch'][0]} + {r['batch'][1]}" + (f" ({tried} did not fit)" if tried else "")
+        lines.append(
+            f"{head} {batch} | {r['compile_s']:.1f} | "
+            f"{r['step_s']:.3f} | {r['samples_per_s']:.4g} | {_fmt(r['tflops'], 1, '.1f')} | "
+            f"{_fmt(r['mfu'], 0.01, '.1f')}{'' if r['mfu'] is None else '%'} | "
+            f"{_fmt(r['program_gib'], 1, '.2f')} |"
+        )
     return "\n".join(lines)
