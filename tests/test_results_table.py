@@ -194,3 +194,24 @@ def test_a_table_without_published_rows_says_why(tmp_path):
     block = paper_tables.tables_of([tmp_path]).split("### MIMIC-CXR 5x200")[1]
     assert "| paper @500 | 40.0 | prompts mimic_5x200.json |" in block
     assert "no published row: no GLoRIA, MGCA or MedCLIP figure" in block
+
+
+def test_retrieval_tables_show_ct_clips_published_recall_beside_ours(tmp_path):
+    result = _zero_shot("ct_rate", {"mean_auroc": 0.7})
+    result["ct_clip_retrieval"] = {"report_to_volume/R@5": 0.05, "report_to_volume/R@10": 0.1,
+                                   "report_to_volume/R@50": float("nan"),
+                                   "volume_to_volume/MAP@1": 0.4}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(result))
+    out = paper_tables.tables_of([tmp_path])
+    recall = out.split("### CT-RATE report-to-volume retrieval")[1].splitlines()
+    assert recall[2] == "| Method | R@5 | R@10 | R@50 | R@100 | Source |"
+    assert recall[4] == (
+        "| CT-CLIP (zero-shot) | 2.9 | 5.0 | 18.0 | 28.7 | as reported in CT-CLIP-issue-40 "
+        "(secondary) |"
+    )
+    assert recall[5] == "| paper @500 | 5.0 | 10.0 | - | - | prompts ct_rate.json |"
+    assert "- CT-CLIP (zero-shot): R@5, R@10, R@50, R@100" in recall
+    assert any(line.startswith("- CT-CLIP-issue-40: a user quoting") for line in recall)
+    volume = out.split("### CT-RATE volume-to-volume retrieval")[1].splitlines()
+    assert volume[4] == "| paper @500 | 40.0 | - | - | - | prompts ct_rate.json |"
+    assert "no published row: CT-CLIP's MAP@K could not be read from a source we trust." in volume

@@ -277,6 +277,83 @@ def test_in_loop_zero_shot_scores_each_finding_on_the_records_that_state_it():
     assert found["zero_shot_volume/mean_auroc"] == pytest.approx(np.mean(expected))
 
 
+def _cosine(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _top_k(similarities, k):
+    """The indices of the k highest, as a stable descending sort ranks them (ties: lower index
+    first): how CT-CLIP's scripts pick their top K."""
+    return [j for j, _ in sorted(enumerate(similarities), key=lambda x: x[1], reverse=True)[:k]]
+
+
+def _brute_report_to_volume(reports, volumes, k):
+    """CT-CLIP's count, loop by loop: the share of reports whose own volume is in their top k."""
+    hits = [i in _top_k([_cosine(t, v) for v in volumes], k) for i, t in enumerate(reports)]
+    return sum(hits) / len(reports)
+
+
+def _brute_volume_to_volume(volumes, labels, ks):
+    """CT-CLIP's volume_to_volume loop: gallery = volumes with a positive label; per query the
+    mean label overlap (both 1 / either 1) of its top K; one list of query means kept across
+    the K values, as the script does (its printed figures)."""
+    gallery = [j for j in range(len(volumes)) if labels[j].sum() != 0]
+    per_k, printed, kept = [], [], []
+    for k in ks:
+        means = []
+        for i in range(len(volumes)):
+            top = _top_k([_cosine(volumes[i], volumes[j]) for j in gallery], k)
+            ratios = []
+            for t in top:
+                a, b = labels[i], labels[gallery[t]]
+                both = sum(1 for x, y in zip(a, b, strict=True) if x == 1 and y == 1)
+                one = sum(1 for x, y in zip(a, b, strict=True) if x != y)
+                ratios.append(both / (both + one))
+            means.append(np.mean(ratios))
+        kept += means
+        per_k.append(np.mean(means))
+        printed.append(np.mean(kept))
+    return per_k, printed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ct_clip_report_to_volume_recall_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = 30
+    volumes, reports = rng.normal(size=(n, 4)), rng.normal(size=(n, 4))
+    reports[:10] += 2 * volumes[:10]  # some reports near their volume
+    volumes[20:25] = volumes[20]  # tied volumes: the lower index ranks first
+    reports[26] = reports[27]  # a copied report: only its own volume counts
+    found = zero_shot_metrics.ct_clip_report_to_volume(reports, volumes, (1, 5, 10, 30, 31))
+    for k in (1, 5, 10, 30):
+        expected = _brute_report_to_volume(reports, volumes, k)
+        assert found[f"report_to_volume/R@{k}"] == pytest.approx(expected)
+        assert found[f"report_to_volume/chance/R@{k}"] == pytest.approx(k / n)
+    assert found["report_to_volume/R@30"] == 1.0
+    assert math.isnan(found["report_to_volume/R@31"])  # CT-CLIP's script refuses K > N
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ct_clip_volume_to_volume_map_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, ks = 24, (1, 5, 10, 50)
+    labels = (rng.random((n, 6)) < 0.3).astype(float)
+    labels[:3] = 0  # queries without a positive: in no gallery, scoring 0
+    volumes = rng.normal(size=(n, 5)) + labels @ rng.normal(size=(6, 5))
+    volumes[10:13] = volumes[10]  # ties
+    found = zero_shot_metrics.ct_clip_volume_to_volume(volumes, labels, ks)
+    per_k, printed = _brute_volume_to_volume(volumes, labels, ks)
+    for k, expected, shown in zip(ks, per_k, printed, strict=True):
+        assert found[f"volume_to_volume/MAP@{k}"] == pytest.approx(expected)
+        assert found[f"volume_to_volume_as_printed/MAP@{k}"] == pytest.approx(shown)
+    # A volume whose labels are unknown takes no part, as query or as gallery item.
+    unknown = np.vstack([labels, np.full((1, 6), np.nan)])
+    again = zero_shot_metrics.ct_clip_volume_to_volume(
+        np.vstack([volumes, volumes[5]]), unknown, ks
+    )
+    assert again == pytest.approx(found)
+
+
 def test_class_scores_are_glorias():
     rng = np.random.default_rng(1)
     images = rng.normal(size=(9, 4))
@@ -398,6 +475,13 @@ def test_ct_rate_command_writes_ct_clips_figures(run, ct_rate_dir, tmp_path):
     assert found_cross["classes"]["Pleural effusion"]["auroc"] == pytest.approx(expected, abs=1e-5)
     own = [found["classes"][n]["auroc"] for n in cross]
     assert found_cross["own_prompts_mean_auroc"] == pytest.approx(np.mean(own))
+    # CT-CLIP's own retrieval counts, loop by loop on the same embeddings.
+    text = model.embed_texts(reports)
+    ct_clip = results["ct_clip_retrieval"]
+    assert ct_clip["report_to_volume/R@5"] == pytest.approx(_brute_report_to_volume(text, emb, 5))
+    assert all(math.isnan(ct_clip[f"report_to_volume/R@{k}"]) for k in (10, 50, 100))  # 8 < K
+    per_k, _ = _brute_volume_to_volume(emb[keep], labels[keep], (1, 5, 10, 50))
+    assert [ct_clip[f"volume_to_volume/MAP@{k}"] for k in (1, 5, 10, 50)] == pytest.approx(per_k)
     r1 = np.mean(np.argmax(emb @ model.embed_texts(reports).T, 1) == np.arange(len(records)))
     assert results["retrieval"]["volume_to_report/R@1"] == pytest.approx(r1)
     assert results["retrieval"]["volume_to_report/R@50"] == 1.0

@@ -8,7 +8,10 @@ Protocols (``python -m unimedi_jax.evaluate --config=configs/zero_shot.py:datase
   softmax over the pair of image-text logits (cosine similarity times the model's learned logit
   scale), the positive's probability as the score. AUROC per abnormality and their mean with 95%
   bootstrap intervals over volumes; weighted F1, precision, recall and accuracy at CT-CLIP's
-  threshold (``zero_shot_metrics.ct_clip_threshold``); volume<->report recall@{1,5,10,50}.
+  threshold (``zero_shot_metrics.ct_clip_threshold``); volume<->report recall@{1,5,10,50} (a
+  copy of the report counts), and in ``ct_clip_retrieval`` CT-CLIP's own counts: report-to-volume
+  recall@{5,10,50,100} (scripts/report_to_volume_new.py) and volume-to-volume MAP@{1,5,10,50}
+  over the abnormality labels (scripts/volume_to_volume*.py).
 - ``rsna_pneumonia``: pneumonia against normal prompts on the probe's test split, GLoRIA's class
   scoring (``zero_shot_metrics.class_scores``): AUROC, accuracy and F1.
 - ``chexpert_5x200``, ``mimic_5x200``: GLoRIA's (Huang et al. 2021, github.com/marshuang80/
@@ -40,6 +43,8 @@ from data_pipelines import builders, eval_split
 from unimedi_jax.evaluation import downstream, metrics, tasks, trained_model
 from unimedi_jax.evaluation.zero_shot_metrics import (
     class_scores,
+    ct_clip_report_to_volume,
+    ct_clip_volume_to_volume,
     definite_labels,
     multilabel_report,
     precision_at_k,
@@ -56,6 +61,8 @@ from unimedi_jax.evaluation.zero_shot_prompts import (
 from unimedi_jax.method.losses import cap_logit_scale
 
 RETRIEVAL_KS = (1, 5, 10, 50)
+CT_CLIP_RECALL_KS = (5, 10, 50, 100)  # CT-CLIP's report-to-volume K (report_to_volume_new.py)
+MAP_KS = (1, 5, 10, 50)  # CT-CLIP's volume-to-volume K (volume_to_volume*.py)
 PRECISION_KS = (5, 10, 50)  # MIMIC 5x200 image-to-text retrieval (MGCA's)
 
 
@@ -108,7 +115,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str | Path) -> dict[
     """Runs the protocol of ``config.benchmark`` on a checkpoint; returns eval.json's content:
     {'kind': 'zero_shot', 'benchmark', 'dataset', 'protocol', 'checkpoint', 'step', 'split',
     'prompts', 'records', 'zero_shot': {...}, ['zero_shot_cross_modal': {...}],
-    ['retrieval': {...}], ['selection': the 5x200 ids]}."""
+    ['retrieval': {...}], ['ct_clip_retrieval': {...}], ['selection': the 5x200 ids]}."""
     task = _task(config.dataset)
     prompts = load_prompts(config.prompts or prompts_path(config.benchmark))
     path = Path(checkpoint)
@@ -143,7 +150,7 @@ def default_out_dir(config: ml_collections.ConfigDict, checkpoint: str | Path) -
 
 def _pairs_protocol(model, prompts: Prompts, task, data: dict, config) -> dict[str, Any]:
     """CT-CLIP's: positive/negative softmax per label, bootstrap AUROC, threshold figures,
-    and image<->report retrieval."""
+    image<->report retrieval and, for volumes, CT-CLIP's retrieval counts."""
     if not prompts.pairs:
         raise PromptError(f'{prompts.path} has no "pairs": the {task.name} protocol needs them')
     labels = definite_labels(
@@ -177,11 +184,16 @@ def _pairs_protocol(model, prompts: Prompts, task, data: dict, config) -> dict[s
             **cross,
             "own_prompts_mean_auroc": metrics.mean_of_defined(own),
         }
+    if task.modality == "3d":
+        out["ct_clip_retrieval"] = ct_clip_volume_to_volume(data["emb"], data["labels"], MAP_KS)
     if data["reports"]:
         key = "volume" if task.modality == "3d" else "image"
-        found = metrics.retrieval_metrics(
-            data["emb"], model.embed_texts(data["reports"]), RETRIEVAL_KS, data["reports"]
-        )
+        reports = model.embed_texts(data["reports"])
+        if key == "volume":
+            out["ct_clip_retrieval"].update(
+                ct_clip_report_to_volume(reports, data["emb"], CT_CLIP_RECALL_KS)
+            )
+        found = metrics.retrieval_metrics(data["emb"], reports, RETRIEVAL_KS, data["reports"])
         out["retrieval"] = {
             name.replace("image_to_text", f"{key}_to_report").replace(
                 "text_to_image", f"report_to_{key}"

@@ -1,5 +1,6 @@
 """The zero-shot benchmarks' own metrics, as their reference code computes them: CT-CLIP's
-threshold, F1 and bootstrap AUROC intervals, GLoRIA's class scoring, MGCA's precision@k.
+threshold, F1 and bootstrap AUROC intervals, its report-to-volume recall and volume-to-volume MAP,
+GLoRIA's class scoring, MGCA's precision@k.
 
 Numpy only, on embeddings and labels already computed; the retrieval, AUROC and accuracy they
 share with the other evaluators are ``metrics.py``'s.
@@ -158,6 +159,63 @@ def multilabel_report(
     for key in ("f1", "precision", "recall", "accuracy"):
         out[f"mean_{key}"] = metrics.mean_of_defined([v[key] for v in classes.values()])
     out["classes"] = classes
+    return out
+
+
+def _unit(emb: np.ndarray) -> np.ndarray:
+    emb = np.asarray(emb, np.float64)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def ct_clip_report_to_volume(
+    report_emb: np.ndarray, volume_emb: np.ndarray, ks: Sequence[int]
+) -> dict[str, float]:
+    """CT-CLIP's report-to-volume recall@K (scripts/report_to_volume_new.py): report i hits
+    when its own volume i is among the K volumes of highest cosine similarity (a copy of its
+    text elsewhere does not count); ties rank the lower index first, as the script's stable
+    sort does; the share of reports that hit. K above the number of volumes, which the script
+    refuses, is NaN. Keys 'report_to_volume/R@K' and their chance level K / N."""
+    sim = _unit(report_emb) @ _unit(volume_emb).T
+    n = len(sim)
+    own = np.diag(sim)[:, None]
+    earlier = np.tri(n, k=-1, dtype=bool)  # [i, j]: j < i, ranked ahead of i on a tie
+    ahead = ((sim > own) | ((sim == own) & earlier)).sum(1)
+    out = {}
+    for k in ks:
+        out[f"report_to_volume/R@{k}"] = float(np.mean(ahead < k)) if k <= n else math.nan
+        out[f"report_to_volume/chance/R@{k}"] = k / n if k <= n else math.nan
+    return out
+
+
+def ct_clip_volume_to_volume(
+    volume_emb: np.ndarray, labels: np.ndarray, ks: Sequence[int]
+) -> dict[str, float]:
+    """CT-CLIP's volume-to-volume MAP@K over the abnormality labels (scripts/volume_to_volume
+    *.py): the gallery is every volume with at least one positive label (the query itself
+    included); for each query the K gallery volumes of highest cosine similarity (ties: lower
+    index first) each score |both positive| / |positive in either| of their labels; MAP@K is
+    the mean over queries of their mean over the K. The script keeps one list across its K
+    values, so the figure it prints for the j-th K is the mean of MAP@K over the first j:
+    'volume_to_volume_as_printed/MAP@K'. Volumes whose labels are not all 0/1 take no part."""
+    labels = definite_labels(labels)
+    known = ~np.isnan(labels).any(1)
+    positive = labels[known] == 1
+    emb = np.asarray(volume_emb)[known]
+    in_gallery = positive.any(1)
+    if not in_gallery.any():  # no volume with a positive label: nothing to retrieve
+        return {f"{name}/MAP@{k}": math.nan for k in ks
+                for name in ("volume_to_volume", "volume_to_volume_as_printed")}  # fmt: skip
+    sim = _unit(emb) @ _unit(emb[in_gallery]).T
+    order = np.argsort(-sim, axis=1, kind="stable")
+    both = positive.astype(np.int64) @ positive[in_gallery].T.astype(np.int64)
+    either = positive.sum(1)[:, None] + positive[in_gallery].sum(1)[None, :] - both
+    overlap = np.take_along_axis(both / either, order, axis=1)
+    out: dict[str, float] = {}
+    printed: list[float] = []
+    for k in ks:
+        out[f"volume_to_volume/MAP@{k}"] = float(overlap[:, :k].mean(1).mean())
+        printed.append(out[f"volume_to_volume/MAP@{k}"])
+        out[f"volume_to_volume_as_printed/MAP@{k}"] = float(np.mean(printed))
     return out
 
 
