@@ -18,6 +18,8 @@ PROJECT = ("README.md", "docs", "configs", "tests", "unimedi_jax", "data_pipelin
 # after "#". BIMCV's "sessions.tsv", "session_id" and "ses-E0001" are not the word followed by a
 # number; "tissue" is not the word "issue". The examples are in the tests below.
 HISTORY = re.compile(r"\b(?:session|issue)s?\s*#?\s*\d", re.IGNORECASE)
+# Another project's issue, named after its repository ("owner/name issue 40"), is a citation.
+CITED_REPOSITORY = re.compile(r"[\w.-]+/[\w.-]+\s+$")
 
 
 def _git_files(*options: str) -> list[str]:
@@ -61,7 +63,13 @@ def _text(path: Path) -> str | None:
 def _history_lines(text: str) -> list[tuple[int, str]]:
     """(line number, line) of each match, also of one a line break splits ("session" / "8")."""
     lines = text.splitlines()
-    numbers = sorted({text.count("\n", 0, m.start()) + 1 for m in HISTORY.finditer(text)})
+    numbers = sorted(
+        {
+            text.count("\n", 0, m.start()) + 1
+            for m in HISTORY.finditer(text)
+            if not CITED_REPOSITORY.search(text[max(0, m.start() - 100) : m.start()])
+        }
+    )
     return [(number, lines[number - 1].strip()) for number in numbers]
 
 
@@ -98,6 +106,11 @@ def test_the_pattern_finds_history(line):
 )
 def test_the_pattern_leaves_other_words_alone(line):
     assert not HISTORY.search(line)
+
+
+def test_another_projects_issue_is_a_citation():
+    assert _history_lines(f'"where": "github owner/CT-CLIP {_I.lower()} 40",') == []
+    assert _history_lines(f"fixed in {_I.lower()} 40 of ours") != []
 
 
 def test_the_walk_reads_the_project():
