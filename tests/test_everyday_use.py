@@ -4,14 +4,17 @@ One tiny run, trained once for the module; the tests that change a run work on a
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.tiny_runs import subprocess_env, tiny_run_config
+from tests.tiny_runs import ROOT, subprocess_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.config.checks import ConfigError
 from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
@@ -121,3 +124,69 @@ def test_model_cards_quote_the_figures_of_the_step_they_export(root, run_copy, t
     card = (export_run(run_copy, "hf_bert", tmp_path / "step2") / "README.md").read_text()
     assert "checkpoint step 2." in card and name not in card
     assert "No evaluation of step 2 in the run" in card
+
+
+# A command as a user without PyTorch runs it (transformers then finds no torch).
+_WITHOUT_TORCH = (
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ (\S+\.py):\d+\] (.*)")
+OWN_FILES = {
+    path.name
+    for folder in ("unimedi_jax", "data_pipelines")
+    for path in (ROOT / folder).rglob("*.py")
+}
+
+
+def test_commands_print_our_lines_only_and_each_result_once(root, tmp_path):
+    run, train_run = tmp_path / "run", tmp_path / "train"
+    shutil.copytree(root / "runs" / "demo", run)
+    shutil.copytree(root / "runs" / "demo", train_run)
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "xray.png")
+    commands = {
+        "train": [
+            "unimedi_jax.main",
+            "--config=configs/pretrain.py:tiny",
+            f"--workdir={train_run}",
+            "--config.total_steps=3",
+            "--config.checkpoint_every_steps=1",
+            "--config.eval_every_steps=3",
+            "--config.eval_limit=8",
+            f"--config.data.data_dir={root / 'data'}",
+        ],
+        "evaluate": ["unimedi_jax.evaluate", f"--workdir={run}", f"--out={tmp_path / 'eval'}"],
+        "export": ["unimedi_jax.export", f"--workdir={run}", "--format=torch", "--out=export"],
+        "visualize": ["unimedi_jax.visualize", "slices", f"--workdir={run}", "--out=s.png"],
+        "embed": ["unimedi_jax.embed", f"--workdir={run}", "--out=e.npz", "xray.png"],
+    }
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", _WITHOUT_TORCH, *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    for name, proc in running.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (name, stderr[-3000:])
+        assert "PyTorch was not found" not in stdout + stderr, name
+        for line in stderr.splitlines():
+            found = _ABSL_LINE.match(line)
+            if found and found[1] == "I":
+                assert found[2] in OWN_FILES, (name, line)
+        if name == "evaluate":
+            figures = json.loads((tmp_path / "eval" / "eval.json").read_text())
+            for figure in figures:
+                assert (stdout + stderr).count(f"{figure} ") == 1, figure
+        if name == "train":
+            block = stderr.split("eval at step 3")[1].split("\n")
+            assert "figures in metrics.jsonl" in block[0]
+            shown = [line for line in block[1:] if line.startswith("  ")]
+            assert 1 <= len(shown) <= 6 and all(len(line) < 120 for line in shown), shown

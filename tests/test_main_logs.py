@@ -1,4 +1,4 @@
-"""`python -m unimedi_jax.main` keeps libraries' INFO lines out of the run's log."""
+"""Every command keeps libraries' INFO lines out of its output and log (``run_app``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from absl import logging as absl_logging
 
-from unimedi_jax import main
+from unimedi_jax.core import app
 
 
 def record(level: int, pathname: str) -> logging.LogRecord:
@@ -17,7 +17,7 @@ def test_library_info_is_filtered_ours_and_warnings_are_not():
     handler = absl_logging.get_absl_handler().python_handler
     before = list(handler.filters)
     try:
-        main.quiet_library_logs()
+        app.quiet_library_logs()
         shown = lambda level, path: bool(handler.filter(record(level, path)))
         library = "/venv/lib/python3.11/site-packages/tensorflow_datasets/core/dataset_info.py"
         assert not shown(logging.INFO, library)

@@ -12,7 +12,6 @@ summary of its ``eval.json``. A run stopped by SIGTERM/SIGINT exits 143.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import sys
 
 import jax
@@ -66,21 +65,8 @@ def maybe_initialize_distributed() -> None:
     )
 
 
-def shows_in_log(record: std_logging.LogRecord) -> bool:
-    """INFO from this project only; libraries (orbax, TFDS, grain) speak at WARNING and up.
-    (Python's levels: absl's own constants count WARNING as -1.)"""
-    own = ("/unimedi_jax/", "/data_pipelines/")
-    return record.levelno >= std_logging.WARNING or any(p in record.pathname for p in own)
-
-
-def quiet_library_logs() -> None:
-    """Applies ``shows_in_log`` to the absl log handler (stderr and log files)."""
-    logging.get_absl_handler().python_handler.addFilter(shows_in_log)
-
-
 def main(argv: list[str]) -> None:
     del argv
-    quiet_library_logs()
     maybe_initialize_distributed()
     try:
         summary = by_kind.run(_CONFIG.value, _WORKDIR.value, _OUT.value)

@@ -7,12 +7,13 @@ errors reported (``errors.report``: one paragraph, exit 2) and anything else rai
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from absl.app import UsageError
 
 from unimedi_jax.core.errors import reporting_user_errors
@@ -96,6 +97,18 @@ def _print_config(flags_parser: Callable[[Sequence[str]], list[str]], argv: Sequ
     sys.exit(0)
 
 
+def shows_in_log(record: std_logging.LogRecord) -> bool:
+    """INFO from this project only; libraries (orbax, TFDS, grain) speak at WARNING and up.
+    (Python's levels: absl's own constants count WARNING as -1.)"""
+    own = ("/unimedi_jax/", "/data_pipelines/")
+    return record.levelno >= std_logging.WARNING or any(p in record.pathname for p in own)
+
+
+def quiet_library_logs() -> None:
+    """Applies ``shows_in_log`` to the absl log handler (stderr and log files)."""
+    logging.get_absl_handler().python_handler.addFilter(shows_in_log)
+
+
 def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing, with unknown ``--config.X`` names named as soon as the config loads
     and flag mistakes (unknown flag, missing required flag, bad value) reported with exit 2."""
@@ -120,6 +133,7 @@ def run_app(
         flags.DEFINE_bool(
             "print_config", False, "Print the config's fields with their values, then stop."
         )
+    quiet_library_logs()
     if any(a in HELP_ARGS for a in sys.argv[1:]):
         print(command_help(sys.modules[main.__module__].__doc__))
         sys.exit(0)

@@ -10,6 +10,7 @@ process 0 writes metrics and TensorBoard events.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -229,12 +230,33 @@ def evaluate_state(
     )
     results = run_evaluators(runner, config, evaluators)
     logging.info(
-        "eval at step %d (%.0fs): %s",
+        "eval at step %d (%.0fs; all %d figures in metrics.jsonl):\n%s",
         int(state.step),
         time.perf_counter() - started,
-        "  ".join(f"{k} {v:.3f}" for k, v in sorted(results.items())),
+        len(results),
+        "\n".join(headline_figures(results)),
     )
     return results
+
+
+# The figures an in-training evaluation shows in the log, one line per evaluator.
+HEADLINES = (
+    r"zero_shot_\w+/mean_auroc",
+    r"cross_modal/\w+_mAP",
+    r"slice_selection/(random_)?hit_rate",
+    r"retrieval_\w+/image_to_text/R@10",
+    r"linear_probe_\w+/\w+@1",
+)
+
+
+def headline_figures(results: dict[str, float]) -> list[str]:
+    """The ``HEADLINES`` of ``results``, one indented line per evaluator."""
+    lines: dict[str, list[str]] = {}
+    for name, value in sorted(results.items()):
+        if any(re.fullmatch(pattern, name) for pattern in HEADLINES):
+            group, _, figure = name.partition("/")
+            lines.setdefault(group, []).append(f"{figure} {value:.3f}")
+    return [f"  {group}: {', '.join(figures)}" for group, figures in lines.items()]
 
 
 def log_run_layout(params: dict, mesh: jax.sharding.Mesh) -> None:
