@@ -21,6 +21,8 @@ FILE = "configs/zero_shot.py"
 BENCHMARKS = {
     # CT-CLIP's 18 abnormalities on CT-RATE's official validation volumes (our test split)
     "ct_rate": ("ct_rate", "ct_clip_18", "test"),
+    # the same protocol on RAD-ChestCT, the external set (its labels shared with CT-RATE)
+    "rad_chestct": ("rad_chestct", "ct_clip_18", "test"),
     # pneumonia vs normal prompts, on the split the probe tests on
     "rsna_pneumonia": ("rsna_pneumonia", "rsna_zero_shot", "test"),
     # GLoRIA drew its 5x200 from CheXpert's training images (the official valid set has 234)

@@ -22,7 +22,7 @@ from sklearn.metrics import (
 
 from configs import zero_shot as zero_shot_config
 from data_pipelines import sources, synthetic_phantoms, transforms
-from data_pipelines.builders import chexpert, ct_rate, mimic_cxr_jpg
+from data_pipelines.builders import chexpert, common, ct_rate, mimic_cxr_jpg, rad_chestct
 from data_pipelines.prepare import ensure_prepared
 from tests import test_visualize
 from tests.test_builders_downstream import (  # noqa: F401 (rsna_root: a fixture)
@@ -543,6 +543,121 @@ def test_rsna_zero_shot_on_the_probe_split(run, rsna_dir):
     assert found["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
     assert found["f1"] == pytest.approx(f1_score(labels, predicted, zero_division=0))
     assert found["auroc"] == pytest.approx(roc_auc_score(labels, scores[:, 1] - scores[:, 0]))
+
+
+# ------------------------------------------------------------------------------ RAD-ChestCT
+
+RAD_ACCESSIONS = [f"trn{i:05d}" for i in range(1, 9)]
+RAD_MISSING = "trn00009"  # listed in the table, no .npz: skipped as a missing volume
+RAD_LOCATIONS = ("left_lung", "right_lung")
+RAD_SHAPE = (16, 64, 64)  # [slice, row, column], as the release stores its volumes
+
+
+def _rad_cells(i: int) -> dict[str, str]:
+    """Volume i's row of the release's label table: each shared abnormality positive in one of
+    two locations (varying per volume, so every AUROC is defined), plus an unshared one."""
+    row = {}
+    for c, tokens in enumerate(rad_chestct.SHARED.values()):
+        positive = (i >> (c % 3)) & 1
+        for t, token in enumerate(tokens):
+            for where, location in enumerate(RAD_LOCATIONS):
+                hit = positive and where == (i + c) % 2 and t == i % len(tokens)
+                row[f"{token}*{location}"] = "1" if hit else "0"
+    row["pneumonia*left_lung"] = "1"
+    return row
+
+
+def _rad_expected(i: int) -> list[float]:
+    return [float((i >> (c % 3)) & 1) for c in range(len(rad_chestct.SHARED))]
+
+
+@pytest.fixture(scope="module")
+def rad_chestct_dir(tmp_path_factory, run):
+    """RAD-ChestCT laid out as released: the label table with NoteAcc_DEID and
+    <abnormality>*<location> columns, <NoteAcc_DEID>.npz volumes (array 'ct', HU, [slice, row,
+    column] from the head down; one a folder below); prepared at the tiny run's volume size.
+    Returns (release root, data_dir)."""
+    root = tmp_path_factory.mktemp("RAD-ChestCT")
+    rows = []
+    for i, accession in enumerate([*RAD_ACCESSIONS, RAD_MISSING]):
+        rows.append({"NoteAcc_DEID": accession, **_rad_cells(i)})
+        if accession == RAD_MISSING:
+            continue
+        ct = _ct(i, RAD_SHAPE) // 4 - 500
+        ct[0] = 900  # the head's slice, marked
+        folder = root / "volumes" if i == 0 else root
+        folder.mkdir(exist_ok=True)
+        np.savez_compressed(folder / f"{accession}.npz", ct=ct)
+    _write_csv(root / rad_chestct.LABEL_TABLES[0], list(rows[0]), [list(r.values()) for r in rows])
+    data_dir = tmp_path_factory.mktemp("rad-chestct-data")
+    shape = tuple(inference.load_config(run).model.volume_size)
+    ensure_prepared(
+        "rad_chestct", data_dir, manual_dir=str(root), volume_shape=shape, num_workers=0
+    )
+    return root, data_dir
+
+
+def test_rad_chestct_builder_reads_the_release_layout(rad_chestct_dir):
+    _, data_dir = rad_chestct_dir
+    records = list(sources.open_source("rad_chestct", data_dir, "3d", "test").open())
+    assert [r["id"].decode() for r in records] == RAD_ACCESSIONS
+    for i, record in enumerate(records):
+        np.testing.assert_array_equal(record["labels"], _rad_expected(i))
+        # Canonical order runs feet to head: the release's first (head) slice comes last.
+        assert record["volume"][-1].mean() > record["volume"][0].mean() + 300
+    meta = json.loads(next(data_dir.rglob("metadata.json")).read_text())
+    assert meta["skipped"]["test"] == {"missing volume": 1}
+    assert meta["labels"] == list(rad_chestct.ABNORMALITIES)
+
+
+def test_rad_chestct_layout_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(common.LayoutError, match=r"imgtrain_Abnormality_and_Location_Labels\.csv"):
+        rad_chestct.check_manual_dir(tmp_path)
+    with pytest.raises(common.LayoutError, match="column of cardiomegaly"):
+        rad_chestct.shared_labels({"NoteAcc_DEID": "x"}, ["NoteAcc_DEID"], tmp_path / "t.csv")
+
+
+def test_rad_chestct_is_scored_as_ct_rate(run, rad_chestct_dir, tmp_path):
+    _, data_dir = rad_chestct_dir
+    config = zero_shot_config.get_config("dataset=rad_chestct")
+    config.data.data_dir = str(data_dir)
+    config.bootstrap.samples = 50
+    results = zero_shot.evaluate(config, run)
+    assert (results["protocol"], results["split"], results["records"]) == ("ct_clip_18", "test", 8)
+    assert Path(results["prompts"]).name == "rad_chestct.json"
+
+    # CT-CLIP's pairwise softmax, scikit-learn's AUROC and CT-CLIP's threshold, computed anew.
+    model = inference.load(run)
+    window = tuple(inference.load_config(run).data.hu_window)
+    records = list(sources.open_source("rad_chestct", data_dir, "3d", "test").open())
+    emb = model.embed_volumes(
+        np.stack([transforms.transform_3d(r["volume"], window) for r in records])
+    )
+    labels = np.stack([r["labels"] for r in records]).astype(int)
+    names = list(rad_chestct.ABNORMALITIES)
+    text = model.embed_texts([f"{n}." for n in names] + [f"not {n}." for n in names])
+    logits = results["logit_scale"] * emb @ text.T
+    pos, neg = logits[:, : len(names)], logits[:, len(names) :]
+    probability = np.exp(pos) / (np.exp(pos) + np.exp(neg))
+    found = results["zero_shot"]
+    f1s = []
+    for c, name in enumerate(names):
+        expected = roc_auc_score(labels[:, c], probability[:, c])
+        assert found["classes"][name]["auroc"] == pytest.approx(expected, abs=1e-5)
+        threshold = _ct_clip_find_threshold(probability[:, c], labels[:, c])
+        f1s.append(f1_score(labels[:, c], probability[:, c] > threshold, average="weighted"))
+        low, high = found["classes"][name]["auroc_ci"]
+        assert 0.0 <= low <= high <= 1.0
+    assert found["mean_f1"] == pytest.approx(np.mean(f1s), abs=1e-4)
+    assert "retrieval" not in results  # the release holds no reports
+
+    (tmp_path / "eval.json").write_text(json.dumps(results))
+    lines = paper_tables.tables_of([tmp_path]).split("### RAD-ChestCT zero-shot")[1].splitlines()
+    assert lines[4] == (
+        "| CT-CLIP (zero-shot) | 62.9 | 63.7 | 59.2 | - | as reported in EXACT-S4 (secondary) |"
+    )
+    assert lines[8].startswith(f"| {Path(run).name} @{results['step']} | ")
+    assert any("External Validation — RAD-ChestCT Dataset (n = 3,630)" in line for line in lines)
 
 
 # ----------------------------------------------------------------------------------- 5x200

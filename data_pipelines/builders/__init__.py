@@ -1,9 +1,10 @@
 """TFDS builders that write ArrayRecord files, and the registry that names them.
 
-A dataset name (`phantoms`, `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`, and the labelled
-evaluation sets `chexpert`, `rsna_pneumonia`, `covidx`, `cc_ccii`, `luna16`) maps to a builder
-module and to the builder config that holds each modality, so `config.data.sources_2d =
-"phantoms"` reads `phantoms/xray` and `sources_3d = "phantoms"` reads `phantoms/ct`. A new
+A dataset name (`phantoms`, `mimic_cxr_jpg`, `bimcv_covid19`, `ct_rate`, the external test set
+`rad_chestct`, and the labelled evaluation sets `chexpert`, `rsna_pneumonia`, `covidx`,
+`cc_ccii`, `luna16`) maps to a builder module and to the builder config that holds each
+modality, so `config.data.sources_2d = "phantoms"` reads `phantoms/xray` and `sources_3d =
+"phantoms"` reads `phantoms/ct`. A new
 dataset slots in with one `DatasetSpec` entry and a module that defines `VERSION`, `OPTIONS` and
 `make_builder(config_name, data_dir, **options)`; a dataset built from downloaded files also
 defines `check_manual_dir(manual_dir)`, which raises naming what is missing from the expected
@@ -74,6 +75,13 @@ REGISTRY: dict[str, DatasetSpec] = {
             module="data_pipelines.builders.ct_rate",
             modalities={"3d": "ct"},
             description="CT-RATE chest CT with English reports and 18 labels (Hugging Face)",
+            needs_manual_dir=True,
+        ),
+        DatasetSpec(
+            name="rad_chestct",
+            module="data_pipelines.builders.rad_chestct",
+            modalities={"3d": "ct"},
+            description="RAD-ChestCT chest CT, labels shared with CT-RATE, one test split (Zenodo)",
             needs_manual_dir=True,
         ),
         # Labelled evaluation datasets (modules define TASK and CLASS_NAMES; no reports).

@@ -20,7 +20,11 @@ from unimedi_jax.core.overrides import packaged_config_dir
 
 PROMPTS_DIR = packaged_config_dir() / "prompts"  # configs/prompts, in a checkout or a wheel
 # The builder attribute naming each label column, where it is not CLASS_NAMES.
-_LABEL_NAMES = {"ct_rate": "ABNORMALITIES", "mimic_cxr_jpg": "CHEXPERT_LABELS"}
+_LABEL_NAMES = {
+    "ct_rate": "ABNORMALITIES",
+    "rad_chestct": "ABNORMALITIES",
+    "mimic_cxr_jpg": "CHEXPERT_LABELS",
+}
 
 
 class PromptError(UserError, ValueError):
