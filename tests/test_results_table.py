@@ -4,8 +4,9 @@ files -> the paper's Tables 1-3 in Markdown."""
 import json
 
 import pytest
+from PIL import Image
 
-from unimedi_jax.evaluation import paper_tables, published
+from unimedi_jax.evaluation import comparison_plot, paper_tables, published
 
 
 def _probe(dataset, metric, fractions, encoder="pretrained", run="/runs/paper", step=1000):
@@ -215,3 +216,25 @@ def test_retrieval_tables_show_ct_clips_published_recall_beside_ours(tmp_path):
     volume = out.split("### CT-RATE volume-to-volume retrieval")[1].splitlines()
     assert volume[4] == "| paper @500 | 40.0 | - | - | - | prompts ct_rate.json |"
     assert "no published row: CT-CLIP's MAP@K could not be read from a source we trust." in volume
+
+
+def test_the_ct_rate_comparison_plot_draws_published_rows_and_our_interval(tmp_path):
+    ours = _zero_shot("ct_rate", {"mean_auroc": 0.7, "mean_auroc_ci": [0.65, 0.75]})
+    out = comparison_plot.write_comparison_plot([ours], tmp_path / "ct_rate.png")
+    with Image.open(out) as png:
+        points = json.loads(png.text["Description"])
+        assert png.text["Title"] == comparison_plot.TITLE and png.size[0] > 0
+    rows = published.load_published(published.published_path("ct_rate")).rows("zero_shot")
+    assert [p["method"] for p in points] == [r.method for r in rows] + ["paper @500"]
+    assert [p["auroc"] for p in points[:-1]] == [r.figures["auroc"] for r in rows]
+    assert points[0]["published"] == ["EXACT-S4", "CTCLIP_MODERN"]
+    assert points[-1] == {"method": "paper @500", "auroc": 0.7, "interval": [0.65, 0.75],
+                          "published": []}  # fmt: skip
+    figure = comparison_plot.comparison_figure(points)
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert labels == [p["method"] for p in points]
+
+
+def test_plotting_without_a_ct_rate_result_says_what_to_run():
+    with pytest.raises(comparison_plot.PlotError, match="dataset=ct_rate"):
+        comparison_plot.comparison_points([_zero_shot("rad_chestct", {"mean_auroc": 0.6})])

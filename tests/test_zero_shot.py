@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -617,12 +618,26 @@ def test_rad_chestct_layout_errors_name_what_is_missing(tmp_path):
         rad_chestct.shared_labels({"NoteAcc_DEID": "x"}, ["NoteAcc_DEID"], tmp_path / "t.csv")
 
 
-def test_rad_chestct_is_scored_as_ct_rate(run, rad_chestct_dir, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(run, ct_rate_dir, rad_chestct_dir, tmp_path_factory):
+    """The tiny run evaluated in-process on the CT-RATE and RAD-ChestCT fixtures, each
+    eval.json in a folder of its benchmark: (the folder above them, benchmark -> results)."""
+    out = tmp_path_factory.mktemp("evaluated")
+    found = {}
+    for benchmark, (_, data_dir) in (("ct_rate", ct_rate_dir), ("rad_chestct", rad_chestct_dir)):
+        config = zero_shot_config.get_config(f"dataset={benchmark}")
+        config.data.data_dir = str(data_dir)
+        config.bootstrap.samples = 50
+        found[benchmark] = zero_shot.evaluate(config, run)
+        (out / benchmark).mkdir()
+        (out / benchmark / "eval.json").write_text(json.dumps(found[benchmark]))
+    return out, found
+
+
+def test_rad_chestct_is_scored_as_ct_rate(run, rad_chestct_dir, evaluated):
     _, data_dir = rad_chestct_dir
-    config = zero_shot_config.get_config("dataset=rad_chestct")
-    config.data.data_dir = str(data_dir)
-    config.bootstrap.samples = 50
-    results = zero_shot.evaluate(config, run)
+    folder, found_all = evaluated
+    results = found_all["rad_chestct"]
     assert (results["protocol"], results["split"], results["records"]) == ("ct_clip_18", "test", 8)
     assert Path(results["prompts"]).name == "rad_chestct.json"
 
@@ -651,13 +666,39 @@ def test_rad_chestct_is_scored_as_ct_rate(run, rad_chestct_dir, tmp_path):
     assert found["mean_f1"] == pytest.approx(np.mean(f1s), abs=1e-4)
     assert "retrieval" not in results  # the release holds no reports
 
-    (tmp_path / "eval.json").write_text(json.dumps(results))
-    lines = paper_tables.tables_of([tmp_path]).split("### RAD-ChestCT zero-shot")[1].splitlines()
+    lines = paper_tables.tables_of([folder / "rad_chestct"]).split("### RAD-ChestCT zero-shot")
+    lines = lines[1].splitlines()
     assert lines[4] == (
         "| CT-CLIP (zero-shot) | 62.9 | 63.7 | 59.2 | - | as reported in EXACT-S4 (secondary) |"
     )
     assert lines[8].startswith(f"| {Path(run).name} @{results['step']} | ")
     assert any("External Validation — RAD-ChestCT Dataset (n = 3,630)" in line for line in lines)
+
+
+def test_results_table_on_a_run_evaluated_on_both_benchmarks(run, evaluated, tmp_path):
+    folder, found = evaluated
+    plot = tmp_path / "ct_rate.png"
+    cmd = [sys.executable, "-m", "unimedi_jax.results_table", str(folder), f"--plot={plot}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    ours = f"| {Path(run).name} @{found['ct_rate']['step']} | "
+    for title, first in (
+        (
+            "CT-RATE zero-shot, 18 abnormalities",
+            "| CT-CLIP (zero-shot) | 73.1 | 70.7 | 66.8 | 32.3",
+        ),
+        ("CT-RATE report-to-volume retrieval", "| CT-CLIP (zero-shot) | 2.9 | 5.0 | 18.0 | 28.7"),
+        ("CT-RATE volume-to-volume retrieval", ours),
+        ("RAD-ChestCT zero-shot", "| CT-CLIP (zero-shot) | 62.9 | 63.7 | 59.2 | -"),
+    ):
+        block = out.split(f"### {title}")[1].split("###")[0]
+        assert first in block and ours in block
+    assert "line read: `While the paper says that the recall@5, 10, 50, 100" in out
+    assert out.rstrip().endswith(f"wrote {plot}")
+    with Image.open(plot) as png:
+        points = json.loads(png.text["Description"])
+    assert points[-1]["auroc"] == pytest.approx(found["ct_rate"]["zero_shot"]["mean_auroc"])
 
 
 # ----------------------------------------------------------------------------------- 5x200
