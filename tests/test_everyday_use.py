@@ -19,7 +19,9 @@ from unimedi_jax import inference
 from unimedi_jax.config.checks import ConfigError
 from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
+from unimedi_jax.evaluation.figures import curves_figure, read_phases, read_training_log
 from unimedi_jax.interop.torch_export import export_run
+from unimedi_jax.train.loop import phase_starts
 from unimedi_jax.trainers.pretraining import train
 
 
@@ -59,12 +61,28 @@ def test_relative_workdir_with_a_shape_change_is_refused_and_the_run_left_as_it_
     assert _snapshot(Path(run_copy)) == before
 
 
-def test_relative_workdir_resumes(root, run_copy, caplog):
+def test_relative_workdir_resumes_and_the_phases_are_logged_and_drawn(root, run_copy, caplog):
+    """Step 3 of 3 (warm-up 2 steps, the last quarter unmasked) starts both later phases."""
     caplog.set_level("INFO")
     train(tiny_run_config(root / "data", total_steps=3), run_copy)
     assert "no readable metadata" not in caplog.text
     assert "Resumed from" in caplog.text and "at step 2" in caplog.text
     assert (Path(run_copy) / "checkpoints" / "3").is_dir()
+    assert "step 3: warm-up over" in caplog.text
+    assert "step 3: unmasked tuning to the end" in caplog.text and "L_pcl" in caplog.text
+    phases = read_phases(run_copy)
+    assert phases == {"warm-up over": 3, "unmasked tuning": 3}
+    figure = curves_figure({"run": read_training_log(run_copy)}, {"run": phases})
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert "unmasked tuning from step 3" in legend and "warm-up over from step 3" in legend
+
+
+def test_phases_start_after_the_warm_up_and_at_the_unmasked_quarter():
+    starts = phase_starts(lambda step: step < 750, 1000, 100)
+    assert [key for key, _ in starts[101]] == ["phase/warmup_over"]
+    assert [key for key, _ in starts[751]] == ["phase/unmasked_tuning"]
+    assert sorted(starts) == [101, 751]
+    assert phase_starts(lambda step: True, 1000, 0) == {}
 
 
 def test_the_command_with_a_relative_workdir_refuses_a_shape_change_with_exit_2(root, run_copy):

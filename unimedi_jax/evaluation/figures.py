@@ -30,6 +30,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from data_pipelines.eval_split import eval_batches
 from data_pipelines.sources import open_source, parse_sources
+from unimedi_jax.core.app import shown_path
 from unimedi_jax.core.errors import UserError
 from unimedi_jax.core.run_folders import check_output, written_atomically
 from unimedi_jax.evaluation import trained_model
@@ -37,6 +38,7 @@ from unimedi_jax.evaluation.evaluators import build_eval_set
 from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.models.vit import token_grid
+from unimedi_jax.train.loop import PHASES
 
 SELECTED_COLOR = "gold"
 LESION_COLOR = "red"
@@ -428,20 +430,44 @@ CURVES = (  # (metrics.jsonl key, panel title)
 )
 
 
-def read_training_log(workdir: str | Path) -> list[dict[str, float]]:
-    """The logged training steps of a run's metrics.jsonl (evaluation lines left out)."""
+def _metrics_rows(workdir: str | Path) -> list[dict[str, float]]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise CurvesError(
             f"{workdir} has no metrics.jsonl: pass a training run's --workdir (the folder "
             "python -m unimedi_jax.main wrote)"
         )
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if "loss" in row]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curves_figure(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
-    """The loss terms, learning rate and throughput over steps, one line per run (overlaid)."""
+def read_training_log(workdir: str | Path) -> list[dict[str, float]]:
+    """The logged training steps of a run's metrics.jsonl (evaluation lines left out)."""
+    return [row for row in _metrics_rows(workdir) if "loss" in row]
+
+
+def read_phases(workdir: str | Path) -> dict[str, int]:
+    """Phase name (``loop.PHASES``) -> the step the run's schedule entered it."""
+    return {
+        PHASES[key]: row["step"] for row in _metrics_rows(workdir) for key in row if key in PHASES
+    }
+
+
+def _mark_phases(ax, phases: Mapping[str, int], last_step: int, colour, run: str) -> None:
+    """A dashed line where each phase starts; the unmasked tuning shaded to the last step."""
+    for phase, step in phases.items():
+        label = f"{phase} from step {step}{f' ({run})' if run else ''}"
+        style = ":" if phase == PHASES["phase/unmasked_tuning"] else "--"
+        ax.axvline(step, color=colour, linestyle=style, linewidth=1, label=label)
+        if phase == PHASES["phase/unmasked_tuning"]:
+            ax.axvspan(step, max(step, last_step), color=colour, alpha=0.08)
+
+
+def curves_figure(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    phases: Mapping[str, Mapping[str, int]] | None = None,
+) -> Figure:
+    """The loss terms, learning rate and throughput over steps, one line per run (overlaid),
+    with where each run's schedule entered a new phase (``phases``: run -> ``read_phases``)."""
     fig = Figure(figsize=(12, 6.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
     for ax, (key, title) in zip(axes, CURVES, strict=True):
@@ -449,7 +475,10 @@ def curves_figure(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
             points = [(row["step"], row[key]) for row in rows if key in row]
             if points:
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, label=name, linewidth=1.2)
+                (line,) = ax.plot(steps, values, label=name, linewidth=1.2)
+                run = name if len(runs) > 1 else ""
+                marks = (phases or {}).get(name, {})
+                _mark_phases(ax, marks, steps[-1], line.get_color(), run)
         ax.set_title(title)
         ax.set_xlabel("step")
         if key == "learning_rate":
@@ -463,9 +492,10 @@ def draw_curves(workdirs: Sequence[str | Path], out: str | Path, overwrite: bool
     a file outside every run that appears only when complete; returns ``out``."""
     for workdir in workdirs:
         check_output(out, workdir, overwrite, is_dir=False)
-    runs = {str(workdir): read_training_log(workdir) for workdir in workdirs}
+    runs = {shown_path(str(workdir)): read_training_log(workdir) for workdir in workdirs}
+    phases = {shown_path(str(workdir)): read_phases(workdir) for workdir in workdirs}
     with written_atomically(out, is_dir=False) as partial:
-        curves_figure(runs).savefig(partial, dpi=110)
+        curves_figure(runs, phases).savefig(partial, dpi=110)
     return Path(out)
 
 

@@ -24,6 +24,36 @@ from unimedi_jax.core.errors import UserError
 from unimedi_jax.train.checkpoint import Checkpointer
 from unimedi_jax.train.metric_writer import format_duration
 
+# metrics.jsonl keys written at the step where the schedule enters a new phase (the curves
+# figure marks them), with the phase's name.
+PHASES = {"phase/warmup_over": "warm-up over", "phase/unmasked_tuning": "unmasked tuning"}
+
+
+def phase_starts(
+    masking: Callable[[int], bool], total_steps: int, warmup_steps: int
+) -> dict[int, list[tuple[str, str]]]:
+    """step -> [(PHASES key, log line)] of each step that starts a phase: the first after the
+    learning-rate warm-up, the first the student sees unmasked (``masking(step - 1)`` false:
+    a step updates the state of the step before)."""
+    starts: dict[int, list[tuple[str, str]]] = {}
+    if 0 < warmup_steps < total_steps:
+        starts[warmup_steps + 1] = [
+            (
+                "phase/warmup_over",
+                f"step {warmup_steps + 1}: warm-up over, the learning rate decays from its peak",
+            )
+        ]
+    unmasked = next((s + 1 for s in range(total_steps) if not masking(s)), None)
+    if unmasked is not None:
+        starts.setdefault(unmasked, []).append(
+            (
+                "phase/unmasked_tuning",
+                f"step {unmasked}: unmasked tuning to the end, the student sees every token; "
+                "L_pcl (on masked patches) is 0 from here, so the loss drops by its share",
+            )
+        )
+    return starts
+
 
 class NonFiniteLossError(UserError, RuntimeError):
     """A NaN or Inf loss or gradient: the run stops; what was saved before stays."""

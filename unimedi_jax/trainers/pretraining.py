@@ -35,7 +35,7 @@ from unimedi_jax.evaluation.trained_model import UniMedIInference
 from unimedi_jax.models.unimedi import UniMedI, build_unimedi
 from unimedi_jax.text_tower.run_setup import TextTower, prepare_text_tower
 from unimedi_jax.train.checkpoint import Checkpointer, abstract_like
-from unimedi_jax.train.loop import NonFiniteWatch, Progress, is_due
+from unimedi_jax.train.loop import NonFiniteWatch, Progress, is_due, phase_starts
 from unimedi_jax.train.metric_writer import MetricWriter, format_duration
 from unimedi_jax.train.preemption import Preempted, StopRequest
 from unimedi_jax.train.state import (
@@ -44,7 +44,7 @@ from unimedi_jax.train.state import (
     make_optimizer,
     state_initializer,
 )
-from unimedi_jax.train.step import make_schedules, make_train_step
+from unimedi_jax.train.step import StepSchedules, make_schedules, make_train_step
 from unimedi_jax.train.workdir import check_workdir, record_config
 
 NONFINITE_REMEDY = (
@@ -73,6 +73,7 @@ class Trainer(NamedTuple):
     model: UniMedI
     state: TrainState  # created already sharded over the mesh
     step: Callable  # the jitted step: (state, global batch) -> (state, metrics); donates state
+    schedules: StepSchedules
 
 
 def build_trainer(
@@ -97,16 +98,15 @@ def build_trainer(
     if text.params is not None:
         pretrained = jax.device_put(text.params, shardings.params["text"])
         state = state.replace(params={**state.params, "text": pretrained})
-    step_fn = make_train_step(
-        model, tx, make_schedules(config, lr, total_steps, warmup_steps), config
-    )
+    schedules = make_schedules(config, lr, total_steps, warmup_steps)
+    step_fn = make_train_step(model, tx, schedules, config)
     compiled = jax.jit(
         step_fn,
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    return Trainer(model, state, compiled)
+    return Trainer(model, state, compiled, schedules)
 
 
 def prepare_demo_data(config, workdir: Path) -> None:
@@ -179,9 +179,13 @@ def train(config, workdir: str | Path) -> dict:
     progress = Progress(total_steps, config.batch.size_2d + config.batch.size_3d, describe_losses)
     # 'skip' lives in the compiled step; 'stop' is checked here.
     nonfinite = NonFiniteWatch(config.train.on_nonfinite == "stop", NONFINITE_REMEDY, checkpointer)
+    phases = phase_starts(trainer.schedules.masking, total_steps, warmup_steps)
     with StopRequest() as stop:
         try:
             for step in range(start + 1, total_steps + 1):
+                for key, line in phases.get(step, ()):
+                    logging.info("%s", line)
+                    writer.write(step, {key: 1.0})
                 batch = sharding.global_batch(next(data), mesh)
                 state, metrics = trainer.step(state, batch)
                 nonfinite.dispatched(step, metrics)
