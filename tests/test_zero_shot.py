@@ -4,7 +4,9 @@ out like the real release, run on a tiny trained model."""
 
 import json
 import math
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -699,6 +701,51 @@ def test_results_table_on_a_run_evaluated_on_both_benchmarks(run, evaluated, tmp
     with Image.open(plot) as png:
         points = json.loads(png.text["Description"])
     assert points[-1]["auroc"] == pytest.approx(found["ct_rate"]["zero_shot"]["mean_auroc"])
+
+
+def _docs_line(pattern: str) -> list[str]:
+    """The one command line of docs/downstream.md matching ``pattern``, as its arguments."""
+    found = re.findall(pattern, (ROOT / "docs" / "downstream.md").read_text(), re.M)
+    assert len(found) == 1, found
+    return shlex.split(found[0])
+
+
+def test_the_docs_rad_chestct_and_results_table_lines_run(
+    run, rad_chestct_dir, evaluated, tmp_path
+):
+    """docs/downstream.md's RAD-ChestCT lines and results_table line, run as written from a
+    fresh folder, then pointed at the fixture and the tiny run (later flags win)."""
+    root, _ = rad_chestct_dir
+    shape = ",".join(map(str, inference.load_config(run).model.volume_size))
+    prepare = _docs_line(r"^python -m data_pipelines\.prepare rad_chestct .*$")
+    evaluate = _docs_line(r"^python -m unimedi_jax\.evaluate .*dataset=rad_chestct .*$")
+    table = _docs_line(r"^python -m unimedi_jax\.results_table results .*$")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv in (
+        [*prepare, f"--manual_dir={root}", f"--data_dir={tmp_path / 'tfds'}",
+         f"--volume_shape={shape}", "--num_workers=0"],
+        [*evaluate, f"--workdir={run}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+         "--config.bootstrap.samples=20"],
+    ):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.loads((tmp_path / "results" / "rad_chestct" / "eval.json").read_text())
+    expected = evaluated[1]["rad_chestct"]["zero_shot"]["mean_auroc"]
+    assert written["zero_shot"]["mean_auroc"] == pytest.approx(expected, abs=1e-5)
+    (tmp_path / "results" / "ct_rate").mkdir()
+    (tmp_path / "results" / "ct_rate" / "eval.json").write_text(json.dumps(evaluated[1]["ct_rate"]))
+    proc = subprocess.run(
+        [sys.executable, *table[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### RAD-ChestCT zero-shot" in proc.stdout
+    assert proc.stdout.rstrip().endswith("wrote results/ct_rate.png")
+    with Image.open(tmp_path / "results" / "ct_rate.png") as png:
+        assert png.format == "PNG" and "Description" in png.text
 
 
 # ----------------------------------------------------------------------------------- 5x200
