@@ -4,6 +4,7 @@ One tiny run, trained once for the module; the tests that change a run work on a
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,17 +13,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
 
 from tests.tiny_runs import ROOT, subprocess_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.config.checks import ConfigError
+from unimedi_jax.core.overrides import parse_flags
 from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.evaluation.figures import curves_figure, read_phases, read_training_log
 from unimedi_jax.interop.torch_export import export_run
 from unimedi_jax.train.loop import phase_starts
 from unimedi_jax.trainers.pretraining import train
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -68,6 +78,7 @@ def test_relative_workdir_resumes_and_the_phases_are_logged_and_drawn(root, run_
     assert "no readable metadata" not in caplog.text
     assert "Resumed from" in caplog.text and "at step 2" in caplog.text
     assert (Path(run_copy) / "checkpoints" / "3").is_dir()
+    assert "Finished 1 step in" in caplog.text and "the run is at step 3" in caplog.text
     assert "step 3: warm-up over" in caplog.text
     assert "step 3: unmasked tuning to the end" in caplog.text and "L_pcl" in caplog.text
     phases = read_phases(run_copy)
@@ -135,7 +146,9 @@ def test_model_cards_quote_the_figures_of_the_step_they_export(root, run_copy, t
     figures = json.loads(written.read_text())
     assert figures["step"] == 1
 
-    card = (export_run(earlier, "hf_bert", tmp_path / "step1") / "README.md").read_text()
+    exported = export_run(earlier, "hf_bert", tmp_path / "step1")
+    assert (exported / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    card = (exported / "README.md").read_text()
     assert "checkpoint step 1." in card
     name = "retrieval_image/image_to_text/R@1"
     assert f"| {name} | {figures[name]:.4f} |" in card
@@ -208,3 +221,19 @@ def test_commands_print_our_lines_only_and_each_result_once(root, tmp_path):
             assert "figures in metrics.jsonl" in block[0]
             shown = [line for line in block[1:] if line.startswith("  ")]
             assert 1 <= len(shown) <= 6 and all(len(line) < 120 for line in shown), shown
+
+
+def test_a_wrong_preset_is_one_paragraph_without_a_traceback():
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+    with pytest.raises(ConfigError) as error:
+        parse_flags(flag_values, ["prog", f"--config={ROOT}/configs/pretrain.py:dem"])
+    assert "unknown preset 'dem'" in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_what_the_readme_commands_write_in_a_checkout_is_ignored(tmp_path):
+    paths = ["export/torch/model.safetensors", "slices.png", "curves.png", "embeddings.npz"]
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == paths

@@ -130,6 +130,11 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]
     except flags.IllegalFlagValueError as err:  # absl rewraps a ValueError of the loader
         if isinstance(err.__context__, ConfigError):
             raise err.__context__ from None
+        # ml_collections rewraps the config file's own ValueError (e.g. an unknown preset)
+        # with its traceback as text: the original's message is the paragraph to report.
+        original = getattr(err.__context__, "__context__", None)
+        if isinstance(err.__context__, ValueError) and isinstance(original, ValueError):
+            raise ConfigError(f"--config: {original}") from None
         raise
     finally:
         flag.parser = loader

@@ -40,6 +40,7 @@ Recipes (``state = safetensors.torch.load_file(out / "model.safetensors")``):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -299,6 +300,10 @@ def _write(out: str | Path, tensors: Tensors, config: Mapping[str, Any]) -> Path
     out.mkdir(parents=True, exist_ok=True)
     contiguous = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     safetensors.numpy.save_file(contiguous, out / WEIGHTS, metadata={"format": "pt"})
+    # safetensors creates the file readable by its owner alone; other files follow the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    (out / WEIGHTS).chmod(0o666 & ~umask)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 

@@ -213,7 +213,14 @@ def train(config, workdir: str | Path) -> dict:
             writer.close()
             data.close()
             checkpointer.close()  # last: it raises if the final save failed
-    logging.info("Finished %d steps in %s", total_steps, format_duration(progress.elapsed()))
+    done = total_steps - start  # by this process: a resumed run started at ``start``
+    logging.info(
+        "Finished %d step%s in %s; the run is at step %d",
+        done,
+        "" if done == 1 else "s",
+        format_duration(progress.elapsed()),
+        total_steps,
+    )
     return progress.last
 
 
