@@ -1,5 +1,12 @@
 """The device check's step and comparison, on the CPU: bfloat16 against float32 (what a GPU run is
-held to), and the verdict's arithmetic. launch/device_check.sh runs them on a GPU machine."""
+held to), and the verdict's arithmetic; and the dry run of launch/device_check.sh, which runs them
+on a GPU machine."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +18,8 @@ from unimedi_jax.diagnostics.backend_check import (
     one_step,
     relative_errors,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bfloat16_step_is_within_the_gpu_tolerance_of_float32():
@@ -44,3 +53,32 @@ def test_loss_verdict_passes_up_to_the_tolerance():
     failed, line = loss_verdict({**reference, "loss": 2.03, "loss_vl": 9.0}, reference, 1e-2)
     assert not failed
     assert line == "FAIL: relative error of the loss 1.50e-02 (limit 0.01)"
+
+
+def test_device_script_dry_run_runs_every_part_on_the_cpu(tmp_path):
+    """``DRY_RUN=1 launch/device_check.sh``: every part of the GPU check at the tiny config on
+    the CPU (the GPU-only tests skip, the peer is not named), ending in the summary table."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(out), "PEER": ""}
+    proc = subprocess.run(
+        ["bash", "launch/device_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    log = (out / "log.txt").read_text() if (out / "log.txt").exists() else proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + log[-3000:]
+    summary = (out / "summary.md").read_text()
+    for part in ("environment", "gpu_tests", "step_accelerator", "variants", "profile"):
+        assert f"== {part}: ok" in log, part
+    assert "skipped" in summary  # the cuDNN test, on a CPU
+    rows = json.loads((out / "variants.json").read_text())
+    assert [(r["variant"], r["remat"], r["batch"]) for r in rows] == [
+        ("remat=dots", "dots", [8, 8])
+    ]
+    assert "| ours: xla, remat dots, scanned | 8 + 8 |" in summary
+    assert "relative error" in summary and "(limit 1e-2)" in summary
+    assert "| vision forward (student) |" in (out / "profile.md").read_text()
+    assert summary.rstrip().endswith("all parts passed")

@@ -160,22 +160,19 @@ def time_step(config, mesh: jax.sharding.Mesh, text: TextTower, steps: int) -> S
     )
 
 
-def step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
+def step_flops(config, text: TextTower) -> float | None:
     """FLOPs of one step over all devices, whichever layer loop, attention kernel and remat policy
     run it: the step with unrolled layers, XLA's attention and no remat, lowered, not compiled.
 
     (The scanned step's own count would include only one layer of each tower, and cuDNN's
-    attention is a custom call that XLA counts nothing for.) Where the devices' backend counts
-    nothing (jax 0.11.2's GPU backend on an H200 did not), the same global step is lowered for
-    one CPU device: a program's FLOPs do not depend on where it runs.
+    attention is a custom call that XLA counts nothing for.) The global step is lowered for one
+    CPU device, whatever the devices: a program's FLOPs do not depend on where it runs, and some
+    backends count none (jax 0.11.2's GPU backend on an H200).
     """
     counted = with_unrolled_layers(config)
     counted.model.update(attention="xla", remat="none")
-    flops = _lowered_step_flops(counted, mesh, text)
-    if flops is None:
-        one_cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
-        flops = _lowered_step_flops(counted, one_cpu, text)
-    return flops
+    one_cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
+    return _lowered_step_flops(counted, one_cpu, text)
 
 
 def _lowered_step_flops(config, mesh: jax.sharding.Mesh, text: TextTower) -> float | None:
@@ -282,7 +279,7 @@ def step_report(
     unrolled = None
     if compare_unrolled:
         unrolled = time_step(with_unrolled_layers(config), mesh, text, steps)
-    flops = step_flops(config, mesh, text)
+    flops = step_flops(config, text)
     data = data_seconds(config, mesh, text.config.vocab_size, steps)
 
     lines = [
@@ -346,7 +343,7 @@ def variant_rows(
                 row["did_not_fit"].append(list(batch))
                 continue
             if batch not in flops:
-                flops[batch] = step_flops(variant, mesh, text)
+                flops[batch] = step_flops(variant, text)
             achieved = flops[batch] / timing.step_s / 1e12 if flops[batch] else None
             row.update(
                 batch=list(batch),
