@@ -116,7 +116,7 @@ def test_rerun_skips_finished_runs(out, data_dir, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was trained or evaluated again")
 
-    monkeypatch.setattr(ablation.trainers, "run", must_not_run)
+    monkeypatch.setattr(ablation.by_kind, "run", must_not_run)
     monkeypatch.setattr(ablation, "evaluate_run", must_not_run)
     after = ablation.run_ablation(_tiny_base(data_dir), out, ROWS, SEEDS, BUDGET)
     assert json.dumps(after["rows"]) == json.dumps(before["rows"])
