@@ -23,7 +23,13 @@ from unimedi_jax.config.checks import ConfigError
 from unimedi_jax.core.overrides import parse_flags
 from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
-from unimedi_jax.evaluation.figures import curves_figure, read_phases, read_training_log
+from unimedi_jax.evaluation.figures import (
+    curves_figure,
+    masking_figure,
+    read_phases,
+    read_training_log,
+    slices_figure,
+)
 from unimedi_jax.interop.torch_export import export_run
 from unimedi_jax.train.loop import phase_starts
 from unimedi_jax.trainers.pretraining import train
@@ -216,6 +222,9 @@ def test_commands_print_our_lines_only_and_each_result_once(root, tmp_path):
             figures = json.loads((tmp_path / "eval" / "eval.json").read_text())
             for figure in figures:
                 assert (stdout + stderr).count(f"{figure} ") == 1, figure
+        if name == "visualize":
+            with Image.open(tmp_path / "s.png") as image:
+                assert image.text["Title"] == "run, step 2, test split"  # cwd-relative
         if name == "train":
             block = stderr.split("eval at step 3")[1].split("\n")
             assert "figures in metrics.jsonl" in block[0]
@@ -237,3 +246,25 @@ def test_what_the_readme_commands_write_in_a_checkout_is_ignored(tmp_path):
         ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.stdout.split() == paths
+
+
+def _legend_texts(figure) -> list[str]:
+    return [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+
+
+def test_masking_figure_keys_the_masked_patches_and_the_attention_it_shows():
+    rng = np.random.default_rng(0)
+    figure = masking_figure(rng.random((2, 32, 32)), rng.random((2, 16)), (4, 4), 0.5, ["a", "b"])
+    assert "masked patch (hidden from the student)" in _legend_texts(figure)
+    assert figure.axes[2].get_title() == "EMA teacher's [CLS] attention"
+    (bar,) = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert bar.get_ylabel() == "attention (Eq. 1), within each X-ray"
+
+
+def test_slices_figure_labels_the_score_by_what_it_is():
+    rng = np.random.default_rng(0)
+    lesion = np.zeros((1, 8), bool)
+    lesion[0, 3:5] = True
+    figure = slices_figure(rng.random((1, 8, 32, 32)), [[3, 4]], rng.random((1, 8)), ["r"], lesion)
+    assert figure.axes[1].get_ylabel() == "[CLS] attention\nto the slice"
+    assert "mean [CLS] attention of its tokens" in _legend_texts(figure)

@@ -75,7 +75,7 @@ def test_slices_figure_has_strip_scores_and_report_per_volume(model):
 def test_masking_panel_keeps_the_highest_attention_tokens(model):
     config = model.config
     fig = figures.run_masking(model, "test", 3)
-    assert len(fig.axes) == 4 * 3
+    assert len(fig.axes) == 4 * 3 + 1  # and the attention's colour bar
     batch = figures.held_out(config, "2d", "test", 3)
     attention = figures.image_attention(model, batch["image"])
     gh, gw = (s // p for s, p in zip(config.model.image_size, config.model.patch_2d, strict=True))

@@ -7,7 +7,8 @@
 
 ``slices``: CT volumes as strips of axial slices, the k slices picked by Eq. 2 framed, the score
 curve under each strip and, where the data knows them (phantoms), the lesion slices marked.
-``masking``: X-rays, the tokens the teacher's Eq. 1 attention keeps unmasked, the attention map.
+``masking``: X-rays, the tokens the teacher's Eq. 1 attention keeps unmasked, the attention map
+with its colour bar. Every figure's title (and PNG Title) names the run, step and split.
 ``tsne``: a t-SNE of held-out X-ray, CT and report embeddings, by modality (marker) and finding
 (colour). ``curves``: loss terms, learning rate and throughput from metrics.jsonl, the runs
 overlaid. The figures are drawn by ``unimedi_jax/evaluation/figures.py``.

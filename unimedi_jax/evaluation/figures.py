@@ -24,6 +24,8 @@ import matplotlib
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
@@ -43,6 +45,7 @@ from unimedi_jax.train.loop import PHASES
 SELECTED_COLOR = "gold"
 LESION_COLOR = "red"
 MASKED_COLOR = "#8fa3bf"  # masked patches: a flat blue-grey that no X-ray pixel shows
+HEAT_CMAP = "jet"  # attention maps, scaled to each image's range
 MODALITY_MARKERS = {"X-ray (2D)": "o", "CT (3D)": "s", "X-ray report": "^", "CT report": "v"}
 DEFAULT_NUM = {"slices": 3, "masking": 4, "tsne": 200}
 
@@ -117,13 +120,15 @@ def _score_plot(ax, scores: np.ndarray, picked: np.ndarray, lesion: np.ndarray |
     ax.margins(y=0.15)
     ax.set_xticks(slices[:: max(1, depth // 16)])
     ax.set_xlabel("slice", fontsize=8)
-    ax.set_ylabel("Eq. 2 score", fontsize=8)
+    ax.set_ylabel("[CLS] attention\nto the slice", fontsize=8)
     ax.tick_params(labelsize=7)
 
 
 def _slice_legend(fig: Figure, with_lesion: bool) -> None:
     handles = [
-        Line2D([], [], color="tab:blue", marker="o", ms=3, label="slice score (Eq. 2)"),
+        Line2D(
+            [], [], color="tab:blue", marker="o", ms=3, label="mean [CLS] attention of its tokens"
+        ),
         Patch(facecolor="none", edgecolor=SELECTED_COLOR, lw=2.5, label="selected slice"),
     ]
     if with_lesion:
@@ -180,7 +185,7 @@ def _heat(token_values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """RGBA [gh, gw] attention map, more opaque where attention is high so the anatomy shows."""
     values = np.asarray(token_values, np.float64).reshape(grid)
     scaled = (values - values.min()) / max(float(np.ptp(values)), 1e-12)
-    rgba = matplotlib.colormaps["jet"](scaled)
+    rgba = matplotlib.colormaps[HEAT_CMAP](scaled)
     rgba[..., 3] = 0.7 * scaled
     return rgba
 
@@ -197,9 +202,11 @@ def masking_figure(
     ratio: float,
     reports: Sequence[str],
 ) -> Figure:
-    """Fig. 5 (left): per X-ray the image, the tokens masking keeps, the attention, the report.
+    """Fig. 5 (left): per X-ray the image, the tokens masking keeps, the attention, the report;
+    a colour bar for the attention, a key for the masked patches.
 
-    images [N, H, W] in [0, 1]; attention [N, gh * gw] is Eq. 1 over the patch tokens. Masked
+    images [N, H, W] in [0, 1]; attention [N, gh * gw] is the EMA teacher's Eq. 1 over the
+    patch tokens (what masking uses). Masked
     patches (``selection.attentive_token_mask``) are NaN in the kept-token panel, drawn in a flat
     colour. Four axes per image.
     """
@@ -216,11 +223,17 @@ def masking_figure(
         row[1].set_title(f"kept {kept} tokens (ratio {ratio:g})", fontsize=10)
         row[2].imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
         row[2].imshow(_heat(attention[n], grid), extent=_pixel_extent(image.shape))
-        row[2].set_title("[CLS] attention (Eq. 1)", fontsize=10)
+        row[2].set_title("EMA teacher's [CLS] attention", fontsize=10)
         for ax in row[:3]:
             ax.set_xticks([])
             ax.set_yticks([])
         _report_axis(row[3], reports[n], 60)
+    scale = ScalarMappable(Normalize(0.0, 1.0), HEAT_CMAP)
+    bar = fig.colorbar(scale, ax=axes[:, 2], shrink=0.8, ticks=[0.0, 1.0])
+    bar.ax.set_yticklabels(["lowest", "highest"])
+    bar.set_label("attention (Eq. 1), within each X-ray", fontsize=9)
+    masked = Patch(facecolor=MASKED_COLOR, label="masked patch (hidden from the student)")
+    fig.legend(handles=[masked], loc="outside upper center", fontsize=9, frameon=False)
     return fig
 
 
@@ -512,10 +525,14 @@ def draw_figure(
 ) -> Path:
     """Loads a run, draws one of ``FIGURES`` from ``num`` held-out records (default
     ``DEFAULT_NUM``) of ``split`` and writes it as PNG to ``out``, a file outside the run that
-    appears only when complete; returns ``out``."""
+    appears only when complete; returns ``out``. The title (also the PNG's Title) names the run,
+    its step and the split."""
     num = num or DEFAULT_NUM[figure]
     check_output(out, trained_model.resolve_run(workdir)[0], overwrite, is_dir=False)
-    drawn = FIGURES[figure](trained_model.load(workdir), split, num)
+    model = trained_model.load(workdir)
+    drawn = FIGURES[figure](model, split, num)
+    title = f"{shown_path(str(workdir))}, step {model.step}, {split} split"
+    drawn.suptitle(title, fontsize=11)
     with written_atomically(out, is_dir=False) as partial:
-        drawn.savefig(partial, dpi=110)
+        drawn.savefig(partial, dpi=110, metadata={"Title": title})
     return Path(out)
