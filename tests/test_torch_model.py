@@ -20,6 +20,7 @@ from PIL import Image
 from tests.test_export import _vision
 from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax import inference, torch_model
+from unimedi_jax.evaluation.checkpoint_results import newest_step
 from unimedi_jax.interop import torch_export
 from unimedi_jax.method import selection
 from unimedi_jax.models.vit import token_grid
@@ -184,7 +185,8 @@ def test_torch_export_pools_text_at_cls_when_the_run_did(run, inputs, files, tmp
 def test_model_card_holds_the_held_out_figures(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (copy / "eval.json").write_text(json.dumps({"xray/R@10": 0.125, "ct/R@10": 0.3125}))
+    figures = {"step": newest_step(copy), "xray/R@10": 0.125, "ct/R@10": 0.3125}
+    (copy / "eval.json").write_text(json.dumps(figures))  # the evaluation of the exported step
     export = torch_export.export_run(copy, "timm", tmp_path / "export")
     card = (export / "README.md").read_text()
     assert "| xray/R@10 | 0.1250 |" in card and "| ct/R@10 | 0.3125 |" in card
