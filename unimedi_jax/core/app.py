@@ -1,5 +1,8 @@
 """The entry point every command runs under: flags parsed, ``--config.X`` checked, user
-errors reported (``errors.report``: one paragraph, exit 2) and anything else raised.
+errors reported (``errors.report``: one paragraph, exit 2) and anything else raised; the
+libraries' INFO lines kept out; ``--help`` (the command's own flags) and ``--print_config``
+answered here. Path flags (``define_path``) are made absolute as they are parsed, so the
+library sees one spelling of each folder whether the user typed it relative or absolute.
 
     if __name__ == "__main__":
         run_app(main)
@@ -129,7 +132,7 @@ def run_app(
     if main.__module__.startswith("unimedi_jax."):  # our console scripts (`python -m` did it
         restart_with_huge_pages()  # in unimedi_jax/__init__.py, before importing JAX)
 
-    if "config" in flags.FLAGS:
+    if "config" in flags.FLAGS and "print_config" not in flags.FLAGS:  # once per process
         flags.DEFINE_bool(
             "print_config", False, "Print the config's fields with their values, then stop."
         )
