@@ -152,25 +152,7 @@ def train(config, workdir: str | Path) -> dict:
     state = trainer.state
     evaluators = evaluators_from_config(config)  # unknown names fail before the first step
 
-    checkpointer = Checkpointer(
-        workdir / "checkpoints",
-        keep=config.keep_checkpoints,
-        keep_every=config.keep_checkpoint_every_steps,
-        clean_up=True,
-    )
-    start = 0
-    restored = checkpointer.restore_newest(abstract_like(state))  # skips damaged ones
-    if restored is not None:
-        start, state, data_state = restored
-        data.set_state(data_state)
-        logging.info("Resumed from %s at step %d", checkpointer.directory, start)
-    elif text.params is None and config.text.path:
-        checkpointer.close()
-        raise ConfigError(
-            f"text.path={config.text.path!r} is not readable and {checkpointer.directory} holds "
-            "no readable checkpoint to take the text tower's weights from: point "
-            "--config.text.path at the pretrained BERT to start this run afresh."
-        )
+    checkpointer, start, state = restore_newest(config, workdir, state, data, text)
     record_config(config, workdir)  # the checkpoint read (or there was none)
 
     # The step loop on the shared parts (train/loop.py), with in-loop evaluation.
@@ -213,7 +195,40 @@ def train(config, workdir: str | Path) -> dict:
             writer.close()
             data.close()
             checkpointer.close()  # last: it raises if the final save failed
-    done = total_steps - start  # by this process: a resumed run started at ``start``
+    log_finished(total_steps - start, total_steps, progress)
+    return progress.last
+
+
+def restore_newest(
+    config, workdir: Path, state: TrainState, data: TrainStream, text: TextTower
+) -> tuple[Checkpointer, int, TrainState]:
+    """The run's checkpointer and where training starts: the newest readable checkpoint's step
+    and state, with ``data`` moved to its position; else step 0 and ``state``. A run whose
+    pretrained text tower is no longer readable needs a checkpoint to take it from."""
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        keep=config.keep_checkpoints,
+        keep_every=config.keep_checkpoint_every_steps,
+        clean_up=True,
+    )
+    restored = checkpointer.restore_newest(abstract_like(state))  # skips damaged ones
+    if restored is not None:
+        start, state, data_state = restored
+        data.set_state(data_state)
+        logging.info("Resumed from %s at step %d", checkpointer.directory, start)
+        return checkpointer, start, state
+    if text.params is None and config.text.path:
+        checkpointer.close()
+        raise ConfigError(
+            f"text.path={config.text.path!r} is not readable and {checkpointer.directory} holds "
+            "no readable checkpoint to take the text tower's weights from: point "
+            "--config.text.path at the pretrained BERT to start this run afresh."
+        )
+    return checkpointer, 0, state
+
+
+def log_finished(done: int, total_steps: int, progress: Progress) -> None:
+    """The last line of a run: the steps this process trained (a resumed run started later)."""
     logging.info(
         "Finished %d step%s in %s; the run is at step %d",
         done,
@@ -221,7 +236,6 @@ def train(config, workdir: str | Path) -> dict:
         format_duration(progress.elapsed()),
         total_steps,
     )
-    return progress.last
 
 
 def evaluate_state(
