@@ -665,19 +665,29 @@ def canonicalize(volume: Volume, min_slices: int = 16, min_in_plane: int = 64) -
     hu = orientations.apply_orientation(volume.hu, transform)
     affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.hu.shape)
     canonical = dataclasses.replace(volume, hu=hu, affine=affine)
-    if hu.shape[0] < min_slices or min(hu.shape[1:]) < min_in_plane:
-        found = f"; the folder holds {'; '.join(volume.series)}" if volume.series else ""
-        raise SkipVolume(
-            TOO_SMALL,
-            volume.path,
-            f"canonical shape {hu.shape}, at least {min_slices} slices of {min_in_plane} x "
-            f"{min_in_plane} needed{found}",
-        )
+    too_small = hu.shape[0] < min_slices or min(hu.shape[1:]) < min_in_plane
+    # A handful of slices has no plane to judge: say it is too small before "not axial".
+    if too_small and min(hu.shape) < min_slices:
+        raise _too_small(volume, hu.shape, min_slices, min_in_plane)
     slice_axis = _slice_axis(canonical.spacing)
     if slice_axis not in (None, 0):
         spacing = ", ".join(f"{s:.3g}" for s in canonical.spacing)
         raise SkipVolume(NOT_AXIAL, volume.path, f"S-P-L spacing {spacing} mm")
+    if too_small:
+        raise _too_small(volume, hu.shape, min_slices, min_in_plane)
     return canonical
+
+
+def _too_small(
+    volume: Volume, shape: tuple[int, ...], min_slices: int, min_in_plane: int
+) -> SkipVolume:
+    found = f"; the folder holds {'; '.join(volume.series)}" if volume.series else ""
+    return SkipVolume(
+        TOO_SMALL,
+        volume.path,
+        f"canonical shape {shape}, at least {min_slices} slices of {min_in_plane} x "
+        f"{min_in_plane} needed{found}",
+    )
 
 
 def _slice_axis(spacing: np.ndarray) -> int | None:
