@@ -461,7 +461,7 @@ def read_training_log(workdir: str | Path) -> list[dict[str, float]]:
 def read_phases(workdir: str | Path) -> dict[str, int]:
     """Phase name (``loop.PHASES``) -> the step the run's schedule entered it."""
     return {
-        PHASES[key]: row["step"] for row in _metrics_rows(workdir) for key in row if key in PHASES
+        PHASES[key]: int(row[key]) for row in _metrics_rows(workdir) for key in row if key in PHASES
     }
 
 

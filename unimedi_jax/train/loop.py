@@ -24,8 +24,8 @@ from unimedi_jax.core.errors import UserError
 from unimedi_jax.train.checkpoint import Checkpointer
 from unimedi_jax.train.metric_writer import format_duration
 
-# metrics.jsonl keys written at the step where the schedule enters a new phase (the curves
-# figure marks them), with the phase's name.
+# metrics.jsonl keys of the schedule's phases (the curves figure marks them) -> their names; the
+# first line logged from the step a phase starts holds its key, the start step as its value.
 PHASES = {"phase/warmup_over": "warm-up over", "phase/unmasked_tuning": "unmasked tuning"}
 
 

@@ -162,12 +162,13 @@ def train(config, workdir: str | Path) -> dict:
     # 'skip' lives in the compiled step; 'stop' is checked here.
     nonfinite = NonFiniteWatch(config.train.on_nonfinite == "stop", NONFINITE_REMEDY, checkpointer)
     phases = phase_starts(trainer.schedules.masking, total_steps, warmup_steps)
+    entered: dict[str, float] = {}  # phases started since the last logged line
     with StopRequest() as stop:
         try:
             for step in range(start + 1, total_steps + 1):
                 for key, line in phases.get(step, ()):
                     logging.info("%s", line)
-                    writer.write(step, {key: 1.0})
+                    entered[key] = float(step)
                 batch = sharding.global_batch(next(data), mesh)
                 state, metrics = trainer.step(state, batch)
                 nonfinite.dispatched(step, metrics)
@@ -179,7 +180,8 @@ def train(config, workdir: str | Path) -> dict:
                     nonfinite.check(step, metrics)
                 if is_log_step:
                     logged = {**jax.device_get(metrics), **data.skip_metrics()}
-                    writer.write(step, progress.report(step, logged))
+                    writer.write(step, {**progress.report(step, logged), **entered})
+                    entered = {}
                 if is_ckpt_step:
                     checkpointer.save(step, state, data.get_state())
                 due = [e for e in evaluators if e.due(step, total_steps)]
