@@ -1,5 +1,5 @@
-"""`python -m unimedi_jax.benchmark` (the README's line, at the tiny preset) and the huge-page
-restart every command makes (core/host_memory.py)."""
+"""`python -m unimedi_jax.benchmark` (docs/launching.md's line, at the tiny preset) and the
+huge-page restart every command makes (core/host_memory.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from configs.pretrain import get_config
-from tests.tiny_runs import fast_compile_env
+from tests.tiny_runs import subprocess_env
 from unimedi_jax.core import host_memory
 from unimedi_jax.diagnostics import step_benchmark
 
@@ -18,9 +18,9 @@ BENCHMARK = ["-m", "unimedi_jax.benchmark", "--config=configs/pretrain.py:tiny",
 
 
 def test_benchmark_readme_line_restarts_with_huge_pages(tmp_path):
-    """The README's line (tiny preset, one step): the command restarted itself with huge pages
-    (its header says so; the rules of the restart are unit-tested below)."""
-    env = fast_compile_env(tmp_path / "cache")
+    """docs/launching.md's line (tiny preset, one step): the command restarted itself with huge
+    pages (its header says so; the rules of the restart are unit-tested below)."""
+    env = subprocess_env()
     env = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
     out = subprocess.run(
         [sys.executable, *BENCHMARK, "--compare_unrolled"],
