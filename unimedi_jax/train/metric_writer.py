@@ -7,8 +7,6 @@ import os
 import re
 from pathlib import Path
 
-from tensorboardX import SummaryWriter
-
 
 def format_duration(seconds: float) -> str:
     """Human ETA: 45s, 12m03s, 3h07m."""
@@ -59,6 +57,10 @@ class MetricWriter:
         if enabled:
             rewind_jsonl(workdir / "metrics.jsonl", resume_step)
             self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (lives with the run)
+            # Imported here: tensorboardX imports torch where it is installed (~1.5 s), which
+            # every command importing this module (evaluate, export, --help) would pay.
+            from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
