@@ -10,32 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from configs.pretrain import get_config
 from unimedi_jax.diagnostics.backend_check import (
     LOSS_KEYS,
-    comparison_table,
     loss_verdict,
-    one_step,
     relative_errors,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_bfloat16_step_is_within_the_gpu_tolerance_of_float32():
-    results = {}
-    for dtype in ("float32", "bfloat16"):
-        config = get_config("tiny")
-        config.batch.update(size_2d=4, size_3d=2)
-        config.precision.compute_dtype = dtype
-        results[dtype] = one_step(config)
-        assert results[dtype]["compute_dtype"] == dtype
-        assert results[dtype]["platform"] == "cpu"
-    errors = relative_errors(results["bfloat16"], results["float32"])
-    # Different numbers (bfloat16 was used), yet close: the GPU check's limit is 1e-2.
-    assert 0 < errors["loss"] < 1e-2, errors
-    table = comparison_table(results["bfloat16"], results["float32"])
-    assert table.splitlines()[0] == "| term | cpu float32 | cpu bfloat16 | relative error |"
 
 
 def test_relative_errors():
@@ -57,7 +38,9 @@ def test_loss_verdict_passes_up_to_the_tolerance():
 
 def test_device_script_dry_run_runs_every_part_on_the_cpu(tmp_path):
     """``DRY_RUN=1 launch/device_check.sh``: every part of the GPU check at the tiny config on
-    the CPU (the GPU-only tests skip, the peer is not named), ending in the summary table."""
+    the CPU (the GPU-only tests skip, the peer is not named), ending in the summary table. Its
+    step check compares the CPU's bfloat16 step with its float32 step: different numbers
+    (bfloat16 was used), yet within the GPU check's limit of 1e-2."""
     out = tmp_path / "out"
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(out), "PEER": ""}
     proc = subprocess.run(
@@ -74,6 +57,14 @@ def test_device_script_dry_run_runs_every_part_on_the_cpu(tmp_path):
     for part in ("environment", "gpu_tests", "step_accelerator", "variants", "profile"):
         assert f"== {part}: ok" in log, part
     assert "skipped" in summary  # the cuDNN test, on a CPU
+    steps = {name: json.loads((out / f"step_{name}.json").read_text()) for name in ("cpu", "gpu")}
+    assert [(s["platform"], s["compute_dtype"]) for s in steps.values()] == [
+        ("cpu", "float32"),
+        ("cpu", "bfloat16"),
+    ]
+    errors = relative_errors(steps["gpu"], steps["cpu"])
+    assert 0 < errors["loss"] < 1e-2, errors
+    assert "| term | cpu float32 | cpu bfloat16 | relative error |" in summary.splitlines()
     rows = json.loads((out / "variants.json").read_text())
     assert [(r["variant"], r["remat"], r["batch"]) for r in rows] == [
         ("remat=dots", "dots", [8, 8])

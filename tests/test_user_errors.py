@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from configs.pretrain import get_config
+from tests.command_driver import run_commands
 from tests.tiny_runs import tiny_run_config
 from unimedi_jax.config.checks import ConfigError, check_training
 from unimedi_jax.evaluation.evaluators import from_config as evaluators_from_config
@@ -140,172 +141,160 @@ def test_unknown_evaluator_names_the_evals_field():
 # --------------------------------------------------------------------------- commands
 
 
-@pytest.mark.parametrize(
-    ("module", "args", "needles"),
-    [
-        pytest.param(
-            "unimedi_jax.main",
-            [
-                "--config=configs/pretrain.py:tiny",
-                "--config.total_steps=0",
-                "--workdir={tmp}/w",
-            ],
-            ["ConfigError", "total_steps=0"],
-            id="main-total_steps-0",
-        ),
-        pytest.param(
-            "unimedi_jax.main",
-            [
-                "--config=configs/pretrain.py:tiny",
-                "--config.total_steps=-2",
-                "--workdir={tmp}/w",
-            ],
-            ["ConfigError", "total_steps=-2"],
-            id="main-total_steps-minus-2",
-        ),
-        pytest.param(
-            "unimedi_jax.main",
-            ["--config=configs/pretrain.py:tiny"],
-            ["--workdir"],
-            id="main-missing-workdir",
-        ),
-        pytest.param(
-            "unimedi_jax.main",
-            ["--config=configs/pretrain.py:tiny", "--config.modle.width=3", "--workdir={tmp}"],
-            ["modle", "Did you mean model"],
-            id="main-unknown-override",
-        ),
-        pytest.param(
-            "unimedi_jax.evaluate",
-            [
-                "--config=configs/probe.py:dataset=chexpert",
-                "--config.limt.train=5",
-                "--workdir={tmp}",
-            ],
-            ["ConfigError", "limt", "Did you mean limit"],
-            id="evaluate-probe-unknown-override",
-        ),
-        pytest.param("unimedi_jax.evaluate", [], ["--workdir=RUN"], id="evaluate-no-checkpoint"),
-        pytest.param(
-            "unimedi_jax.evaluate",
-            ["--config=configs/probe.py:dataset=chexpert", "--workdir={tmp}/no-run"],
-            ["DownstreamError", "{tmp}/no-run"],
-            id="evaluate-probe-missing-run",
-        ),
-        pytest.param(
-            "unimedi_jax.evaluate",
-            ["--workdir={tmp}/no-run"],
-            ["{tmp}/no-run"],
-            id="evaluate-missing-run",
-        ),
-        pytest.param(
-            "unimedi_jax.finetune",
-            [
-                "--config=configs/finetune.py:dataset=cc_ccii",
-                "--config.optim.lr=1",
-                "--workdir={tmp}",
-                "--out={tmp}/ft",
-            ],
-            ["ConfigError", "optim"],
-            id="finetune-unknown-override",
-        ),
-        pytest.param(
-            "unimedi_jax.finetune",
-            [
-                "--config=configs/finetune.py:dataset=cc_ccii",
-                "--workdir={tmp}/no-run",
-                "--out={tmp}/ft",
-            ],
-            ["DownstreamError", "{tmp}/no-run"],
-            id="finetune-missing-run",
-        ),
-        pytest.param(
-            "unimedi_jax.export",
-            ["--workdir={tmp}/no-run", "--format=timm", "--out={tmp}/out"],
-            ["{tmp}/no-run"],
-            id="export-missing-run",
-        ),
-        pytest.param(
-            "unimedi_jax.visualize",
-            ["slices", "--workdir={tmp}/no-run", "--out={tmp}/f.png"],
-            ["{tmp}/no-run"],
-            id="visualize-missing-run",
-        ),
-        pytest.param(
-            "unimedi_jax.benchmark",
-            ["--config=configs/pretrain.py:tiny", "--config.model.widht=8"],
-            ["model.widht", "Did you mean model.width"],
-            id="benchmark-unknown-override",
-        ),
-        pytest.param(
-            "unimedi_jax.device_check",
-            ["--config=configs/pretrain.py:tiny", "--config.selection.kk=2", "--out={tmp}/o"],
-            ["selection.kk", "Did you mean selection.k"],
-            id="device_check-unknown-override",
-        ),
-        pytest.param(
-            "unimedi_jax.results_table",
-            ["{tmp}/no-results"],
-            ["FileNotFoundError", "{tmp}/no-results"],
-            id="results_table-missing-path",
-        ),
-        pytest.param(
-            "unimedi_jax.visualize",
-            ["--workdir={tmp}", "--out={tmp}/f.png"],
-            ["UsageError", "one of curves, masking, slices, tsne"],
-            id="visualize-no-figure",
-        ),
-        pytest.param(
-            "unimedi_jax.export",
-            ["--workdir={tmp}", "--format=onnx", "--out={tmp}/out"],
-            ["--format=onnx", "monai|timm|hf_bert"],
-            id="export-unknown-format",
-        ),
-        pytest.param(
-            "unimedi_jax.results_table", [], ["UsageError", "eval.json"], id="results_table-no-path"
-        ),
-        pytest.param(
-            "unimedi_jax.soak",
-            ["--root={tmp}", "--kills=1"],
-            ["UsageError", "after --"],
-            id="soak-no-training-arguments",
-        ),
-        pytest.param(
-            "data_pipelines.prepare",
-            ["phantom", "--data_dir={tmp}"],
-            ["UnknownDatasetError"],
-            id="prepare-unknown-dataset",
-        ),
-        pytest.param(
-            "data_pipelines.prepare",
-            ["phantoms", "--data_dir={tmp}", "--volume_shape=8,32,big"],
-            ["--volume_shape", "expected sizes like 32,128,128"],
-            id="prepare-bad-sizes",
-        ),
-        pytest.param(
-            "data_pipelines.prepare",
-            ["phantoms", "--data_dir={tmp}", "--uncertain=ones"],
-            ["ValueError", "phantoms does not take options ['uncertain']"],
-            id="prepare-option-of-another-dataset",
-        ),
-        pytest.param(
-            "data_pipelines.prepare",
-            ["--data_dir={tmp}"],
-            ["UsageError", "name one dataset", "phantoms"],
-            id="prepare-no-name",
-        ),
-        pytest.param(
-            "data_pipelines.benchmark",
-            ["--config.batch.size_2x=4", "--data_dir={tmp}"],
-            ["batch.size_2x", "Did you mean batch.size_2d"],
-            id="data_benchmark-unknown-override-default-config",
-        ),
-    ],
-)
-def test_command_reports_user_error_with_exit_2(tmp_path, module, args, needles):
-    fill = {"tmp": str(tmp_path)}
-    proc = _command(module, *(a.format(**fill) for a in args))
-    _assert_user_error(proc, *(n.format(**fill) for n in needles))
+# case: (module, arguments, what the error paragraph must hold); {tmp} is the case's own folder.
+COMMAND_CASES = {
+    "main-total_steps-0": (
+        "unimedi_jax.main",
+        [
+            "--config=configs/pretrain.py:tiny",
+            "--config.total_steps=0",
+            "--workdir={tmp}/w",
+        ],
+        ["ConfigError", "total_steps=0"],
+    ),
+    "main-total_steps-minus-2": (
+        "unimedi_jax.main",
+        [
+            "--config=configs/pretrain.py:tiny",
+            "--config.total_steps=-2",
+            "--workdir={tmp}/w",
+        ],
+        ["ConfigError", "total_steps=-2"],
+    ),
+    "main-missing-workdir": (
+        "unimedi_jax.main",
+        ["--config=configs/pretrain.py:tiny"],
+        ["--workdir"],
+    ),
+    "main-unknown-override": (
+        "unimedi_jax.main",
+        ["--config=configs/pretrain.py:tiny", "--config.modle.width=3", "--workdir={tmp}"],
+        ["modle", "Did you mean model"],
+    ),
+    "evaluate-probe-unknown-override": (
+        "unimedi_jax.evaluate",
+        [
+            "--config=configs/probe.py:dataset=chexpert",
+            "--config.limt.train=5",
+            "--workdir={tmp}",
+        ],
+        ["ConfigError", "limt", "Did you mean limit"],
+    ),
+    "evaluate-no-checkpoint": ("unimedi_jax.evaluate", [], ["--workdir=RUN"]),
+    "evaluate-probe-missing-run": (
+        "unimedi_jax.evaluate",
+        ["--config=configs/probe.py:dataset=chexpert", "--workdir={tmp}/no-run"],
+        ["DownstreamError", "{tmp}/no-run"],
+    ),
+    "evaluate-missing-run": ("unimedi_jax.evaluate", ["--workdir={tmp}/no-run"], ["{tmp}/no-run"]),
+    "finetune-unknown-override": (
+        "unimedi_jax.finetune",
+        [
+            "--config=configs/finetune.py:dataset=cc_ccii",
+            "--config.optim.lr=1",
+            "--workdir={tmp}",
+            "--out={tmp}/ft",
+        ],
+        ["ConfigError", "optim"],
+    ),
+    "finetune-missing-run": (
+        "unimedi_jax.finetune",
+        [
+            "--config=configs/finetune.py:dataset=cc_ccii",
+            "--workdir={tmp}/no-run",
+            "--out={tmp}/ft",
+        ],
+        ["DownstreamError", "{tmp}/no-run"],
+    ),
+    "export-missing-run": (
+        "unimedi_jax.export",
+        ["--workdir={tmp}/no-run", "--format=timm", "--out={tmp}/out"],
+        ["{tmp}/no-run"],
+    ),
+    "visualize-missing-run": (
+        "unimedi_jax.visualize",
+        ["slices", "--workdir={tmp}/no-run", "--out={tmp}/f.png"],
+        ["{tmp}/no-run"],
+    ),
+    "benchmark-unknown-override": (
+        "unimedi_jax.benchmark",
+        ["--config=configs/pretrain.py:tiny", "--config.model.widht=8"],
+        ["model.widht", "Did you mean model.width"],
+    ),
+    "device_check-unknown-override": (
+        "unimedi_jax.device_check",
+        ["--config=configs/pretrain.py:tiny", "--config.selection.kk=2", "--out={tmp}/o"],
+        ["selection.kk", "Did you mean selection.k"],
+    ),
+    "results_table-missing-path": (
+        "unimedi_jax.results_table",
+        ["{tmp}/no-results"],
+        ["FileNotFoundError", "{tmp}/no-results"],
+    ),
+    "visualize-no-figure": (
+        "unimedi_jax.visualize",
+        ["--workdir={tmp}", "--out={tmp}/f.png"],
+        ["UsageError", "one of curves, masking, slices, tsne"],
+    ),
+    "export-unknown-format": (
+        "unimedi_jax.export",
+        ["--workdir={tmp}", "--format=onnx", "--out={tmp}/out"],
+        ["--format=onnx", "monai|timm|hf_bert"],
+    ),
+    "results_table-no-path": ("unimedi_jax.results_table", [], ["UsageError", "eval.json"]),
+    "soak-no-training-arguments": (
+        "unimedi_jax.soak",
+        ["--root={tmp}", "--kills=1"],
+        ["UsageError", "after --"],
+    ),
+    "prepare-unknown-dataset": (
+        "data_pipelines.prepare",
+        ["phantom", "--data_dir={tmp}"],
+        ["UnknownDatasetError"],
+    ),
+    "prepare-bad-sizes": (
+        "data_pipelines.prepare",
+        ["phantoms", "--data_dir={tmp}", "--volume_shape=8,32,big"],
+        ["--volume_shape", "expected sizes like 32,128,128"],
+    ),
+    "prepare-option-of-another-dataset": (
+        "data_pipelines.prepare",
+        ["phantoms", "--data_dir={tmp}", "--uncertain=ones"],
+        ["ValueError", "phantoms does not take options ['uncertain']"],
+    ),
+    "prepare-no-name": (
+        "data_pipelines.prepare",
+        ["--data_dir={tmp}"],
+        ["UsageError", "name one dataset", "phantoms"],
+    ),
+    "data_benchmark-unknown-override-default-config": (
+        "data_pipelines.benchmark",
+        ["--config.batch.size_2x=4", "--data_dir={tmp}"],
+        ["batch.size_2x", "Did you mean batch.size_2d"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def command_results(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """Every case's command line, run in one process (tests/command_driver.py)."""
+    tmp = tmp_path_factory.mktemp("commands")
+    cases = {
+        case: (module, [a.format(tmp=tmp / case) for a in args])
+        for case, (module, args, _) in COMMAND_CASES.items()
+    }
+    for case in cases:
+        (tmp / case).mkdir()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    return tmp, run_commands(cases, env)
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES)
+def test_command_reports_user_error_with_exit_2(command_results, case):
+    tmp, results = command_results
+    result = results[case]
+    proc = subprocess.CompletedProcess([], result["code"], result["stdout"], result["stderr"])
+    _assert_user_error(proc, *(n.format(tmp=tmp / case) for n in COMMAND_CASES[case][2]))
 
 
 def test_the_command_entry_point_imports_no_jax():
