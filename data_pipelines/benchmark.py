@@ -29,6 +29,7 @@ from transformers import BertTokenizerFast
 
 from data_pipelines import prepare, sources, train_stream
 from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Resolved as any --config is: the working directory's, else the packaged configs.
@@ -41,10 +42,10 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "The trainer's config, e.g. configs/pretrain.py:demo (default: the paper's)"
     )
-    flags.DEFINE_string(
+    define_path(
         "data_dir",
-        str(Path(tempfile.gettempdir()) / "unimedi_bench"),
         "Where phantoms are prepared.",
+        str(Path(tempfile.gettempdir()) / "unimedi_bench"),
     )
     flags.DEFINE_integer("num_train", 256, "Phantoms per modality.")
     flags.DEFINE_integer("stored_image_size", 256, "Stored X-ray side (>= the crop).")

@@ -35,6 +35,7 @@ from data_pipelines.builders.common import failure_limit as build_failure_limit
 from data_pipelines.failure_limit import DEFAULT_MAX_FRACTION, FailureLimit
 from unimedi_jax.core.app import run_app
 from unimedi_jax.core.errors import UserError, reporting_user_errors
+from unimedi_jax.core.paths import define_path
 
 
 class PreparedDataMismatchError(UserError, ValueError):
@@ -207,14 +208,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The command's flags, defined only when it runs as a command (or on a fresh flag set by
     ``run``): modules that import this one for ``ensure_prepared`` (data_pipelines.benchmark,
     tests) then keep their own names."""
-    flags.DEFINE_string(
-        "data_dir", None, "Where prepared datasets live.", required=True, flag_values=flag_values
-    )
-    flags.DEFINE_string(
-        "manual_dir",
-        None,
-        "Raw files of datasets that cannot be downloaded.",
-        flag_values=flag_values,
+    define_path("data_dir", "Where prepared datasets live.", flag_values=flag_values, required=True)
+    define_path(
+        "manual_dir", "Raw files of datasets that cannot be downloaded.", flag_values=flag_values
     )
     flags.DEFINE_float(
         "max_failure_fraction",

@@ -1,52 +1,41 @@
 """``--help`` of every installed command: its own flags, one line each, and how to list and set
 config fields; the libraries' flags stay under ``--helpfull``."""
 
-import json
+import os
 import subprocess
 import sys
 import tomllib
 
+import pytest
+
+from tests.command_driver import run_commands
 from tests.tiny_runs import ROOT, subprocess_env
+from unimedi_jax.core.paths import absolute_path, is_path_field
 
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 LIBRARY_FLAGS = ("--verbosity", "--logtostderr", "--grain_", "--tfds_", "--jax_", "--pdb")
 
-# Runs each console script's function with --help in one process (the libraries load once):
-# before each, the project's flags of the command before are removed and its module is
-# imported afresh, as a new process would.
-_DRIVER = """
-import contextlib, importlib, io, json, sys
-from absl import flags
-from unimedi_jax.core.app import _is_own
-texts = {}
-for script, target in json.loads(sys.argv[1]).items():
-    own = flags.FLAGS.flags_by_module_dict().items()
-    for name in {flag.name for module, found in own if _is_own(module) for flag in found}:
-        delattr(flags.FLAGS, name)
-    module, function = target.split(":")
-    for name in [m for m in sys.modules if m in (module, "unimedi_jax.main")]:
-        package, _, child = name.rpartition(".")
-        del sys.modules[name]
-        vars(sys.modules[package]).pop(child, None)
-    sys.argv, out = [script, "--help"], io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        getattr(importlib.import_module(module), function)()
-    texts[script] = out.getvalue()
-print(json.dumps(texts))
-"""
+# Flags that name a file or folder, besides the config-field spellings (``is_path_field``).
+PATH_FLAGS = ("workdir", "out", "root", "json", "reference", "plot")
 
 
-def test_help_of_every_command_lists_its_own_flags_and_the_config_fields():
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, json.dumps(SCRIPTS)],
-        cwd=ROOT,
-        env={**subprocess_env(), "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+@pytest.fixture(scope="module")
+def help_and_flag_types() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Each console script's ``--help`` text and its own flags' types (one process)."""
+    results = run_commands(
+        {script: (target, ["--help"]) for script, target in SCRIPTS.items()},
+        {**subprocess_env(), "JAX_PLATFORMS": "cpu"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    outputs = json.loads(proc.stdout.splitlines()[-1])
+    for script, result in results.items():
+        assert result["code"] == 0, (script, result["stderr"][-2000:])
+    return (
+        {script: result["stdout"] for script, result in results.items()},
+        {script: result["flag_types"] for script, result in results.items()},
+    )
+
+
+def test_help_of_every_command_lists_its_own_flags_and_the_config_fields(help_and_flag_types):
+    outputs, _ = help_and_flag_types
     assert sorted(outputs) == sorted(SCRIPTS)
     for script, text in outputs.items():
         if "\nFlags: none." not in text:
@@ -62,6 +51,25 @@ def test_help_of_every_command_lists_its_own_flags_and_the_config_fields():
     assert "\n  --workdir:" in outputs["unimedi-finetune"]
     assert "\n  --format:" in outputs["unimedi-export"]
     assert "\n  --data_dir:" in outputs["unimedi-prepare"]
+
+
+def test_every_flag_naming_a_file_or_folder_takes_relative_and_absolute_alike(
+    help_and_flag_types,
+):
+    """Path flags are parsed to absolute paths where the command reads them (core/paths.py)."""
+    _, types = help_and_flag_types
+    path_flags = {
+        (script, name): kind
+        for script, flag_types in types.items()
+        for name, kind in flag_types.items()
+        if name in PATH_FLAGS or is_path_field(name)
+    }
+    assert ("unimedi-prepare", "data_dir") in path_flags and (
+        "unimedi-train",
+        "workdir",
+    ) in path_flags
+    assert {key for key, kind in path_flags.items() if kind != "path"} == set()
+    assert absolute_path("runs/x") == os.path.join(os.getcwd(), "runs", "x")
 
 
 def test_print_config_shows_the_overridden_fields_without_a_workdir():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -20,7 +21,7 @@ from PIL import Image
 from tests.tiny_runs import ROOT, subprocess_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.config.checks import ConfigError
-from unimedi_jax.core.overrides import parse_flags
+from unimedi_jax.core.overrides import apply_overrides, parse_flags
 from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint
 from unimedi_jax.evaluation.figures import (
@@ -238,6 +239,33 @@ def test_a_wrong_preset_is_one_paragraph_without_a_traceback():
     with pytest.raises(ConfigError) as error:
         parse_flags(flag_values, ["prog", f"--config={ROOT}/configs/pretrain.py:dem"])
     assert "unknown preset 'dem'" in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_config_path_fields_are_absolute_whatever_the_working_directory(tmp_path, monkeypatch):
+    """``--config.data.data_dir=data`` names the folder under the working directory of the
+    command, in the config the run saves too: a later command from elsewhere finds it."""
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "prog",
+        f"--config={ROOT}/configs/pretrain.py:demo",
+        "--config.data.data_dir=data",
+        "--config.text.path=~/bert",
+    ]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+    parse_flags(flag_values, argv)
+    assert flag_values.config.data.data_dir == str(tmp_path / "data")
+    assert flag_values.config.text.path == os.path.join(os.path.expanduser("~"), "bert")
+
+    flag_values = flags.FlagValues()  # nothing named: nothing to resolve
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+    parse_flags(flag_values, ["prog", f"--config={ROOT}/configs/pretrain.py:demo"])
+    assert (flag_values.config.data.data_dir, flag_values.config.text.path) == ("", "")
+
+    saved = ml_collections.ConfigDict({"data": {"data_dir": "/d"}, "text": {"path": ""}})
+    changed = apply_overrides(saved, ["--config.data.data_dir=../d", "--config.text.path=b"])
+    assert changed.data.data_dir == str(tmp_path.parent / "d")
+    assert changed.text.path == str(tmp_path / "b")
 
 
 def test_what_the_readme_commands_write_in_a_checkout_is_ignored(tmp_path):

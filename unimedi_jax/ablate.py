@@ -15,8 +15,9 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.app import define_path, run_app, shown_path
+from unimedi_jax.core.app import run_app
 from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
+from unimedi_jax.core.paths import define_path, shown_path
 
 require_extra("ablate", "viz", VIZ_EXTRA)  # its t-SNE figure
 from unimedi_jax.experiments.ablation import ROWS, run_ablation  # noqa: E402

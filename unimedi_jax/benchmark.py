@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path
 from unimedi_jax.diagnostics.step_benchmark import (
     step_report,
     variant_rows,
@@ -44,7 +45,7 @@ _VARIANTS = flags.DEFINE_multi_string(
 _BATCHES = flags.DEFINE_string(
     "batches", "", "Global batches (2D x 3D) to try in turn per variant (default: the config's)."
 )
-_JSON = flags.DEFINE_string("json", None, "With --variant: also write the rows to this file.")
+_JSON = define_path("json", "With --variant: also write the rows to this file.")
 flags.mark_flag_as_required("config")
 
 

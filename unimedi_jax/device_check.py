@@ -20,13 +20,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path
 from unimedi_jax.diagnostics.backend_check import comparison_table, loss_verdict, one_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
 )
-_OUT = flags.DEFINE_string("out", None, "Where to write this run's losses (JSON).")
-_REFERENCE = flags.DEFINE_string("reference", None, "Losses of a reference run (JSON).")
+_OUT = define_path("out", "Where to write this run's losses (JSON).")
+_REFERENCE = define_path("reference", "Losses of a reference run (JSON).")
 _RTOL = flags.DEFINE_float("rtol", 1e-2, "Largest relative error of the total loss.")
 flags.mark_flags_as_required(["config", "out"])
 

@@ -25,8 +25,9 @@ from absl import flags
 
 from data_pipelines import imaging
 from unimedi_jax import inference
-from unimedi_jax.core.app import define_path, parse_absl_flags, run_app, shown_path
+from unimedi_jax.core.app import parse_absl_flags, run_app
 from unimedi_jax.core.errors import UserError
+from unimedi_jax.core.paths import define_path, shown_path
 from unimedi_jax.evaluation.embed_files import embed_files, skipped_line, zero_shot_table
 
 _WORKDIR = define_path("workdir", "Run workdir or its checkpoints/<step>.")

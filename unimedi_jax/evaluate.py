@@ -29,8 +29,9 @@ from absl import app
 from ml_collections import config_flags
 
 from unimedi_jax import inference
-from unimedi_jax.core.app import define_path, parse_absl_flags, run_app, shown_path
+from unimedi_jax.core.app import parse_absl_flags, run_app
 from unimedi_jax.core.overrides import apply_overrides, config_given, override_args
+from unimedi_jax.core.paths import define_path, shown_path
 from unimedi_jax.evaluation import downstream, zero_shot
 from unimedi_jax.evaluation.checkpoint_results import write_checkpoint_result
 from unimedi_jax.evaluation.evaluators import evaluate_checkpoint

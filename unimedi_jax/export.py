@@ -16,7 +16,8 @@ from __future__ import annotations
 from absl import flags
 
 from unimedi_jax.config.checks import VISION_WEIGHTS
-from unimedi_jax.core.app import define_path, run_app, shown_path
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path, shown_path
 from unimedi_jax.interop.torch_export import FORMATS, export_run
 
 _WORKDIR = define_path("workdir", "Run workdir or its checkpoints/<step>.")

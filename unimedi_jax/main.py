@@ -18,7 +18,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from unimedi_jax.core.app import define_path, run_app
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path
 from unimedi_jax.train.preemption import Preempted
 from unimedi_jax.trainers import by_kind
 

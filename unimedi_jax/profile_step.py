@@ -18,14 +18,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path
 from unimedi_jax.diagnostics.step_profile import profile_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/pretrain.py:demo", lock_config=True
 )
 _STEPS = flags.DEFINE_integer("steps", 2, "Traced steps after one warm-up step.", lower_bound=1)
-_OUT = flags.DEFINE_string(
-    "out", None, "Folder for profile.md, profile.json, step.hlo.txt and the trace (default: none)."
+_OUT = define_path(
+    "out", "Folder for profile.md, profile.json, step.hlo.txt and the trace (default: none)."
 )
 _TOP = flags.DEFINE_integer("top", 15, "Rows of the op-kind and biggest-op tables.", lower_bound=1)
 flags.mark_flag_as_required("config")

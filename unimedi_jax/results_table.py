@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from absl import app
 
-from unimedi_jax.core.app import define_path, run_app, shown_path
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path, shown_path
 from unimedi_jax.evaluation.comparison_plot import write_comparison_plot
 from unimedi_jax.evaluation.paper_tables import find_results, tables_of
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from unimedi_jax.core.app import define_path, run_app
+from unimedi_jax.core.app import run_app
+from unimedi_jax.core.paths import define_path
 from unimedi_jax.diagnostics.resume_soak import soak
 
 _ROOT = define_path("root", "Directory for both runs.")

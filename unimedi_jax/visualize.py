@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from unimedi_jax.core.app import absolute_path, define_path, run_app, shown_path
+from unimedi_jax.core.app import run_app
 from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
+from unimedi_jax.core.paths import absolute_path, define_path, shown_path
 
 require_extra("visualize", "viz", VIZ_EXTRA)
 from unimedi_jax.evaluation.figures import (  # noqa: E402  (after the check above)

@@ -1,8 +1,8 @@
 """The entry point every command runs under: flags parsed, ``--config.X`` checked, user
 errors reported (``errors.report``: one paragraph, exit 2) and anything else raised; the
 libraries' INFO lines kept out; ``--help`` (the command's own flags) and ``--print_config``
-answered here. Path flags (``define_path``) are made absolute as they are parsed, so the
-library sees one spelling of each folder whether the user typed it relative or absolute.
+answered here. Path flags and config fields are made absolute as they are parsed
+(``core/paths.py``).
 
     if __name__ == "__main__":
         run_app(main)
@@ -11,7 +11,6 @@ library sees one spelling of each folder whether the user typed it relative or a
 from __future__ import annotations
 
 import logging as std_logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,35 +21,6 @@ from absl.app import UsageError
 from unimedi_jax.core.errors import reporting_user_errors
 from unimedi_jax.core.host_memory import restart_with_huge_pages
 from unimedi_jax.core.overrides import config_given, parse_flags
-
-
-def absolute_path(path: str) -> str:
-    """``path`` made absolute against the working directory (``~`` expanded), once, where a
-    command reads it: the library (orbax among it) then sees one spelling of each folder."""
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def shown_path(path: str) -> str:
-    """How a command prints a path: relative to the working directory when under it, as the
-    user most likely typed it; absolute otherwise."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith(os.pardir) else relative
-
-
-class _PathParser(flags.ArgumentParser):
-    """A flag's value as an absolute path (``absolute_path``)."""
-
-    def parse(self, argument: str) -> str:
-        return absolute_path(argument)
-
-    def flag_type(self) -> str:
-        return "path"
-
-
-def define_path(name: str, help_text: str) -> flags.FlagHolder:
-    """A flag naming a file or folder, given relative or absolute: its value is absolute."""
-    return flags.DEFINE(_PathParser(), name, None, help_text, serializer=flags.ArgumentSerializer())
-
 
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 _OWN_MODULES = ("unimedi_jax", "data_pipelines")  # flags of the project, not of its libraries

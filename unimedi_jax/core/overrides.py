@@ -3,7 +3,8 @@
 Free of jax (absl and ml_collections only). ``parse_flags`` parses a command line whose
 ``--config`` flag (ml_collections) checks the override names against the config it has just
 loaded, before it applies them, so each config file runs once; ``apply_overrides`` gives
-evaluate the same overrides on a run's saved config.
+evaluate the same overrides on a run's saved config. Either way the config's path fields come
+out absolute.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ml_collections
 from absl import flags
 
 from unimedi_jax.core.errors import ConfigError
+from unimedi_jax.core.paths import absolute_config_paths
 
 
 def _unknown_field(dotted: str, walked: list[str], name: str, valid: list[str]) -> ConfigError:
@@ -114,6 +116,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]
     ConfigError with the closest names (ml_collections would fail on the first with a bare
     AttributeError), checked against the config the ``--config`` flag loads: the file runs once.
     A ``--config`` file missing under the working directory is taken from the packaged configs.
+    The config's path fields come out absolute (``absolute_config_paths``).
     """
     argv = resolve_config_args(argv)
     if "config" not in flag_values:
@@ -122,7 +125,17 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]
     if not config_given(argv):  # the flag's own default config, already loaded
         if flag.value is not None:
             check_override_names(argv, flag.value)
-        return flag_values(list(argv))
+        rest = flag_values(list(argv))
+    else:
+        rest = _parse_checking_overrides(flag_values, argv)
+    if flag.value is not None:
+        absolute_config_paths(flag.value)
+    return rest
+
+
+def _parse_checking_overrides(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """``flag_values(argv)`` with the ``--config`` flag's loader checking the override names."""
+    flag = flag_values["config"]
     loader = flag.parser
     flag.parser = _CheckingLoader(loader, argv)
     try:
@@ -163,4 +176,5 @@ def apply_overrides(
     copied = ml_collections.ConfigDict(_lists_as_tuples(config.to_dict()))
     config_flags.DEFINE_config_dict("config", copied, flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
+    absolute_config_paths(flag_values.config)
     return flag_values.config

@@ -32,8 +32,8 @@ from matplotlib.patches import Patch, Rectangle
 
 from data_pipelines.eval_split import eval_batches
 from data_pipelines.sources import open_source, parse_sources
-from unimedi_jax.core.app import shown_path
 from unimedi_jax.core.errors import UserError
+from unimedi_jax.core.paths import shown_path
 from unimedi_jax.core.run_folders import check_output, written_atomically
 from unimedi_jax.evaluation import trained_model
 from unimedi_jax.evaluation.evaluators import build_eval_set
