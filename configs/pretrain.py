@@ -122,6 +122,12 @@ def paper_config() -> ml_collections.ConfigDict:
     # the paper, which masks to the end): the embeddings are trained on masked sequences but
     # evaluated on full ones.
     c.masking.unmasked_tuning_fraction = 0.0
+    # Per modality (image: the X-rays, volume: the CTs): a ratio below 0 or an empty mode takes
+    # masking.ratio / masking.mode above.
+    c.masking.image_ratio = -1.0
+    c.masking.image_mode = ""
+    c.masking.volume_ratio = -1.0
+    c.masking.volume_mode = ""
 
     c.loss = ml_collections.ConfigDict()
     c.loss.self_distill = True
@@ -133,6 +139,7 @@ def paper_config() -> ml_collections.ConfigDict:
     c.loss.w_pcl = 1.0
     # L_pcl on the masked patch tokens (iBOT) | all (the paper: "all local patch tokens").
     c.loss.pcl_tokens = "masked"
+    c.loss.pcl_modalities = ("image", "volume")  # whose patch tokens L_pcl is computed on
     c.loss.init_temperature = 0.07
     c.loss.max_logit_scale = 100.0
     c.loss.student_temp = 0.1

@@ -145,6 +145,9 @@ def test_rows_differ_from_the_preset_exactly_as_intended():
         ("vl_sd", ""): {"selection.mode": "random"},
         ("unimedi", ""): {},
         ("random_masking", ""): {"masking.mode": "random"},
+        ("xray_unmasked", ""): {"masking.image_ratio": 0.0, "loss.pcl_modalities": ("volume",)},
+        ("xray_mask_quarter", ""): {"masking.image_ratio": 0.25},
+        ("xray_random_masking", ""): {"masking.image_mode": "random"},
     }
     assert {(r, p) for r, row in ablation.ROWS.items() for p in row.parts} == set(intended)
     for (row, part), changes in intended.items():
@@ -196,3 +199,14 @@ def test_probe_columns_by_modality_and_fraction():
         "| probe X-ray auroc 1% | probe X-ray auroc 10% | probe CT auroc 100% |"
     ), header
     assert text.count("| r | 0.900 ± 0.707 | 0.700 ± 0.141 | 0.600 ± 0.141 |") == 2
+
+
+def test_xray_masking_rows_get_their_own_table_beside_the_paper_rows():
+    per_seed = {s: {"zero_shot_image/mean_auroc": 0.7 + s / 10} for s in (0, 1)}
+    row = {"label": "r", "note": "", **ablation.summarize(per_seed)}
+    report = {"preset": "demo", "budget_steps": 3, "seeds": [0, 1], "eval_split": "test"}
+    rows = {"vl": row, "unimedi": row}
+    assert "masking the X-rays" not in ablation.render({**report, "rows": rows, "tsne": None})
+    text = ablation.render({**report, "rows": {**rows, "xray_unmasked": row}, "tsne": None})
+    table = text.split("### Beyond the paper: masking the X-rays")[1]
+    assert table.count("| r | 0.750 ± 0.071 |") == 3  # vl, unimedi and the X-ray row

@@ -206,17 +206,24 @@ def _np_distill(student, teacher, center, teacher_temp, student_temp):
     return -np.sum(p * (s - logsumexp(s, axis=-1, keepdims=True)), axis=-1)
 
 
-@pytest.mark.parametrize("variant", ["defaults", "per_part+all_tokens+last_layer"])
+@pytest.mark.parametrize(
+    "variant", ["defaults", "per_part+all_tokens+last_layer", "per_modality_masking_and_pcl"]
+)
 def test_teacher_not_student_selects_slices_masks_and_gives_unmasked_targets(variant):
     """With a teacher unlike the student (as after many EMA steps), slices and masks follow the
     teacher's Eq. 1 attention, the targets are the teacher's logits on the unmasked sequence, and
-    L_icl, L_pcl and the centers match a reference built from separate model calls."""
+    L_icl, L_pcl and the centers match a reference built from separate model calls. Per
+    modality: X-rays masked at their own ratio, L_pcl on the CTs' patches alone."""
     config = get_config("tiny")
-    per_part = variant != "defaults"
+    per_part = variant == "per_part+all_tokens+last_layer"
     if per_part:
         config.masking.per_part = True
         config.loss.pcl_tokens = "all"
         config.selection.layers = "last"
+    ratios = {"image": config.masking.ratio, "volume": config.masking.ratio}
+    if variant == "per_modality_masking_and_pcl":
+        config.masking.image_ratio = ratios["image"] = 0.25
+        config.loss.pcl_modalities = ("volume",)
     model = tiny_model(config)
     state, step = build(config)
     other = nn.unbox(model.init(jax.random.key(7), *init_inputs(config))["params"])
@@ -242,14 +249,14 @@ def test_teacher_not_student_selects_slices_masks_and_gives_unmasked_targets(var
         "image": (batch["image"],),
         "volume": (volume, volume[np.arange(len(volume))[:, None], chosen]),
     }
-    ratio, teacher_logits, masks, student_logits = config.masking.ratio, {}, {}, {}
+    teacher_logits, masks, student_logits = {}, {}, {}
     for m, args in inputs.items():
         attention, teacher_logits[m] = run(state.teacher, *args)
         n3 = int(np.prod(grid)) if m == "volume" else attention.shape[1]
         parts = (n3, attention.shape[1] - n3) if per_part else (attention.shape[1],)
-        masks[m] = _np_keep_top(attention, ratio, parts)
+        masks[m] = _np_keep_top(attention, ratios[m], parts)
         student_attention = run(state.params, *args)[0]
-        assert not np.array_equal(masks[m], _np_keep_top(student_attention, ratio, parts))
+        assert not np.array_equal(masks[m], _np_keep_top(student_attention, ratios[m], parts))
         student_logits[m] = run(state.params, *args, mask=masks[m])[1]
 
     temp, s_temp = config.loss.warmup_teacher_temp, config.loss.student_temp  # step 0
@@ -264,7 +271,7 @@ def test_teacher_not_student_selects_slices_masks_and_gives_unmasked_targets(var
         )
     )
     per_sample = []
-    for m in inputs:
+    for m in (m for m in inputs if m in config.loss.pcl_modalities):
         ce = _np_distill(student_logits[m][:, 1:], teacher_logits[m][:, 1:], 0.0, temp, s_temp)
         weights = np.ones_like(masks[m]) if per_part else masks[m]
         per_sample.append((ce * weights).sum(1) / np.maximum(weights.sum(1), 1))
@@ -455,3 +462,16 @@ def test_xla_attention_is_the_step_as_it_was_bit_for_bit(today, monkeypatch):
     ref_terms, ref_grads, _ = losses_and_grads(reference_config())
     assert terms == ref_terms
     jax.tree.map(np.testing.assert_array_equal, grads, ref_grads)
+
+
+def test_per_modality_masking_left_unset_is_the_shared_masking(today):
+    """``masking.image_ratio`` / ``_mode`` and ``volume_*`` left unset (the preset) give the
+    step of both set to ``masking.ratio`` / ``.mode``, bit for bit."""
+    terms, grads, _ = today
+    config = reference_config()
+    for m in ("image", "volume"):
+        config.masking[f"{m}_ratio"] = config.masking.ratio
+        config.masking[f"{m}_mode"] = config.masking.mode
+    explicit_terms, explicit_grads, _ = losses_and_grads(config)
+    assert terms == explicit_terms
+    jax.tree.map(np.testing.assert_array_equal, grads, explicit_grads)

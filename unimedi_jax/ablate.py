@@ -4,7 +4,8 @@
         [--rows=separate,vl,vl_sd,unimedi,random_masking] [--config=configs/pretrain.py:demo]
 
 Trains every row (config overrides of the preset; ``unimedi_jax/experiments/ablation.py``,
-``ROWS``) for every seed at one budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the
+``ROWS``: the paper's five unless ``--rows`` names others, such as the X-ray masking rows
+``xray_unmasked``, ``xray_mask_quarter``, ``xray_random_masking``) for every seed at one budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the
 held-out phantoms and writes ``--out/ablation.md`` (mean ± spread over seeds), ``ablation.json``
 and the side-by-side t-SNE. Finished runs are skipped and interrupted ones resume, so the same
 command continues an ablation. ``--config.X=Y`` overrides the preset for every row.
@@ -20,14 +21,16 @@ from unimedi_jax.core.errors import VIZ_EXTRA, require_extra
 from unimedi_jax.core.paths import define_path, shown_path
 
 require_extra("ablate", "viz", VIZ_EXTRA)  # its t-SNE figure
-from unimedi_jax.experiments.ablation import ROWS, run_ablation  # noqa: E402
+from unimedi_jax.experiments.ablation import PAPER_ROWS, ROWS, run_ablation  # noqa: E402
 
 _OUT = define_path("out", "Folder of the ablation: runs, tables, figures.")
 _BUDGET = flags.DEFINE_integer(
     "budget_steps", 0, "Training steps of every run (0: the preset's total_steps).", lower_bound=0
 )
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every row (comma-separated).")
-_ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows to run, of: {', '.join(ROWS)}.")
+_ROWS = flags.DEFINE_list(
+    "rows", list(PAPER_ROWS), f"Rows to run, of: {', '.join(ROWS)} (default: the paper's)."
+)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The preset the rows change.")
 flags.mark_flags_as_required(["out"])
 

@@ -16,7 +16,7 @@ from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
 from unimedi_jax.core.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
 from unimedi_jax.method.selection import MODES
 from unimedi_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from unimedi_jax.models.unimedi import TEXT_POOLINGS
+from unimedi_jax.models.unimedi import MODALITIES, TEXT_POOLINGS
 from unimedi_jax.models.vit import ATTENTION_LAYERS
 
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
@@ -66,6 +66,8 @@ def check_training(config, workdir: Path | None = None) -> None:
     for field, value, valid in (
         ("selection.mode", config.selection.mode, MODES),
         ("masking.mode", config.masking.mode, MODES),
+        ("masking.image_mode", config.masking.image_mode, ("", *MODES)),
+        ("masking.volume_mode", config.masking.volume_mode, ("", *MODES)),
         ("train.on_nonfinite", config.train.on_nonfinite, ON_NONFINITE),
         ("on_shape_change", config.on_shape_change, ON_SHAPE_CHANGE),
         ("text.pooling", config.text.pooling, TEXT_POOLINGS),
@@ -88,6 +90,18 @@ def check_training(config, workdir: Path | None = None) -> None:
         )
     if not 0.0 <= config.masking.ratio < 1.0:
         raise ConfigError(f"masking.ratio={config.masking.ratio} must be in [0, 1).")
+    for m in MODALITIES:
+        if config.masking[f"{m}_ratio"] >= 1.0:
+            raise ConfigError(
+                f"masking.{m}_ratio={config.masking[f'{m}_ratio']} must be in [0, 1), or below 0 "
+                "for masking.ratio."
+            )
+    unknown = set(config.loss.pcl_modalities) - set(MODALITIES)
+    if unknown:
+        raise ConfigError(
+            f"loss.pcl_modalities={tuple(config.loss.pcl_modalities)} names {sorted(unknown)}; "
+            f"valid: {MODALITIES}."
+        )
     if not 0.0 <= config.masking.unmasked_tuning_fraction < 1.0:
         raise ConfigError(
             f"masking.unmasked_tuning_fraction={config.masking.unmasked_tuning_fraction} must be "

@@ -50,6 +50,12 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     # Files were read with the defaults of the time: X-rays stored at prepare's default size.
     ("preprocessing", preprocessing.before_recorded),
     ("model.attention", "xla"),  # XLA's attention on every backend
+    # Both modalities were masked at masking.ratio / .mode, and L_pcl read both.
+    ("masking.image_ratio", -1.0),
+    ("masking.image_mode", ""),
+    ("masking.volume_ratio", -1.0),
+    ("masking.volume_mode", ""),
+    ("loss.pcl_modalities", ("image", "volume")),
 )
 
 

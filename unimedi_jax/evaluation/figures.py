@@ -41,6 +41,7 @@ from unimedi_jax.method import selection
 from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.models.vit import token_grid
 from unimedi_jax.train.loop import PHASES
+from unimedi_jax.train.step import masking_of
 
 SELECTED_COLOR = "gold"
 LESION_COLOR = "red"
@@ -403,12 +404,13 @@ def run_slices(model: trained_model.UniMedIInference, split: str, num: int) -> F
 
 
 def run_masking(model: trained_model.UniMedIInference, split: str, num: int) -> Figure:
-    """The masking figure of ``num`` held-out X-rays, with the run's mask ratio."""
+    """The masking figure of ``num`` held-out X-rays, with the run's mask ratio of X-rays."""
     config = model.config
     batch = held_out(config, "2d", split, num)
     grid = token_grid(config.model.image_size, config.model.patch_2d)
     attention = image_attention(model, batch["image"])
-    return masking_figure(batch["image"], attention, grid, config.masking.ratio, batch["report"])
+    ratio, _ = masking_of(config.masking, "image")
+    return masking_figure(batch["image"], attention, grid, ratio, batch["report"])
 
 
 def run_tsne(model: trained_model.UniMedIInference, split: str, num: int) -> Figure:

@@ -68,9 +68,27 @@ ROWS: dict[str, Row] = {
     "random_masking": Row(
         "VL+SD+Attn, random masking", {"": {"masking.mode": "random"}}, "masking.mode=random"
     ),
+    # Beyond the paper: what masking costs the X-rays (CTs keep the preset's masking).
+    "xray_unmasked": Row(
+        "VL+SD+Attn, X-rays unmasked, L_pcl on CTs only",
+        {"": {"masking.image_ratio": 0.0, "loss.pcl_modalities": ("volume",)}},
+        "masking.image_ratio=0 loss.pcl_modalities=volume",
+    ),
+    "xray_mask_quarter": Row(
+        "VL+SD+Attn, X-rays masked 25%",
+        {"": {"masking.image_ratio": 0.25}},
+        "masking.image_ratio=0.25",
+    ),
+    "xray_random_masking": Row(
+        "VL+SD+Attn, X-rays masked at random",
+        {"": {"masking.image_mode": "random"}},
+        "masking.image_mode=random",
+    ),
 }
+PAPER_ROWS = ("separate", "vl", "vl_sd", "unimedi", "random_masking")  # what ablate runs unasked
 FIGURE_ROWS = ("separate", "vl", "unimedi")  # the paper's Figs. 2/7 and 6
 TABLE7_ROWS = ("vl", "vl_sd", "unimedi", "random_masking")  # its Table 7
+XRAY_MASKING_ROWS = ("vl", "unimedi", "xray_unmasked", "xray_mask_quarter", "xray_random_masking")
 
 
 def run_dir(out: Path, row: str, part: str, seed: int) -> Path:
@@ -286,10 +304,14 @@ def render(report: Mapping[str, Any]) -> str:
     ]
     figure_rows = {n: rows[n] for n in FIGURE_ROWS if n in rows}
     table7_rows = {n: rows[n] for n in TABLE7_ROWS if n in rows}
+    xray_rows = {n: rows[n] for n in XRAY_MASKING_ROWS if n in rows}
     if figure_rows:
         lines += _table("Figs. 2/7 and 6: one common space", figure_rows, _FIXED_COLUMNS["figures"])
     if table7_rows:
         lines += _table("Table 7: the designs one by one", table7_rows, _FIXED_COLUMNS["table7"])
+    if any(n.startswith("xray_") for n in xray_rows):
+        columns = _FIXED_COLUMNS["figures"] + _FIXED_COLUMNS["table7"]
+        lines += _table("Beyond the paper: masking the X-rays", xray_rows, columns)
     if report.get("tsne"):
         lines += [f"![t-SNE of the held-out X-rays and CTs per model]({report['tsne']})", ""]
     return "\n".join(lines)

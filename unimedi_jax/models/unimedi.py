@@ -19,6 +19,9 @@ TEACHER_KEYS = ("vision", "dino_head")
 # How a report's hidden states become one feature: the [CLS] state (the paper, for a pretrained
 # BERT) or the mean over its tokens (padding excluded), for a tower trained from scratch.
 TEXT_POOLINGS = ("cls", "mean")
+# The two kinds of vision input, as a batch and the per-modality config fields name them:
+# 2D images (X-rays) and 3D volumes (CTs).
+MODALITIES = ("image", "volume")
 
 
 def pool_text(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:

@@ -33,11 +33,9 @@ from unimedi_jax.method.teacher import (
     teacher_temperature,
     update_centers,
 )
-from unimedi_jax.models.unimedi import UniMedI
+from unimedi_jax.models.unimedi import MODALITIES, UniMedI
 from unimedi_jax.models.vit import EncoderOutput, token_grid
 from unimedi_jax.train.state import TrainState, teacher_subtree
-
-MODALITIES = ("image", "volume")
 
 # modality -> the vision tower's inputs: (images,) or (volumes, selected slices [B, k, h, w]).
 Sequences = dict[str, tuple[jax.Array, ...]]
@@ -162,11 +160,10 @@ class PretrainStep:
         self, teacher: dict, sequences: Sequences, rng: jax.Array, masking: jax.Array
     ) -> TeacherTargets:
         """Sec. 3.4: the teacher on the full sequences -> its DINO logits (the targets), and its
-        [CLS] attention -> the tokens the student sees masked (``masking.mode``, ``.ratio``;
+        [CLS] attention -> the tokens the student sees masked (``masking_of`` the modality;
         none where ``masking`` is False) and, with ``loss.pcl_tokens=masked``, their positions."""
         if not self.config.loss.self_distill:
             return TeacherTargets({}, {}, {})
-        mask_cfg = self.config.masking
         mask_rngs = dict(zip(MODALITIES, jax.random.split(rng), strict=True))
         logits, masks, positions = {}, {}, {}
         for m, inputs in sequences.items():
@@ -174,18 +171,15 @@ class PretrainStep:
             logits[m] = jax.lax.stop_gradient(self._dino(teacher, out.tokens))
             num_tokens = out.cls_attention.shape[1]
             parts = self._mask_parts(m, inputs[0], num_tokens)
+            ratio, mode = masking_of(self.config.masking, m)
             masks[m] = (
                 selection.token_mask(
-                    jax.lax.stop_gradient(out.cls_attention),
-                    mask_cfg.ratio,
-                    mask_cfg.mode,
-                    mask_rngs[m],
-                    parts,
+                    jax.lax.stop_gradient(out.cls_attention), ratio, mode, mask_rngs[m], parts
                 )
                 & masking
             )
             if self.config.loss.pcl_tokens == "masked":
-                count = selection.num_masked(num_tokens, mask_cfg.ratio, parts)
+                count = selection.num_masked(num_tokens, ratio, parts)
                 positions[m] = selection.masked_positions(masks[m], count)
         return TeacherTargets(logits, masks, positions)
 
@@ -302,6 +296,13 @@ class PretrainStep:
         return (num_3d, num_tokens - num_3d)
 
 
+def masking_of(masking: ml_collections.ConfigDict, modality: str) -> tuple[float, str]:
+    """The masking ratio and mode of ``modality``: ``masking.<modality>_ratio`` / ``_mode``
+    where set (a ratio from 0, a mode not empty), else ``masking.ratio`` / ``.mode``."""
+    ratio, mode = masking[f"{modality}_ratio"], masking[f"{modality}_mode"]
+    return (masking.ratio if ratio < 0 else ratio), (mode or masking.mode)
+
+
 def make_train_step(
     model: UniMedI,
     tx: optax.GradientTransformation,
@@ -345,9 +346,10 @@ def distillation_losses(
     loss_cfg: ml_collections.ConfigDict,
 ) -> dict[str, jax.Array]:
     """L_icl on [CLS] over all samples; L_pcl on the masked patches (``loss.pcl_tokens=masked``,
-    iBOT) or on all of them (``all``: the paper's "all local patch tokens"), averaged over all
-    samples. ``student_logits``: [B, 1 + M, K] of [CLS] and the positions
-    ``targets.pcl_positions`` names (all N where it names none)."""
+    iBOT) or on all of them (``all``: the paper's "all local patch tokens"), averaged over the
+    samples of the modalities in ``loss.pcl_modalities`` (0 when the batch holds none).
+    ``student_logits``: [B, 1 + M, K] of [CLS] and the positions ``targets.pcl_positions``
+    names (all N where it names none)."""
     modalities = tuple(student_logits)
     teacher_logits, masks = targets.dino_logits, targets.student_masks
     on_all = loss_cfg.pcl_tokens == "all"
@@ -358,7 +360,9 @@ def distillation_losses(
         teacher_temp,
         loss_cfg.student_temp,
     )
-    sizes = {m: student_logits[m].shape[0] for m in modalities}
+    sizes = {m: student_logits[m].shape[0] for m in modalities if m in loss_cfg.pcl_modalities}
+    if not sizes:
+        return {"loss_icl": loss_icl, "loss_pcl": jnp.zeros((), loss_icl.dtype)}
     loss_pcl = sum(
         sizes[m]
         * losses.ibot_patch_loss(
@@ -371,6 +375,6 @@ def distillation_losses(
             teacher_temp,
             loss_cfg.student_temp,
         )
-        for m in modalities
+        for m in sizes
     ) / sum(sizes.values())
     return {"loss_icl": loss_icl, "loss_pcl": loss_pcl}
