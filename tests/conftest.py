@@ -2,7 +2,12 @@
 
 The tests check behaviour, not the speed of optimised code, so XLA compiles with most of its
 optimisations off (``JAX_DISABLE_MOST_OPTIMIZATIONS``: LLVM at -O0, no expensive passes), which
-cuts the CPU time of the train step's tests about threefold. One persistent compilation cache
+cuts the CPU time of the train step's tests about threefold, and XLA:CPU emits its fusions the
+older way (``--xla_cpu_use_fusion_emitters=false``), which compiles the tiny train step in 4 s of
+CPU instead of 10 and runs it as fast. Subprocesses that fake several devices set their own
+XLA_FLAGS without it (tests/fake_devices.py): there the older emitters left the devices of one
+program waiting at different collectives until XLA's timeout (test_train_sharded,
+test_fsdp_large). One persistent compilation cache
 serves every test of a run, its pytest-xdist workers and every subprocess a test starts (they
 inherit this environment), so a program compiled once is loaded afterwards. Both are environment
 variables, so a user can still set them otherwise; a test that needs optimised numerics compiles
@@ -24,6 +29,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="unimedi-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_cpu_use_fusion_emitters" not in _XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} --xla_cpu_use_fusion_emitters=false".strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
