@@ -5,10 +5,11 @@
 
 Trains every row (config overrides of the preset; ``unimedi_jax/experiments/ablation.py``,
 ``ROWS``: the paper's five unless ``--rows`` names others, such as the X-ray masking rows
-``xray_unmasked``, ``xray_mask_quarter``, ``xray_random_masking``) for every seed at one budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the
-held-out phantoms and writes ``--out/ablation.md`` (mean ± spread over seeds), ``ablation.json``
-and the side-by-side t-SNE. Finished runs are skipped and interrupted ones resume, so the same
-command continues an ablation. ``--config.X=Y`` overrides the preset for every row.
+``xray_unmasked``, ``xray_mask_quarter``, ``xray_random_masking``) for every seed at one
+budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the held-out phantoms and writes
+``--out/ablation.md`` (mean ± spread over seeds), ``ablation.json`` and the side-by-side
+t-SNE. Finished runs are skipped and interrupted ones resume, so the same command continues an
+ablation. ``--config.X=Y`` overrides the preset for every row.
 """
 
 from __future__ import annotations
