@@ -18,7 +18,7 @@ PROJECT = ("README.md", "docs", "configs", "tests", "unimedi_jax", "data_pipelin
 # after "#". BIMCV's "sessions.tsv", "session_id" and "ses-E0001" are not the word followed by a
 # number; "tissue" is not the word "issue". The examples are in the tests below.
 HISTORY = re.compile(r"\b(?:session|issue)s?\s*#?\s*\d", re.IGNORECASE)
-# Another project's issue, named after its repository ("owner/name issue 40"), is a citation.
+# Another project's issue, named after its repository ("owner/name/issues/40"), is a citation.
 CITED_REPOSITORY = re.compile(r"[\w.-]+/[\w.-]+\s+$")
 
 
