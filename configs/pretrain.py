@@ -100,6 +100,9 @@ def paper_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 4
     c.data.hu_window = (-1000.0, 1000.0)
     c.data.max_failure_fraction = 0.1  # of a source's records unusable: above, the run stops
+    # Phantoms only: their lung lesions, "lobar" (the demo) or "small" (sub-token lesions, where
+    # a full-resolution slice shows what a 3D token dilutes; data_pipelines/synthetic_phantoms.py).
+    c.data.phantom_lesions = "lobar"
 
     c.batch = ml_collections.ConfigDict()
     c.batch.size_2d = 96  # global, over all processes and devices

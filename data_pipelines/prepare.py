@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,11 @@ def summarize(name: str, path: Path, built: bool) -> Summary:
     )
 
 
-def _check_options(path: Path, name: str, options: dict[str, Any]) -> None:
-    """Refuse prepared data whose recorded options differ from the requested ones."""
-    recorded = read_metadata(path).get("options", {})
+def _check_options(path: Path, name: str, options: Mapping[str, Any], spec: DatasetSpec) -> None:
+    """Refuse prepared data whose recorded options differ from the requested ones; an option
+    the data predates counts as the builder's ``UNRECORDED_DEFAULTS`` say."""
+    unrecorded = getattr(spec.load(), "UNRECORDED_DEFAULTS", {})
+    recorded = {**unrecorded, **read_metadata(path).get("options", {})}
     wrong = {
         k: (recorded[k], v)
         for k, v in options.items()
@@ -158,9 +160,19 @@ def ensure_prepared(
             with build_failure_limit(failure_limit or FailureLimit()):
                 _build(spec, config, data_dir, manual_dir, dict(options))
         else:
-            _check_options(path, full_name, options)
+            _check_options(path, full_name, options, spec)
         summaries.append(summarize(full_name, path, built))
     return summaries
+
+
+def check_prepared(name: str, data_dir: str | Path, **options: Any) -> None:
+    """Raises PreparedDataMismatchError when a config of `name` prepared in `data_dir` was built
+    with other `options`; builds nothing (configs not prepared there are left to the reader)."""
+    spec, configs = parse_name(name)
+    for config in configs:
+        path = prepared_dir(data_dir, spec, config)
+        if is_prepared(path):
+            _check_options(path, f"{spec.name}/{config}", options, spec)
 
 
 class _ShapeParser(flags.ArgumentParser):
@@ -182,6 +194,7 @@ class _ShapeParser(flags.ArgumentParser):
 _OPTIONS = (
     ("image_size", "int", "stored 2D size (square, letterboxed)"),
     ("volume_shape", "sizes", "stored 3D shape D,H,W"),
+    ("lesions", "string", "phantoms: lung-lesion sizes, lobar | small"),
     ("num_train", "int", "phantoms: training samples"),
     (
         "num_validation",

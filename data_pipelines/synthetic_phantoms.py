@@ -58,6 +58,24 @@ _SIDE_NAMES = ("right", "left")
 # Effusion severity -> (fluid top above the dome, fraction of the lung depth filled at the base).
 _EFFUSIONS = {"small": (0.12, 0.45), "moderate": (0.28, 0.7), "large": (0.5, 0.95)}
 _LOBE_FINDINGS = ("nodule", "consolidation", "ground_glass_opacity")
+# Lung-lesion sizes in mm: nodule diameters (whole mm); for patches, the radii of their blobs.
+# "lobar": patches fill much of a demo 3D token (2x16x16 voxels, 37.5x90x90 mm), so the coarse
+# tokens carry them (docs/benchmarks.md, "Why a lung window"). "small": every lung lesion fits in
+# one demo slice token (8x8 pixels of one slice, 45x45x18.75 mm) but covers only a few percent of a
+# 3D token, so a full-resolution slice shows what the 3D tokens dilute (the "slices that matter"
+# setting of the ablation, docs/benchmarks.md).
+LESION_SIZES: dict[str, dict[str, tuple[float, float]]] = {
+    "lobar": {
+        "nodule": (12, 30),
+        "consolidation": (30.0, 50.0),
+        "ground_glass_opacity": (35.0, 60.0),
+    },
+    "small": {
+        "nodule": (24, 40),
+        "consolidation": (15.0, 25.0),
+        "ground_glass_opacity": (15.0, 30.0),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ class PhantomConfig:
     volume_shape: tuple[int, int, int] = (32, 128, 128)  # CT [D, H, W] over a 300x360x360 mm box
     normal_fraction: float = 0.3  # share of samples without any finding
     max_findings: int = 2  # abnormal samples carry 1..max_findings distinct findings
+    lesions: str = "lobar"  # lung-lesion sizes, a key of LESION_SIZES
     seed: int = 0
     split: str = "train"
 
@@ -80,6 +99,10 @@ class PhantomConfig:
             raise ValueError(
                 f"PhantomConfig.max_findings must be in [1, {len(FINDINGS)}], "
                 f"got {self.max_findings}"
+            )
+        if self.lesions not in LESION_SIZES:
+            raise ValueError(
+                f"PhantomConfig.lesions must be one of {tuple(LESION_SIZES)}, got {self.lesions!r}"
             )
         if self.image_size < 16 or len(self.volume_shape) != 3 or min(self.volume_shape) < 8:
             raise ValueError(
@@ -309,9 +332,10 @@ def _blobs(
 
 
 def _sample_finding(
-    rng: np.random.Generator, anat: Anatomy, name: str, lobe: str | None
+    rng: np.random.Generator, anat: Anatomy, name: str, lobe: str | None, lesions: str
 ) -> Finding:
-    """Geometry and wording parameters of one finding; `lobe` is set for lung lesions."""
+    """Geometry and wording parameters of one finding; `lobe` is set for lung lesions, whose
+    sizes `lesions` picks from LESION_SIZES."""
     if name.startswith("pleural_effusion"):
         side = _LEFT if name.endswith("left") else _RIGHT
         severity = str(rng.choice(list(_EFFUSIONS)))
@@ -328,16 +352,13 @@ def _sample_finding(
     assert lobe is not None
     side = _RIGHT if lobe.startswith("right") else _LEFT
     center = _sample_in_lobe(rng, anat, lobe)
+    low, high = LESION_SIZES[lesions][name]
     if name == "nodule":
-        size = int(rng.integers(12, 31))
+        size = int(rng.integers(low, high + 1))
         r = size / 2.0
         sphere = Ellipsoid(center, (r / MM_Z, r / MM_XY, r / MM_XY))
         return Finding(name, side=side, lobe=lobe, size_mm=size, blobs=(sphere,))
-    # Blob radii: lobar-scale patches, so that at the demo's CT (5.6 mm pixels, 18.75 mm slices,
-    # 3D tokens 90 mm wide) a lesion fills a good part of a token (docs/benchmarks.md, "Why a
-    # lung window").
-    size_mm = (30.0, 50.0) if name == "consolidation" else (35.0, 60.0)
-    blobs = _blobs(rng, center, size_mm, int(rng.integers(2, 4)))
+    blobs = _blobs(rng, center, (low, high), int(rng.integers(2, 4)))
     return Finding(name, side=side, lobe=lobe, blobs=blobs)
 
 
@@ -354,7 +375,7 @@ def sample_case(index: int, cfg: PhantomConfig, modality: str) -> Case:
         for k in sorted(names):
             name = FINDINGS[k]
             lobe = str(next(lobes)) if name in _LOBE_FINDINGS else None
-            findings.append(_sample_finding(rng, anat, name, lobe))
+            findings.append(_sample_finding(rng, anat, name, lobe, cfg.lesions))
     return Case(modality, anat, tuple(findings), int(noise_seq.generate_state(1)[0]))
 
 

@@ -91,7 +91,10 @@ def test_table_is_mean_and_spread_over_seeds(out):
         line = next(x for x in table.splitlines() if x.startswith(f"| {row['label']} |"))
         assert cell in line, (cell, line)
     assert "share no space" in table
-    assert Image.open(out / report["tsne"]).size[0] > Image.open(out / report["tsne"]).size[1]
+    assert list(report["tsne"]) == [ablation.TSNE_FILE]  # the rows of no other figure ran
+    figure = Image.open(out / ablation.TSNE_FILE)
+    assert figure.size[0] > figure.size[1]
+    assert f"![t-SNE of the held-out X-rays and CTs per model]({ablation.TSNE_FILE})" in table
 
 
 def test_separate_models_are_compared_across_their_spaces(out):
@@ -148,6 +151,8 @@ def test_rows_differ_from_the_preset_exactly_as_intended():
         ("xray_unmasked", ""): {"masking.image_ratio": 0.0, "loss.pcl_modalities": ("volume",)},
         ("xray_mask_quarter", ""): {"masking.image_ratio": 0.25},
         ("xray_random_masking", ""): {"masking.image_mode": "random"},
+        ("small_lesions_vl_sd", ""): {"data.phantom_lesions": "small", "selection.mode": "random"},
+        ("small_lesions_unimedi", ""): {"data.phantom_lesions": "small"},
     }
     assert {(r, p) for r, row in ablation.ROWS.items() for p in row.parts} == set(intended)
     for (row, part), changes in intended.items():
@@ -210,3 +215,76 @@ def test_xray_masking_rows_get_their_own_table_beside_the_paper_rows():
     text = ablation.render({**report, "rows": {**rows, "xray_unmasked": row}, "tsne": None})
     table = text.split("### Beyond the paper: masking the X-rays")[1]
     assert table.count("| r | 0.750 ± 0.071 |") == 3  # vl, unimedi and the X-ray row
+
+
+def test_small_lesion_rows_get_their_table_with_the_findings_one_by_one():
+    per_seed = {
+        s: {"zero_shot_volume/auroc/nodule": 0.6 + s / 10, "slice_selection/hit_rate": 0.5}
+        for s in (0, 1)
+    }
+    row = {"label": "r", "note": "", **ablation.summarize(per_seed)}
+    report = {"preset": "demo", "budget_steps": 3, "seeds": [0, 1], "eval_split": "test"}
+    rows = {"unimedi": row}
+    assert "slices that matter" not in ablation.render({**report, "rows": rows, "tsne": None})
+    text = ablation.render({**report, "rows": {**rows, "small_lesions_unimedi": row}, "tsne": None})
+    table = text.split("### Beyond the paper: slices that matter")[1]
+    header = next(x for x in table.splitlines() if x.startswith("| row |"))
+    assert header == "| row | CT nodule | slice hit rate |"
+    assert "| r | 0.650 ± 0.071 | 0.500 ± 0.000 |" in table
+
+
+def test_rows_of_another_lesion_setting_get_their_own_phantoms(tmp_path, monkeypatch):
+    """Each run is prepared for its own config: a small-lesion row reads phantoms built with
+    small lesions in out/data_small_lesions, the preset's rows those in out/data."""
+    prepared = []
+
+    def record(config, root):
+        prepared.append((config.data.phantom_lesions, config.data.data_dir, root))
+
+    def no_training(config, workdir):
+        raise StopIteration(config.data.phantom_lesions)
+
+    monkeypatch.setattr(ablation, "prepare_demo_data", record)
+    monkeypatch.setattr(ablation, "train_and_evaluate", no_training)
+    base = get_config("demo")
+    for row, lesions in (("unimedi", "lobar"), ("small_lesions_vl_sd", "small")):
+        with pytest.raises(StopIteration, match=lesions):
+            ablation.run_ablation(base, tmp_path, (row,), (0,), 2)
+    assert prepared == [("lobar", "", tmp_path), ("small", "", tmp_path)]
+
+
+def test_each_group_of_rows_gets_its_own_tsne(tmp_path, monkeypatch):
+    """A t-SNE per group of rows that ran (the paper's, the X-ray masking rows beside UniMedI,
+    the small-lesion rows), a panel per row run, each named in ablation.md."""
+    rng = np.random.default_rng(0)
+    findings = np.asarray(["nodule", "cardiomegaly"])
+    for row in ("unimedi", "xray_unmasked", "small_lesions_vl_sd"):
+        arrays = {"dataset": np.asarray("phantoms")}
+        for key in ("image", "volume"):
+            arrays[f"{key}_emb"] = rng.normal(size=(40, 8))
+            arrays[f"{key}_labels"] = rng.integers(0, 2, (40, 2)).astype(np.float32)
+            arrays[f"{key}_findings"] = findings
+        path = ablation.run_dir(tmp_path, row, "", 0)
+        path.mkdir(parents=True)
+        np.savez(path / ablation.RUN_EMBEDDINGS, **arrays)
+    drawn_panels = {}
+    real = ablation.figures.tsne_side_by_side
+
+    def recording(panels, *args, **kwargs):
+        drawn_panels[len(drawn_panels)] = list(panels)
+        return real(panels, *args, **kwargs)
+
+    monkeypatch.setattr(ablation.figures, "tsne_side_by_side", recording)
+    label = {name: ablation.ROWS[name].label for name in ablation.ROWS}
+    drawn = ablation.draw_tsne(tmp_path, ("unimedi", "xray_unmasked"), 0)
+    assert list(drawn) == [ablation.TSNE_FILE, "tsne_xray_masking.png"]
+    assert drawn_panels == {0: [label["unimedi"]], 1: [label["unimedi"], label["xray_unmasked"]]}
+    assert all((tmp_path / file).is_file() for file in drawn)
+    drawn_panels.clear()
+    assert list(ablation.draw_tsne(tmp_path, ("small_lesions_vl_sd",), 0)) == [
+        "tsne_small_lesions.png"
+    ]
+    assert drawn_panels == {0: [label["small_lesions_vl_sd"]]}
+    report = {"preset": "demo", "budget_steps": 3, "seeds": [0], "eval_split": "test"}
+    text = ablation.render({**report, "rows": {}, "tsne": drawn})
+    assert "![t-SNE per model: masking the X-rays](tsne_xray_masking.png)" in text

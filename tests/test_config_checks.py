@@ -38,6 +38,7 @@ def test_presets_pass():
         ("precision.compute_dtype", "fp8", "precision.compute_dtype='fp8'"),
         ("text.path", "/nowhere/bert", "text.path='/nowhere/bert' is not a Hugging Face"),
         ("text.pooling", "max", "text.pooling='max'; valid: .'cls', 'mean'"),
+        ("data.phantom_lesions", "tiny", "data.phantom_lesions='tiny'; valid: .'lobar', 'small'"),
     ],
 )
 def test_bad_values_name_their_field(field, value, message):

@@ -97,6 +97,8 @@ def test_bad_arguments_fail_with_a_clear_message():
         P.PhantomConfig(normal_fraction=1.5)
     with pytest.raises(ValueError, match="modality"):
         P.sample_case(0, DEMO, "mri")
+    with pytest.raises(ValueError, match=r"lesions must be one of \('lobar', 'small'\), got 'big'"):
+        P.PhantomConfig(lesions="big")
 
 
 def test_xray_shape_dtype_and_contrast():
@@ -193,6 +195,50 @@ def test_patchy_lung_lesions_fill_most_of_a_demo_3d_token():
     for name, voxels in sizes.items():
         assert len(voxels) >= 5, name
         assert np.median(voxels) >= 400, (name, sorted(voxels))
+
+
+def _token_fractions(mask: np.ndarray) -> tuple[float, float]:
+    """The largest share of one demo 3D token (2x16x16 voxels) and of one demo slice token (8x8
+    pixels of a slice) that a lesion mask [16, 64, 64] covers."""
+    per_3d_token = mask.reshape(8, 2, 4, 16, 4, 16).sum(axis=(1, 3, 5)).max() / 512
+    per_slice_token = mask.reshape(16, 8, 8, 8, 8).sum(axis=(2, 4)).max() / 64
+    return float(per_3d_token), float(per_slice_token)
+
+
+def test_small_lesions_show_in_a_slice_token_and_dilute_in_a_3d_token():
+    """lesions="small": the typical lung lesion covers a fair share of one slice token but only
+    a few percent of a 3D token; the lobar ones fill much of a 3D token."""
+    small = dataclasses.replace(DEMO, lesions="small")
+    for cfg, in_3d, in_slice in ((small, (0.0, 0.15), (0.15, 1.0)), (DEMO, (0.25, 1.0), None)):
+        found = {name: [] for name in ("nodule", "consolidation", "ground_glass_opacity")}
+        for i in range(80):
+            case = P.sample_case(i, cfg, "ct")
+            for f in (f for f in case.findings if f.name in found):
+                _, mask = P.render_ct(dataclasses.replace(case, findings=(f,)), DEMO.volume_shape)
+                found[f.name].append(_token_fractions(mask))
+        for name, fractions in found.items():
+            if name == "nodule" and cfg is DEMO:
+                continue  # lobar-setting nodules are small too (the reason for the setting)
+            median_3d, median_slice = np.median(np.asarray(fractions), axis=0)
+            assert len(fractions) >= 8, name
+            assert in_3d[0] <= median_3d <= in_3d[1], (cfg.lesions, name, median_3d)
+            if in_slice:
+                assert in_slice[0] <= median_slice <= in_slice[1], (name, median_slice)
+
+
+def test_lesion_setting_changes_only_lung_lesion_sizes():
+    """Same seed, same cases: the small setting keeps every finding, lobe and anatomy."""
+    small = dataclasses.replace(DEMO, lesions="small")
+    for i in range(30):
+        lobar_case, small_case = P.sample_case(i, DEMO, "ct"), P.sample_case(i, small, "ct")
+        assert lobar_case.anatomy == small_case.anatomy
+        lobar_f, small_f = lobar_case.findings, small_case.findings
+        assert [(f.name, f.lobe) for f in lobar_f] == [(f.name, f.lobe) for f in small_f]
+        for a, b in zip(lobar_f, small_f, strict=True):
+            if a.name in ("nodule", "consolidation", "ground_glass_opacity"):
+                assert max(b.blobs[0].radii) < max(a.blobs[0].radii) or a.name == "nodule"
+            else:
+                assert a == b
 
 
 def test_nodule_is_dense_at_its_location_and_small_in_z():

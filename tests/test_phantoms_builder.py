@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def test_array_record_files_and_recorded_sizes(built):
         for split in ("train", "validation", "test"):
             assert (path / f"phantoms-{split}.array_record-00000-of-00001").is_file()
         options = json.loads((path / "metadata.json").read_text())["options"]
-        assert options == {**sized, **COUNTS, "seed": 0}
+        assert options == {**sized, "lesions": "lobar", **COUNTS, "seed": 0}
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -108,3 +109,50 @@ def test_builders_do_not_import_jax():
         "assert 'jax' not in sys.modules, 'jax imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lesion_setting_is_built_recorded_and_checked(tmp_path, built):
+    """--lesions=small builds the generator's small-lesion phantoms and records it; data of
+    another setting is refused, and data built before the option existed counts as lobar."""
+    argv = ["phantoms/ct", f"--data_dir={tmp_path}", "--volume_shape=8,16,16", "--lesions=small"]
+    argv += ["--num_train=3", "--num_validation=0", "--num_test=0"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert prepare.run(argv) == 0
+    path = _version_dir(tmp_path, "ct")
+    assert json.loads((path / "metadata.json").read_text())["options"]["lesions"] == "small"
+    cfg = synthetic_phantoms.PhantomConfig(volume_shape=(8, 16, 16), lesions="small")
+    records = tfds.builder_from_directory(path).as_data_source("train")
+    for i in range(3):
+        np.testing.assert_array_equal(
+            records[i]["volume"], synthetic_phantoms.make_ct(i, cfg)["volume"]
+        )
+    with pytest.raises(prepare.PreparedDataMismatchError, match=r"lesions=small \(asked lobar\)"):
+        prepare.ensure_prepared("phantoms/ct", tmp_path, lesions="lobar")
+
+    data_dir, _ = built
+    metadata = json.loads((_version_dir(data_dir, "ct") / "metadata.json").read_text())
+    assert metadata["options"]["lesions"] == "lobar"
+    del metadata["options"]["lesions"]  # as written before the option existed
+    older = tmp_path / "older"
+    shutil.copytree(_version_dir(data_dir, "ct"), _version_dir(older, "ct"))
+    (_version_dir(older, "ct") / "metadata.json").write_text(json.dumps(metadata))
+    prepare.check_prepared("phantoms/ct", older, lesions="lobar")
+    with pytest.raises(prepare.PreparedDataMismatchError, match=r"lesions=lobar \(asked small\)"):
+        prepare.check_prepared("phantoms/ct", older, lesions="small")
+
+
+def test_a_run_refuses_phantoms_of_another_lesion_setting(built):
+    """A run given a data_dir of lobar phantoms but asking for small lesions stops before
+    training, naming the option; with data_dir empty it builds into a folder of its own."""
+    from configs.pretrain import get_config
+    from unimedi_jax.trainers.pretraining import demo_data_dir, prepare_demo_data
+
+    data_dir, _ = built
+    config = get_config("tiny")
+    config.data.update(data_dir=str(data_dir), phantom_lesions="small")
+    with pytest.raises(prepare.PreparedDataMismatchError, match=r"lesions=lobar \(asked small\)"):
+        prepare_demo_data(config, data_dir)
+    assert demo_data_dir(config, data_dir) == data_dir / "data_small_lesions"
+    config.data.phantom_lesions = "lobar"
+    prepare_demo_data(config, data_dir)  # the same setting: accepted
+    assert demo_data_dir(config, data_dir) == data_dir / "data"

@@ -4,11 +4,12 @@
         [--rows=separate,vl,vl_sd,unimedi,random_masking] [--config=configs/pretrain.py:demo]
 
 Trains every row (config overrides of the preset; ``unimedi_jax/experiments/ablation.py``,
-``ROWS``: the paper's five unless ``--rows`` names others, such as the X-ray masking rows
-``xray_unmasked``, ``xray_mask_quarter``, ``xray_random_masking``) for every seed at one
-budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the held-out phantoms and writes
+``ROWS``: the paper's five unless ``--rows`` names others: the X-ray masking rows
+``xray_unmasked``, ``xray_mask_quarter``, ``xray_random_masking``, or the small-lesion rows
+``small_lesions_vl_sd``, ``small_lesions_unimedi``) for every seed at one budget, in
+``--out/runs/<row>/seed<S>``, evaluates each on the held-out phantoms and writes
 ``--out/ablation.md`` (mean ± spread over seeds), ``ablation.json`` and the side-by-side
-t-SNE. Finished runs are skipped and interrupted ones resume, so the same command continues an
+t-SNEs. Finished runs are skipped and interrupted ones resume, so the same command continues an
 ablation. ``--config.X=Y`` overrides the preset for every row.
 """
 

@@ -29,10 +29,20 @@ TASK = "multilabel"
 CLASS_NAMES = synthetic_phantoms.FINDINGS
 # The options each config records: the ones that change what it stores.
 _RECORDED = {
-    "xray": ("image_size", "num_train", "num_validation", "num_test", "seed"),
-    "ct": ("volume_shape", "num_train", "num_validation", "num_test", "seed"),
+    "xray": ("image_size", "lesions", "num_train", "num_validation", "num_test", "seed"),
+    "ct": ("volume_shape", "lesions", "num_train", "num_validation", "num_test", "seed"),
 }
-OPTIONS = ("image_size", "volume_shape", "num_train", "num_validation", "num_test", "seed")
+OPTIONS = (
+    "image_size",
+    "volume_shape",
+    "lesions",
+    "num_train",
+    "num_validation",
+    "num_test",
+    "seed",
+)
+# Options recorded since a later version of this builder: the value data built before had.
+UNRECORDED_DEFAULTS = {"lesions": "lobar"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,6 +51,7 @@ class PhantomsConfig(tfds.core.BuilderConfig):
 
     image_size: int = 256
     volume_shape: tuple[int, int, int] = (32, 128, 128)
+    lesions: str = "lobar"  # lung-lesion sizes (synthetic_phantoms.LESION_SIZES)
     num_train: int = 2000
     num_validation: int = 200
     num_test: int = 200
@@ -83,6 +94,7 @@ class Phantoms(tfds.core.GeneratorBasedBuilder):
         gen_cfg = synthetic_phantoms.PhantomConfig(
             image_size=cfg.image_size,
             volume_shape=tuple(cfg.volume_shape),
+            lesions=cfg.lesions,
             seed=cfg.seed,
             split=split,
         )
@@ -118,6 +130,6 @@ def make_builder(config_name: str, data_dir: str, **options: Any) -> Phantoms:
     options = common.check_options("phantoms", options, OPTIONS)
     # Fail here, with the generator's message, rather than inside a half-written build.
     synthetic_phantoms.PhantomConfig(
-        **{k: options[k] for k in ("image_size", "volume_shape", "seed") if k in options}
+        **{k: options[k] for k in ("image_size", "volume_shape", "lesions", "seed") if k in options}
     )
     return common.array_record_builder(Phantoms, PhantomsConfig, config_name, data_dir, options)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 
+from data_pipelines.synthetic_phantoms import LESION_SIZES
 from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.core.precision import COMPUTE_DTYPES
 from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
@@ -128,6 +129,10 @@ def check_training(config, workdir: Path | None = None) -> None:
         )
     if not (config.data.sources_2d or config.data.sources_3d):
         raise ConfigError("data.sources_2d and data.sources_3d are both empty; name a dataset.")
+    if config.data.phantom_lesions not in LESION_SIZES:
+        raise ConfigError(
+            f"data.phantom_lesions={config.data.phantom_lesions!r}; valid: {tuple(LESION_SIZES)}."
+        )
     path = config.text.path
     copied = workdir is not None and (Path(workdir) / RUN_TEXT_TOWER / "config.json").is_file()
     if path and not copied and not (Path(path) / "config.json").is_file():

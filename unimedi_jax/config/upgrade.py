@@ -56,6 +56,7 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     ("masking.volume_ratio", -1.0),
     ("masking.volume_mode", ""),
     ("loss.pcl_modalities", ("image", "volume")),
+    ("data.phantom_lesions", "lobar"),  # the phantoms had lobar-scale lung lesions
 )
 
 

@@ -34,7 +34,6 @@ from unimedi_jax.trainers.pretraining import prepare_demo_data
 SHARED_SPACE = ("cross_modal", "modality_distance")  # computed per row, from the embeddings
 RUN_RESULTS = "ablation_eval.json"  # in a run's workdir: its figures, written when it is done
 RUN_EMBEDDINGS = "ablation_embeddings.npz"  # its held-out embeddings, labels and finding names
-TSNE_FILE = "tsne_fig2.png"
 
 
 class AblationError(UserError):
@@ -84,11 +83,37 @@ ROWS: dict[str, Row] = {
         {"": {"masking.image_mode": "random"}},
         "masking.image_mode=random",
     ),
+    # Beyond the paper: slices that matter. Phantoms whose lung lesions fit in one slice token
+    # but dilute in a 3D token (data.phantom_lesions=small); Table 7's VL+SD vs VL+SD+Attn.
+    "small_lesions_vl_sd": Row(
+        "small lesions: VL+SD, random slices",
+        {"": {"data.phantom_lesions": "small", "selection.mode": "random"}},
+        "data.phantom_lesions=small selection.mode=random",
+    ),
+    "small_lesions_unimedi": Row(
+        "small lesions: VL+SD+Attn (UniMedI)",
+        {"": {"data.phantom_lesions": "small"}},
+        "data.phantom_lesions=small",
+    ),
 }
 PAPER_ROWS = ("separate", "vl", "vl_sd", "unimedi", "random_masking")  # what ablate runs unasked
 FIGURE_ROWS = ("separate", "vl", "unimedi")  # the paper's Figs. 2/7 and 6
 TABLE7_ROWS = ("vl", "vl_sd", "unimedi", "random_masking")  # its Table 7
 XRAY_MASKING_ROWS = ("vl", "unimedi", "xray_unmasked", "xray_mask_quarter", "xray_random_masking")
+SMALL_LESION_ROWS = ("small_lesions_vl_sd", "small_lesions_unimedi")
+TSNE_FILE = "tsne_fig2.png"  # the paper's Figs. 2/7
+# (file, its rows, rows drawn beside them for reference, caption): drawn when one of its rows was
+# run, with a panel per row run.
+TSNE_FIGURES = (
+    (TSNE_FILE, FIGURE_ROWS, (), "t-SNE of the held-out X-rays and CTs per model"),
+    (
+        "tsne_xray_masking.png",
+        ("xray_unmasked", "xray_mask_quarter", "xray_random_masking"),
+        ("unimedi",),
+        "t-SNE per model: masking the X-rays",
+    ),
+    ("tsne_small_lesions.png", SMALL_LESION_ROWS, (), "t-SNE per model: small lesions"),
+)
 
 
 def run_dir(out: Path, row: str, part: str, seed: int) -> Path:
@@ -221,7 +246,9 @@ def run_row(
         found, stored = {}, {}
         for part, overrides in row.parts.items():
             workdir = run_dir(out, name, part, seed)
-            figures_of_part = train_and_evaluate(run_config(base, overrides, seed, budget), workdir)
+            config = run_config(base, overrides, seed, budget)
+            prepare_demo_data(config, out)  # phantoms built once per setting, into out/data*
+            figures_of_part = train_and_evaluate(config, workdir)
             clash = set(found) & set(figures_of_part)
             assert not clash, f"parts of row {name} report the same figures {sorted(clash)}"
             found.update(figures_of_part)
@@ -253,6 +280,15 @@ _FIXED_COLUMNS = {
         ("zero-shot AUROC X-ray", "zero_shot_image/mean_auroc"),
         ("zero-shot AUROC CT", "zero_shot_volume/mean_auroc"),
         ("slice hit rate", "slice_selection/hit_rate"),
+    ],
+    "small_lesions": [
+        ("zero-shot AUROC CT", "zero_shot_volume/mean_auroc"),
+        ("CT nodule", "zero_shot_volume/auroc/nodule"),
+        ("CT consolidation", "zero_shot_volume/auroc/consolidation"),
+        ("CT ground glass", "zero_shot_volume/auroc/ground_glass_opacity"),
+        ("CT R@1 (img→txt)", "retrieval_volume/image_to_text/R@1"),
+        ("slice hit rate", "slice_selection/hit_rate"),
+        ("random hit rate", "slice_selection/random_hit_rate"),
     ],
 }
 _MODALITY_NAME = {"image": "X-ray", "volume": "CT"}
@@ -312,30 +348,38 @@ def render(report: Mapping[str, Any]) -> str:
     if any(n.startswith("xray_") for n in xray_rows):
         columns = _FIXED_COLUMNS["figures"] + _FIXED_COLUMNS["table7"]
         lines += _table("Beyond the paper: masking the X-rays", xray_rows, columns)
-    if report.get("tsne"):
-        lines += [f"![t-SNE of the held-out X-rays and CTs per model]({report['tsne']})", ""]
+    small_rows = {n: rows[n] for n in SMALL_LESION_ROWS if n in rows}
+    if small_rows:
+        title = "Beyond the paper: slices that matter (small lesions, zero-shot AUROC per finding)"
+        lines += _table(title, small_rows, _FIXED_COLUMNS["small_lesions"])
+    for file, caption in (report.get("tsne") or {}).items():
+        lines += [f"![{caption}]({file})", ""]
     return "\n".join(lines)
 
 
-def draw_tsne(out: Path, rows: Sequence[str], seed: int) -> str | None:
-    """Figs. 2/7 side by side: the held-out X-ray and CT embeddings of the ``FIGURE_ROWS`` run
-    of ``seed`` (row (a): each from its own model); the file name, or None without such rows."""
-    panels = {}
-    for name in (n for n in FIGURE_ROWS if n in rows):
-        stored = [load_embeddings(run_dir(out, name, part, seed)) for part in ROWS[name].parts]
-        groups, classes = {}, {}
-        for group, key in (("X-ray (2D)", "image"), ("CT (3D)", "volume")):
-            arrays = next(s for s in stored if f"{key}_emb" in s)
-            groups[group] = arrays[f"{key}_emb"]
-            classes[group] = figures.finding_classes(
-                arrays[f"{key}_labels"], list(arrays[f"{key}_findings"])
-            )
-        panels[ROWS[name].label] = (groups, classes)
-    if not panels:
-        return None
-    with written_atomically(out / TSNE_FILE, is_dir=False) as partial:
-        figures.tsne_side_by_side(panels).savefig(partial, dpi=110)
-    return TSNE_FILE
+def draw_tsne(out: Path, rows: Sequence[str], seed: int) -> dict[str, str]:
+    """The t-SNE figures of ``TSNE_FIGURES`` whose rows were run, each a panel per row: the
+    held-out X-ray and CT embeddings of its run of ``seed`` (row (a): each from its own
+    model). Returns {file name: caption} of the figures drawn."""
+    drawn = {}
+    for file, own, reference, caption in TSNE_FIGURES:
+        if not any(n in rows for n in own):
+            continue
+        panels = {}
+        for name in (n for n in (*reference, *own) if n in rows):
+            stored = [load_embeddings(run_dir(out, name, part, seed)) for part in ROWS[name].parts]
+            groups, classes = {}, {}
+            for modality, key in (("X-ray (2D)", "image"), ("CT (3D)", "volume")):
+                arrays = next(s for s in stored if f"{key}_emb" in s)
+                groups[modality] = arrays[f"{key}_emb"]
+                classes[modality] = figures.finding_classes(
+                    arrays[f"{key}_labels"], list(arrays[f"{key}_findings"])
+                )
+            panels[ROWS[name].label] = (groups, classes)
+        with written_atomically(out / file, is_dir=False) as partial:
+            figures.tsne_side_by_side(panels).savefig(partial, dpi=110)
+        drawn[file] = caption
+    return drawn
 
 
 def run_ablation(
@@ -356,8 +400,6 @@ def run_ablation(
         raise AblationError("--seeds is empty: give at least one seed, e.g. --seeds=0,1")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = copy.deepcopy(base)
-    prepare_demo_data(base, out)  # phantoms built once, into out/data, when data_dir is empty
     budget = budget_steps or base.total_steps
     report = {
         "preset": base.get("preset", ""),

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data_pipelines.prepare import ensure_prepared
+from data_pipelines.prepare import check_prepared, ensure_prepared
 from data_pipelines.train_stream import TrainStream
 from unimedi_jax.config.checks import check_batch_for_mesh, check_config
 from unimedi_jax.config.preprocessing import record_preprocessing
@@ -109,21 +109,34 @@ def build_trainer(
     return Trainer(model, state, compiled, schedules)
 
 
+def demo_data_dir(config, root: Path) -> Path:
+    """Where the phantoms of ``config`` are built under ``root``: ``data`` for the demo's
+    lobar lesions, ``data_<setting>_lesions`` for another setting, so that runs of both
+    settings can share a root (an ablation's --out)."""
+    lesions = config.data.phantom_lesions
+    return root / ("data" if lesions == "lobar" else f"data_{lesions}_lesions")
+
+
 def prepare_demo_data(config, workdir: Path) -> None:
-    """The demo's data: with ``data.data_dir`` empty, phantoms are built into workdir/data.
+    """The demo's data: with ``data.data_dir`` empty, phantoms are built into
+    ``demo_data_dir(config, workdir)``.
 
     Process 0 builds; the others wait at a barrier, so no two processes write the same files.
     """
     uses_phantoms = "phantoms" in f"{config.data.sources_2d},{config.data.sources_3d}"
-    if config.data.data_dir or not uses_phantoms:
+    if not uses_phantoms:
         return
-    config.data.data_dir = str(workdir / "data")
+    if config.data.data_dir:  # the user's own build: it must hold the lesions asked for
+        check_prepared("phantoms", config.data.data_dir, lesions=config.data.phantom_lesions)
+        return
+    config.data.data_dir = str(demo_data_dir(config, workdir))
     if jax.process_index() == 0:
         for summary in ensure_prepared(
             "phantoms",
             config.data.data_dir,
             image_size=config.model.image_size[0],
             volume_shape=tuple(config.model.volume_size),
+            lesions=config.data.phantom_lesions,
         ):
             logging.info("%s", summary.format())
     if jax.process_count() > 1:
