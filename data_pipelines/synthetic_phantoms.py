@@ -60,10 +60,10 @@ _EFFUSIONS = {"small": (0.12, 0.45), "moderate": (0.28, 0.7), "large": (0.5, 0.9
 _LOBE_FINDINGS = ("nodule", "consolidation", "ground_glass_opacity")
 # Lung-lesion sizes in mm: nodule diameters (whole mm); for patches, the radii of their blobs.
 # "lobar": patches fill much of a demo 3D token (2x16x16 voxels, 37.5x90x90 mm), so the coarse
-# tokens carry them (docs/benchmarks.md, "Why a lung window"). "small": every lung lesion fits in
-# one demo slice token (8x8 pixels of one slice, 45x45x18.75 mm) but covers only a few percent of a
-# 3D token, so a full-resolution slice shows what the 3D tokens dilute (the "slices that matter"
-# setting of the ablation, docs/benchmarks.md).
+# tokens carry them (docs/benchmarks.md, "Why a lung window"). "small": a lung lesion covers a
+# third to most of a demo slice token (8x8 pixels of one slice, 45x45x18.75 mm) but a fifth or
+# less of a 3D token, so a full-resolution slice shows what the 3D tokens dilute (the "slices that
+# matter" setting of the ablation, docs/benchmarks.md).
 LESION_SIZES: dict[str, dict[str, tuple[float, float]]] = {
     "lobar": {
         "nodule": (12, 30),
@@ -71,9 +71,9 @@ LESION_SIZES: dict[str, dict[str, tuple[float, float]]] = {
         "ground_glass_opacity": (35.0, 60.0),
     },
     "small": {
-        "nodule": (24, 40),
-        "consolidation": (15.0, 25.0),
-        "ground_glass_opacity": (15.0, 30.0),
+        "nodule": (30, 45),
+        "consolidation": (20.0, 30.0),
+        "ground_glass_opacity": (20.0, 35.0),
     },
 }
 

@@ -219,7 +219,7 @@ def test_xray_masking_rows_get_their_own_table_beside_the_paper_rows():
 
 def test_small_lesion_rows_get_their_table_with_the_findings_one_by_one():
     per_seed = {
-        s: {"zero_shot_volume/auroc/nodule": 0.6 + s / 10, "slice_selection/hit_rate": 0.5}
+        s: {"zero_shot_volume/auroc/nodule": 0.6 + s / 10, "slice_selection/hit_rate/nodule": 0.5}
         for s in (0, 1)
     }
     row = {"label": "r", "note": "", **ablation.summarize(per_seed)}
@@ -229,7 +229,7 @@ def test_small_lesion_rows_get_their_table_with_the_findings_one_by_one():
     text = ablation.render({**report, "rows": {**rows, "small_lesions_unimedi": row}, "tsne": None})
     table = text.split("### Beyond the paper: slices that matter")[1]
     header = next(x for x in table.splitlines() if x.startswith("| row |"))
-    assert header == "| row | CT nodule | slice hit rate |"
+    assert header == "| row | CT nodule | slice hits: nodule |"
     assert "| r | 0.650 ± 0.071 | 0.500 ± 0.000 |" in table
 
 

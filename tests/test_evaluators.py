@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs.pretrain import get_config
@@ -182,3 +183,33 @@ def test_in_loop_evaluation_on_the_fsdp_sharded_state_matches_one_device_inferen
         assert any(k.startswith(prefix) for k in sharded), prefix
     for key, value in single.items():
         assert sharded[key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
+
+
+def test_slice_hit_rate_per_finding_over_the_volumes_with_that_finding_alone():
+    """Hand-computed: 4 phantom volumes of depth 4, k = 2 selected slices each."""
+    findings = list(evaluators.zero_shot_prompts.label_names("phantoms"))
+    labels = np.zeros((4, len(findings)), np.float32)
+    nodule, effusion = findings.index("nodule"), findings.index("pleural_effusion_left")
+    labels[0, nodule] = labels[1, nodule] = 1.0  # nodule alone
+    labels[2, [nodule, effusion]] = 1.0  # two findings: counts for neither finding alone
+    labels[3, effusion] = 1.0  # effusion alone
+    lesion = np.array(
+        [[1, 0, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]], bool
+    )  # nodules in one slice, the effusion in three
+    selected = np.array([[0, 1], [0, 1], [0, 1], [2, 3]])
+
+    class Selecting:
+        def select_slices(self, arrays):
+            return selected, None
+
+    volume = evaluators.Modality(None, labels, [], None, None, lesion)
+    data = evaluators.EvalSet("phantoms", {"volume": volume}, {"volume": "phantoms"}, None, 4)
+    found = evaluators.slice_hit_rate(Selecting(), data)
+    # All 4: hits 1/2, 0/2, 2/2, 2/2 -> 0.625; chance 1/4, 1/4, 4/4, 3/4 -> 0.5625.
+    assert found["slice_selection/hit_rate"] == pytest.approx(0.625)
+    assert found["slice_selection/random_hit_rate"] == pytest.approx(0.5625)
+    assert found["slice_selection/hit_rate/nodule"] == pytest.approx(0.25)  # volumes 0 and 1
+    assert found["slice_selection/random_hit_rate/nodule"] == pytest.approx(0.25)
+    assert found["slice_selection/hit_rate/pleural_effusion_left"] == pytest.approx(1.0)
+    assert found["slice_selection/random_hit_rate/pleural_effusion_left"] == pytest.approx(0.75)
+    assert not any(name.endswith("/cardiomegaly") for name in found)  # no volume has it alone

@@ -154,13 +154,26 @@ def modality_distance(model, data: EvalSet) -> dict[str, float]:
 
 
 def slice_hit_rate(model, data: EvalSet) -> dict[str, float]:
-    """Fraction of attentively selected slices inside the lesion, next to random selection."""
+    """Fraction of attentively selected slices inside the lesion, next to random selection; the
+    same per finding (``/<finding>``) over the volumes with that finding alone, so that a small
+    lesion is not hidden behind the large ones."""
     volume = data.modalities.get("volume")
     if volume is None or volume.lesion_slices is None:
         return {}
     selected, _ = model.select_slices(volume.arrays)
     hit, chance = metrics.slice_hit_rate(selected, volume.lesion_slices)
-    return {"slice_selection/hit_rate": hit, "slice_selection/random_hit_rate": chance}
+    out = {"slice_selection/hit_rate": hit, "slice_selection/random_hit_rate": chance}
+    names = zero_shot_prompts.label_names(data.sources["volume"])
+    positive = np.nan_to_num(np.asarray(volume.labels, np.float64)) == 1.0
+    if positive.shape[1] != len(names):
+        return out
+    for column, name in enumerate(names):
+        alone = positive[:, column] & (positive.sum(axis=1) == 1)
+        if alone.any():
+            hit, chance = metrics.slice_hit_rate(selected[alone], volume.lesion_slices[alone])
+            out[f"slice_selection/hit_rate/{name}"] = hit
+            out[f"slice_selection/random_hit_rate/{name}"] = chance
+    return out
 
 
 def linear_probe(model, data: EvalSet) -> dict[str, float]:

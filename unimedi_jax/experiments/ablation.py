@@ -287,8 +287,9 @@ _FIXED_COLUMNS = {
         ("CT consolidation", "zero_shot_volume/auroc/consolidation"),
         ("CT ground glass", "zero_shot_volume/auroc/ground_glass_opacity"),
         ("CT R@1 (img→txt)", "retrieval_volume/image_to_text/R@1"),
-        ("slice hit rate", "slice_selection/hit_rate"),
-        ("random hit rate", "slice_selection/random_hit_rate"),
+        ("slice hits: nodule", "slice_selection/hit_rate/nodule"),
+        ("consolidation", "slice_selection/hit_rate/consolidation"),
+        ("ground glass", "slice_selection/hit_rate/ground_glass_opacity"),
     ],
 }
 _MODALITY_NAME = {"image": "X-ray", "volume": "CT"}
@@ -350,7 +351,7 @@ def render(report: Mapping[str, Any]) -> str:
         lines += _table("Beyond the paper: masking the X-rays", xray_rows, columns)
     small_rows = {n: rows[n] for n in SMALL_LESION_ROWS if n in rows}
     if small_rows:
-        title = "Beyond the paper: slices that matter (small lesions, zero-shot AUROC per finding)"
+        title = "Beyond the paper: slices that matter (small lesions; per finding)"
         lines += _table(title, small_rows, _FIXED_COLUMNS["small_lesions"])
     for file, caption in (report.get("tsne") or {}).items():
         lines += [f"![{caption}]({file})", ""]
