@@ -109,7 +109,8 @@ def paper_config() -> ml_collections.ConfigDict:
     c.batch.size_3d = 48
 
     c.selection = ml_collections.ConfigDict()
-    c.selection.mode = "attentive"  # attentive | random
+    # attentive | random | oracle (phantoms only: inside the ground-truth lesions, an upper bound)
+    c.selection.mode = "attentive"
     c.selection.k = 4
     # The layers whose [CLS] attention Eq. 1 averages, for slice selection and masking:
     # all (the paper) | last (A-CLIP).

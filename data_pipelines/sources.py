@@ -33,6 +33,7 @@ class Source:
     array_shape: tuple[int, ...]
     array_dtype: np.dtype
     weight: float = 1.0
+    fields: tuple[str, ...] = ()  # what its records hold (the phantoms: lesion_slices too)
 
     def open(self) -> Sequence[dict]:
         """TFDS's random-access reader of the split: index -> decoded numpy dict."""
@@ -84,6 +85,7 @@ def open_source(
         array_shape=tuple(feature.shape),
         array_dtype=np.dtype(feature.np_dtype),
         weight=weight,
+        fields=tuple(info.features.keys()),
     )
 
 

@@ -9,7 +9,8 @@ whatever the number of workers or processes, and its state is just the next step
   global batch    step s = stream positions [s G, (s + 1) G)
   process slice   process p of P loads rows [p G / P, (p + 1) G / P) of it
   transform       decode, crop (2D, random, seeded by (seed, source, epoch, record)) or
-                  HU window (3D), tokenise the reports: `transforms`, the one transform layer
+                  HU window (3D), tokenise the reports: `transforms`, the one transform layer;
+                  with selection.mode=oracle the volumes' ground-truth `lesion_slices` too
   stream          the 2D and 3D step datasets zipped, prefetched by `worker_count` processes
 
 A record that fails to decode, has the wrong shape, NaN/Inf values or an empty report is
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -52,6 +53,7 @@ MAX_ATTEMPTS = 32  # replacement draws before a source is declared unreadable
 _STEPS = 2**40  # length of the (practically infinite) step datasets
 _ROWS = 2**50
 _MODALITY_ID = {"2d": 0, "3d": 1}
+LESION_SLICES = "lesion_slices"  # per-slice ground truth: what oracle slice selection reads
 
 
 def _epoch_seed(*key: int) -> int:
@@ -87,17 +89,32 @@ class _ProcessRows:
         return refs[start : start + self.local_batch]
 
 
+class LoadedRecord(NamedTuple):
+    array: np.ndarray  # transformed
+    report: str
+    skipped: list[str]  # "<source>: <reason>" of each record it replaced
+    extras: dict[str, np.ndarray]  # the loader's extra fields, as stored
+
+
 class _RecordLoader:
-    """Reads, checks and transforms records; replaces unusable ones by seeded redraws."""
+    """Reads, checks and transforms records; replaces unusable ones by seeded redraws.
+    ``extra_fields``: record fields passed on as stored (every source must have them)."""
 
     def __init__(
-        self, modality: str, sources: Sequence[Source], seed: int, crop: int, window: tuple
+        self,
+        modality: str,
+        sources: Sequence[Source],
+        seed: int,
+        crop: int,
+        window: tuple,
+        extra_fields: tuple[str, ...] = (),
     ):
         self.modality = modality
         self.sources = tuple(sources)
         self.seed = seed
         self.crop = crop
         self.window = window
+        self.extra_fields = extra_fields
         self._opened: list | None = None
 
     def __getstate__(self) -> dict:
@@ -108,18 +125,20 @@ class _RecordLoader:
             self._opened = [s.open() for s in self.sources]
         return self._opened[k]
 
-    def __call__(self, ref: tuple[int, int, int]) -> tuple[np.ndarray, str, list[str]]:
-        """(array, report, skip labels) of the record `ref` or of its replacement."""
+    def __call__(self, ref: tuple[int, int, int]) -> LoadedRecord:
+        """The record `ref` or its replacement."""
         k, epoch, index = ref
         source = self.sources[k]
         skipped = []
         for attempt in range(MAX_ATTEMPTS):
-            array, report, reason = self._read(k, index)
+            record, report, reason = self._read(k, index)
             if reason is None:
                 rng = np.random.default_rng(
                     [self.seed, _MODALITY_ID[self.modality], k, epoch, index]
                 )
-                return self._transform(array, rng), report, skipped
+                array = self._transform(record[ARRAY_KEY[self.modality]], rng)
+                extras = {name: np.asarray(record[name]) for name in self.extra_fields}
+                return LoadedRecord(array, report, skipped, extras)
             skipped.append(f"{source.name}: {reason}")
             redraw = np.random.default_rng(
                 [self.seed, _MODALITY_ID[self.modality], k, epoch, index, attempt, 1]
@@ -132,7 +151,7 @@ class _RecordLoader:
         )
 
     def _read(self, k: int, index: int) -> tuple[Any, str, str | None]:
-        """(array, report, None) of a usable record, else (None, '', skip reason)."""
+        """(record, report, None) of a usable record, else (None, '', skip reason)."""
         source = self.sources[k]
         try:
             record = self._reader(k)[index]
@@ -151,7 +170,7 @@ class _RecordLoader:
         report = report.decode("utf-8", "replace") if isinstance(report, bytes) else str(report)
         if not report.strip():
             return None, "", EMPTY_REPORT
-        return array, report, None
+        return record, report, None
 
     def _transform(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.modality == "2d":
@@ -172,14 +191,18 @@ class _LoadBatch:
         rows = [self.loader(ref) for ref in refs]
         prefix = ARRAY_KEY[self.loader.modality]
         reads: Counter[str] = Counter()
-        for (k, _, _), (_, _, labels) in zip(refs, rows, strict=True):
-            reads[self.loader.sources[k].name] += 1 + len(labels)  # the replaced ones too
+        for (k, _, _), row in zip(refs, rows, strict=True):
+            reads[self.loader.sources[k].name] += 1 + len(row.skipped)  # the replaced ones too
         return {
-            prefix: np.stack([array for array, _, _ in rows]),
+            prefix: np.stack([row.array for row in rows]),
+            **{
+                name: np.stack([row.extras[name] for row in rows])
+                for name in self.loader.extra_fields
+            },
             **transforms.tokenize(
-                [report for _, report, _ in rows], self.tokenizer, self.max_length, prefix
+                [row.report for row in rows], self.tokenizer, self.max_length, prefix
             ),
-            "skipped": dict(Counter(label for _, _, labels in rows for label in labels)),
+            "skipped": dict(Counter(label for row in rows for label in row.skipped)),
             "reads": dict(reads),
         }
 
@@ -240,6 +263,21 @@ def _plan(config, modality: str, process_count: int) -> _ModalityPlan | None:
     return _ModalityPlan(modality, sources, global_batch, global_batch // process_count)
 
 
+def _extra_fields(config, plan: _ModalityPlan) -> tuple[str, ...]:
+    """The fields beyond array and report that the step reads: the volumes' ground-truth
+    lesion slices under selection.mode=oracle, which only the phantoms store."""
+    if plan.modality != "3d" or config.selection.mode != "oracle":
+        return ()
+    for source in plan.sources:
+        if LESION_SLICES not in source.fields:
+            raise DataConfigError(
+                f"config.selection.mode=oracle picks slices by their ground-truth lesions, "
+                f"which {source.name} in {source.path} does not store ({LESION_SLICES}); "
+                "only the phantoms have them: use selection.mode=attentive or random"
+            )
+    return (LESION_SLICES,)
+
+
 def _step_dataset(plan: _ModalityPlan, config, tokenizer, process_index: int) -> grain.MapDataset:
     """Step s -> this process's slice of global batch s of one modality."""
     key = (int(config.seed), _MODALITY_ID[plan.modality])
@@ -257,6 +295,7 @@ def _step_dataset(plan: _ModalityPlan, config, tokenizer, process_index: int) ->
         int(config.seed),
         crop_size(config),
         tuple(float(v) for v in config.data.hu_window),
+        _extra_fields(config, plan),
     )
     return (
         refs.batch(plan.global_batch, drop_remainder=True, batch_fn=list)
@@ -270,13 +309,14 @@ class TrainStream:
     """Infinite training batches of this process: its slice of each global batch.
 
     Reads config.seed, config.data.{data_dir, sources_2d, sources_3d, worker_count, hu_window},
-    config.batch.size_{2d,3d} (global), config.model.{image_size, volume_size} and
-    config.text.max_length. `steps_per_epoch` counts the batches of one pass over the 2D
-    training records (3D without a 2D source). `skipped` counts replaced records as
-    {"<source>: <reason>": n}, `reads` the records read per source (replaced ones included);
-    once a source's failures pass config.data.max_failure_fraction of its reads (judged after
-    100 reads), `next` raises TooManyFailuresError. `get_state()` is the next step (plus the
-    counts); restoring it on a fresh stream, with any number of workers or processes, continues
+    config.batch.size_{2d,3d} (global), config.model.{image_size, volume_size},
+    config.text.max_length and config.selection.mode. `steps_per_epoch` counts the batches of
+    one pass over the 2D training records (3D without a 2D source). `skipped` counts replaced
+    records as {"<source>: <reason>": n}, `reads` the records read per source (replaced ones
+    included); once a source's failures pass config.data.max_failure_fraction of its reads
+    (judged after 100 reads), `next` raises TooManyFailuresError. `get_state()` is the next
+    step (plus the counts); restoring it on a fresh stream, with any number of workers or
+    processes, continues
     with the very batches the saved stream would have produced.
     """
 

@@ -299,9 +299,9 @@ def test_pipeline_replaces_volumes_with_nan_values():
     records = (bad, *[good] * 7)
     source = _ListSource("floats/ct", Path("x"), "train", 8, (2, 4, 4), np.float32, records=records)
     loader = train_stream._RecordLoader("3d", [source], seed=0, crop=4, window=(-1000.0, 1000.0))
-    volume, report, skipped = loader((0, 0, 0))
-    assert np.isfinite(volume).all() and report == "Clear lungs."
-    assert skipped == [f"floats/ct: {train_stream.NON_FINITE}"]
+    loaded = loader((0, 0, 0))
+    assert np.isfinite(loaded.array).all() and loaded.report == "Clear lungs."
+    assert loaded.skipped == [f"floats/ct: {train_stream.NON_FINITE}"]
 
 
 def test_pipeline_stops_when_a_source_fails_too_often(data_dir, tokenizer, tmp_path):  # noqa: F811

@@ -115,6 +115,33 @@ def test_rows_are_stored_records_with_their_reports(data_dir, tokenizer):
     assert len(set(seen_volumes)) == len(seen_volumes) == N_TRAIN // 2
 
 
+def test_oracle_selection_brings_each_volumes_lesion_slices(data_dir, tokenizer):
+    config = _config(data_dir)
+    config.selection.mode = "oracle"
+    volumes = _records(data_dir, "ct")
+    window = tuple(config.data.hu_window)
+    stored = [transforms.transform_3d(volumes[i]["volume"], window) for i in range(N_TRAIN)]
+    (batch,) = _take(train_stream.TrainStream(config, tokenizer), 1)
+    assert batch["lesion_slices"].shape == (4, VOLUME[0])
+    assert batch["lesion_slices"].dtype == np.bool_
+    for volume, lesion in zip(batch["volume"], batch["lesion_slices"], strict=True):
+        (match,) = [i for i, v in enumerate(stored) if np.array_equal(v, volume)]
+        np.testing.assert_array_equal(lesion, volumes[match]["lesion_slices"])
+
+
+def test_oracle_selection_refuses_volumes_without_lesion_slices(data_dir):
+    config = _config(data_dir)
+    config.selection.mode = "oracle"
+    plain = sources.Source(
+        "ct_rate/default", data_dir, "train", 8, VOLUME, np.dtype(np.int16), 1.0, ("volume",)
+    )
+    plan = train_stream._ModalityPlan("3d", (plain,), 4, 4)
+    with pytest.raises(sources.DataConfigError, match=r"selection.mode=oracle.*ct_rate/default"):
+        train_stream._extra_fields(config, plan)
+    config.selection.mode = "random"
+    assert train_stream._extra_fields(config, plan) == ()
+
+
 def test_new_order_each_epoch(data_dir, tokenizer):
     config = _config(data_dir, sources_3d="")
     spe = N_TRAIN // 8

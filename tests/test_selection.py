@@ -94,8 +94,31 @@ def test_select_slices_modes():
     np.testing.assert_array_equal(slices, volumes[np.arange(3)[:, None], np.asarray(indices)])
 
 
+def test_oracle_slices_lie_inside_the_lesion_and_fill_up_at_random():
+    lesion = np.zeros((3, DEPTH), bool)
+    lesion[0, [1, 2, 5, 6, 7]] = True  # more lesion slices than k: k of them
+    lesion[1, [3]] = True  # fewer: that one and random others
+    volumes = np.random.default_rng(4).random((3, DEPTH, 2, 2)).astype(np.float32)
+    fn = jax.jit(selection.select_slices, static_argnames=("grid", "k", "mode"))
+    picks = []
+    for seed in range(20):
+        indices, slices = fn(
+            _attention(0), volumes, GRID, 3, "oracle", jax.random.key(seed), lesion
+        )
+        indices = np.asarray(indices)
+        assert (np.diff(indices, axis=1) > 0).all()
+        np.testing.assert_array_equal(slices, volumes[np.arange(3)[:, None], indices])
+        assert lesion[0, indices[0]].all() and 3 in indices[1]
+        picks.append(indices)
+    picks = np.stack(picks)
+    assert len({tuple(p) for p in picks[:, 0]}) > 1  # not always the same lesion slices
+    assert set(picks[:, 2].ravel()) == set(range(DEPTH))  # no lesion: any slice
+    with pytest.raises(ValueError, match="lesion_slices"):
+        selection.select_slices(_attention(0), volumes, GRID, 3, "oracle", jax.random.key(0))
+
+
 def test_mode_errors_name_valid_modes():
-    with pytest.raises(ValueError, match=r"attentive.*random"):
+    with pytest.raises(ValueError, match=r"attentive.*random.*oracle"):
         selection.select_slices(_attention(0), np.zeros((3, DEPTH, 2, 2)), GRID, 2, mode="top")
     with pytest.raises(ValueError, match=r"attentive.*random"):
         selection.token_mask(_attention(0), 0.5, mode="block")

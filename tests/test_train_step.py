@@ -475,3 +475,30 @@ def test_per_modality_masking_left_unset_is_the_shared_masking(today):
     explicit_terms, explicit_grads, _ = losses_and_grads(config)
     assert terms == explicit_terms
     jax.tree.map(np.testing.assert_array_equal, grads, explicit_grads)
+
+
+def test_oracle_selection_trains_on_the_ground_truth_lesion_slices():
+    """selection.mode=oracle: with the lesion slices where the teacher's Eq. 2 would look, the
+    step is the attentive step; with other lesion slices it is another step."""
+    config = get_config("tiny")
+    state, attentive_step = build(config)
+    batch = tiny_batch(config, ("volume",))
+    volume, k = batch["volume"], config.selection.k
+    model = tiny_model(config)
+    attention = model.apply(
+        {"params": state.teacher}, volume, method=UniMedI.encode_vision
+    ).cls_attention
+    grid = tuple(s // p for s, p in zip(volume.shape[1:], config.model.patch_3d, strict=True))
+    scores = _naive_slice_scores(np.asarray(attention, np.float64), grid, volume.shape[1])
+    chosen = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+    lesion = np.zeros(volume.shape[:2], bool)
+    lesion[np.arange(len(volume))[:, None], chosen] = True
+
+    oracle = get_config("tiny")
+    oracle.selection.mode = "oracle"
+    _, oracle_step = build(oracle)
+    _, want = attentive_step(state, batch)
+    _, got = oracle_step(state, {**batch, "lesion_slices": lesion})
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    _, other = oracle_step(state, {**batch, "lesion_slices": np.roll(lesion, 1, axis=1)})
+    assert abs(float(other["loss"]) - float(want["loss"])) > 1e-4

@@ -15,7 +15,7 @@ from unimedi_jax.core.errors import ConfigError
 from unimedi_jax.core.precision import COMPUTE_DTYPES
 from unimedi_jax.core.run_folders import RUN_TEXT_TOWER
 from unimedi_jax.core.sharding import MESH_PRESETS, fill_mesh_sizes, preset_mesh_sizes
-from unimedi_jax.method.selection import MODES
+from unimedi_jax.method.selection import MODES, SELECTION_MODES
 from unimedi_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from unimedi_jax.models.unimedi import MODALITIES, TEXT_POOLINGS
 from unimedi_jax.models.vit import ATTENTION_LAYERS
@@ -65,7 +65,7 @@ def check_training(config, workdir: Path | None = None) -> None:
     """Modes, ratios, precision, batch sizes and the text-model directory (which a run resumed
     in ``workdir`` no longer needs once it holds its copy of the config and tokenizer)."""
     for field, value, valid in (
-        ("selection.mode", config.selection.mode, MODES),
+        ("selection.mode", config.selection.mode, SELECTION_MODES),
         ("masking.mode", config.masking.mode, MODES),
         ("masking.image_mode", config.masking.image_mode, ("", *MODES)),
         ("masking.volume_mode", config.masking.volume_mode, ("", *MODES)),

@@ -95,12 +95,18 @@ ROWS: dict[str, Row] = {
         {"": {"data.phantom_lesions": "small"}},
         "data.phantom_lesions=small",
     ),
+    "small_lesions_oracle": Row(
+        "small lesions: VL+SD, oracle slices (upper bound)",
+        {"": {"data.phantom_lesions": "small", "selection.mode": "oracle"}},
+        "data.phantom_lesions=small selection.mode=oracle: slices inside the ground-truth "
+        "lesions in training",
+    ),
 }
 PAPER_ROWS = ("separate", "vl", "vl_sd", "unimedi", "random_masking")  # what ablate runs unasked
 FIGURE_ROWS = ("separate", "vl", "unimedi")  # the paper's Figs. 2/7 and 6
 TABLE7_ROWS = ("vl", "vl_sd", "unimedi", "random_masking")  # its Table 7
 XRAY_MASKING_ROWS = ("vl", "unimedi", "xray_unmasked", "xray_mask_quarter", "xray_random_masking")
-SMALL_LESION_ROWS = ("small_lesions_vl_sd", "small_lesions_unimedi")
+SMALL_LESION_ROWS = ("small_lesions_vl_sd", "small_lesions_unimedi", "small_lesions_oracle")
 TSNE_FILE = "tsne_fig2.png"  # the paper's Figs. 2/7
 # (file, its rows, rows drawn beside them for reference, caption): drawn when one of its rows was
 # run, with a panel per row run.

@@ -3,7 +3,8 @@
 Pure jnp functions with static shapes, meant to run inside the jitted train step. The [CLS]
 attention v (Eq. 1) over the 3D patch tokens picks the slices that become the pseudo 2D image of a
 volume, and the same kind of attention decides which tokens the student keeps unmasked. The
-'random' modes are the ablations of Table 7.
+'random' modes are the ablations of Table 7; slice selection's 'oracle' mode (phantoms only)
+picks slices by the ground-truth lesion slices, an upper bound for any selector.
 
 Token layout: a volume [D, H, W] cut into non-overlapping (pd, ph, pw) patches gives a grid
 (gd, gh, gw), flattened row-major, so token j = (zi * gh + yi) * gw + xi covers slices
@@ -17,12 +18,13 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-MODES = ("attentive", "random")
+MODES = ("attentive", "random")  # token masking
+SELECTION_MODES = (*MODES, "oracle")  # slice selection
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"Unknown selection mode {mode!r}; valid modes are {MODES}.")
+def _check_mode(mode: str, valid: tuple[str, ...] = MODES) -> None:
+    if mode not in valid:
+        raise ValueError(f"Unknown selection mode {mode!r}; valid modes are {valid}.")
 
 
 def _require_rng(rng: jax.Array | None, what: str) -> jax.Array:
@@ -67,6 +69,14 @@ def random_slices(rng: jax.Array, batch: int, depth: int, k: int) -> jax.Array:
     return top_k_slices(jax.random.uniform(rng, (batch, depth)), k)
 
 
+def oracle_slices(rng: jax.Array, lesion_slices: jax.Array, k: int) -> jax.Array:
+    """Upper bound: k slices per volume inside its lesions (bool [B, D] ground truth), drawn at
+    random among them and topped up with random other slices where fewer than k hold a
+    lesion; ascending, int32 [B, k]."""
+    noise = jax.random.uniform(rng, lesion_slices.shape)
+    return top_k_slices(lesion_slices.astype(jnp.float32) + 0.5 * noise, k)
+
+
 def gather_slices(volumes: jax.Array, indices: jax.Array) -> jax.Array:
     """Slices [B, k, H, W] picked from volumes [B, D, H, W] by per-sample indices [B, k]."""
     return jax.vmap(lambda volume, idx: volume[idx])(volumes, indices)
@@ -79,14 +89,20 @@ def select_slices(
     k: int,
     mode: str = "attentive",
     rng: jax.Array | None = None,
+    lesion_slices: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pick k slices per volume ('attentive' by Eq. 2 scores or 'random'); (indices, slices)."""
-    _check_mode(mode)
+    """Pick k slices per volume ('attentive' by Eq. 2 scores, 'random', or 'oracle' inside the
+    ground-truth ``lesion_slices`` [B, D]); (indices, slices)."""
+    _check_mode(mode, SELECTION_MODES)
     batch, depth = volumes.shape[:2]
     if mode == "attentive":
         indices = top_k_slices(slice_scores(attention_3d, grid, depth), k)
-    else:
+    elif mode == "random":
         indices = random_slices(_require_rng(rng, "slice selection"), batch, depth, k)
+    else:
+        if lesion_slices is None:
+            raise ValueError("mode='oracle' needs the ground-truth lesion_slices [B, D].")
+        indices = oracle_slices(_require_rng(rng, "slice selection"), lesion_slices, k)
     return indices, gather_slices(volumes, indices)
 
 

@@ -118,7 +118,9 @@ class PretrainStep:
         )
         sequences: Sequences = {m: (batch[m],) for m in modalities}
         if "volume" in sequences:
-            slices = self.select_slices(state.teacher, batch["volume"], select_rng)
+            slices = self.select_slices(
+                state.teacher, batch["volume"], select_rng, batch.get("lesion_slices")
+            )
             sequences["volume"] = (batch["volume"], slices)
         targets = self.teacher_targets(
             state.teacher, sequences, mask_rng, self.schedules.masking(state.step)
@@ -146,13 +148,20 @@ class PretrainStep:
         }
         return new_state, metrics
 
-    def select_slices(self, teacher: dict, volumes: jax.Array, rng: jax.Array) -> jax.Array:
+    def select_slices(
+        self,
+        teacher: dict,
+        volumes: jax.Array,
+        rng: jax.Array,
+        lesion_slices: jax.Array | None = None,
+    ) -> jax.Array:
         """Sec. 3.2: the teacher's Eq. 1 over each volume's own 3D tokens -> Eq. 2 slice scores
-        -> the k selected slices' pixels [B3, k, H, W] (``selection.mode=random``: any k)."""
+        -> the k selected slices' pixels [B3, k, H, W] (``selection.mode=random``: any k;
+        ``oracle``: k inside the batch's ground-truth ``lesion_slices``)."""
         attention = self._encode(teacher, volumes).cls_attention
         cfg = self.config.selection
         _, slices = selection.select_slices(
-            attention, volumes, self._grid_3d(volumes), cfg.k, cfg.mode, rng
+            attention, volumes, self._grid_3d(volumes), cfg.k, cfg.mode, rng, lesion_slices
         )
         return jax.lax.stop_gradient(slices)
 
