@@ -32,7 +32,7 @@ def paper_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     # The evaluators to run: retrieval | zero_shot | cross_modal | modality_distance |
-    # slice_hit_rate | linear_probe
+    # slice_hit_rate | slice_choice | linear_probe
     c.evals = ("retrieval",)
     # Their defaults: in-loop every N steps (0: never; >0: also at the last step), split, records
     # per modality. `evaluate` runs them all, whatever their schedule.
@@ -186,7 +186,14 @@ def demo_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 20
     c.checkpoint_every_steps = 250
     c.eval_every_steps = 500
-    c.evals = ("retrieval", "zero_shot", "cross_modal", "slice_hit_rate", "linear_probe")
+    c.evals = (
+        "retrieval",
+        "zero_shot",
+        "cross_modal",
+        "slice_hit_rate",
+        "slice_choice",
+        "linear_probe",
+    )
     c.eval_split = "test"
     c.eval_limit = 200
     c.model.update(

@@ -5,6 +5,7 @@ distance."""
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,36 @@ def test_rerun_skips_finished_runs(out, data_dir, monkeypatch):
         ablation.run_ablation(_tiny_base(data_dir), out, ROWS, SEEDS, BUDGET + 1)
 
 
+def test_reevaluate_gives_finished_runs_todays_evaluators_without_training(
+    out, data_dir, tmp_path, monkeypatch
+):
+    """A run finished before an evaluator was named gets its figures from the same checkpoint,
+    its older figures unchanged."""
+    copy = tmp_path / "ablation"
+    shutil.copytree(out, copy)
+    before = json.loads((out / "ablation.json").read_text())["rows"]["vl"]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation.by_kind, "run", must_not_run)
+    base = _tiny_base(data_dir)
+    assert "slice_choice" in base.evals
+    run = ablation.run_dir(copy, "vl", "", 0)
+    saved = json.loads((run / "config.json").read_text())
+    saved["evals"] = [e for e in saved["evals"] if e != "slice_choice"]  # as saved before it
+    (run / "config.json").write_text(json.dumps(saved))
+    stale = json.loads((run / ablation.RUN_RESULTS).read_text())
+    stale["figures"] = {k: v for k, v in stale["figures"].items() if "slice_choice" not in k}
+    (run / ablation.RUN_RESULTS).write_text(json.dumps(stale))
+    skipped = ablation.run_ablation(base, copy, ("vl",), (0,), BUDGET)["rows"]["vl"]["seeds"]["0"]
+    assert not any("slice_choice" in k for k in skipped)
+    again = ablation.run_ablation(base, copy, ("vl",), (0,), BUDGET, reevaluate=True)
+    found = again["rows"]["vl"]["seeds"]["0"]
+    assert any(k.startswith("slice_choice/oracle/") for k in found)
+    assert found == pytest.approx(before["seeds"]["0"], nan_ok=True)
+
+
 def _flat(config) -> dict:
     def walk(node, prefix):
         for key, value in node.items():
@@ -153,6 +184,7 @@ def test_rows_differ_from_the_preset_exactly_as_intended():
         ("xray_random_masking", ""): {"masking.image_mode": "random"},
         ("small_lesions_vl_sd", ""): {"data.phantom_lesions": "small", "selection.mode": "random"},
         ("small_lesions_unimedi", ""): {"data.phantom_lesions": "small"},
+        ("small_lesions_oracle", ""): {"data.phantom_lesions": "small", "selection.mode": "oracle"},
     }
     assert {(r, p) for r, row in ablation.ROWS.items() for p in row.parts} == set(intended)
     for (row, part), changes in intended.items():
@@ -231,6 +263,14 @@ def test_small_lesion_rows_get_their_table_with_the_findings_one_by_one():
     header = next(x for x in table.splitlines() if x.startswith("| row |"))
     assert header == "| row | CT nodule | slice hits: nodule |"
     assert "| r | 0.650 ± 0.071 | 0.500 ± 0.000 |" in table
+    assert "by the slices the model is shown" not in text  # no slice_choice figures
+    for seed, found in per_seed.items():
+        found["slice_choice/oracle/auroc/nodule"] = 0.9 - seed / 10
+    row = {"label": "r", "note": "", **ablation.summarize(per_seed)}
+    text = ablation.render({**report, "rows": {"small_lesions_oracle": row}, "tsne": None})
+    table = text.split("by the slices the model is shown")[1]
+    assert "| row | nodule: Eq. 2 slices | oracle |" in table
+    assert "| r | 0.650 ± 0.071 | 0.850 ± 0.071 |" in table
 
 
 def test_rows_of_another_lesion_setting_get_their_own_phantoms(tmp_path, monkeypatch):
@@ -241,7 +281,7 @@ def test_rows_of_another_lesion_setting_get_their_own_phantoms(tmp_path, monkeyp
     def record(config, root):
         prepared.append((config.data.phantom_lesions, config.data.data_dir, root))
 
-    def no_training(config, workdir):
+    def no_training(config, workdir, reevaluate):
         raise StopIteration(config.data.phantom_lesions)
 
     monkeypatch.setattr(ablation, "prepare_demo_data", record)

@@ -213,3 +213,44 @@ def test_slice_hit_rate_per_finding_over_the_volumes_with_that_finding_alone():
     assert found["slice_selection/hit_rate/pleural_effusion_left"] == pytest.approx(1.0)
     assert found["slice_selection/random_hit_rate/pleural_effusion_left"] == pytest.approx(0.75)
     assert not any(name.endswith("/cardiomegaly") for name in found)  # no volume has it alone
+
+
+def test_slice_choice_embeds_the_volumes_with_no_random_and_lesion_slices():
+    """A model whose CT embedding grows with the lesion slices it is given: the oracle's slices
+    separate the nodules perfectly, the volume alone not at all, random ones in between."""
+    from sklearn.metrics import roc_auc_score
+
+    from unimedi_jax.method import selection
+
+    findings = list(evaluators.zero_shot_prompts.label_names("phantoms"))
+    labels = np.zeros((6, len(findings)), np.float32)
+    labels[:3, findings.index("nodule")] = 1.0
+    lesion = np.zeros((6, 4), bool)
+    lesion[0, 0] = lesion[1, [1, 2]] = lesion[2, 3] = True
+    given = []
+
+    class Fake:
+        config = ml_collections.ConfigDict({"selection": {"k": 2}})
+
+        def embed_volumes(self, arrays, slice_indices):
+            given.append(np.asarray(slice_indices))
+            hits = np.array([lesion[n, i].sum() for n, i in enumerate(slice_indices)], float)
+            return np.stack([hits, np.ones_like(hits)], axis=1)
+
+        def embed_texts(self, texts):
+            return np.array([[1.0, 0.0] if t == "Pulmonary nodule." else [0.0, 1.0] for t in texts])
+
+    volume = evaluators.Modality(np.zeros((6, 4, 2, 2)), labels, [], None, None, lesion)
+    data = evaluators.EvalSet("phantoms", {"volume": volume}, {"volume": "phantoms"}, None, 6)
+    found = evaluators.slice_choice(Fake(), data)
+    none, random, oracle = given
+    assert none.shape == (6, 0)
+    assert oracle.shape == random.shape == (6, 2)
+    assert found["slice_choice/none/auroc/nodule"] == pytest.approx(0.5)
+    assert found["slice_choice/oracle/auroc/nodule"] == pytest.approx(1.0)
+    hits = np.array([lesion[n, i].sum() for n, i in enumerate(random)])
+    truth = labels[:, findings.index("nodule")]
+    assert found["slice_choice/random/auroc/nodule"] == pytest.approx(roc_auc_score(truth, hits))
+    np.testing.assert_array_equal(
+        random, selection.random_slices(evaluators.jax.random.key(0), 6, 4, 2)
+    )

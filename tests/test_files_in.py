@@ -30,6 +30,7 @@ from tests.test_imaging import _testdata, _write_ct_slice, _write_xray
 from tests.tiny_runs import subprocess_env, tiny_run_config
 from unimedi_jax import inference
 from unimedi_jax.config.upgrade import read_run_config
+from unimedi_jax.models.unimedi import UniMedI
 from unimedi_jax.trainers.pretraining import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,3 +329,28 @@ def test_embed_exits_2_when_nothing_reads(demo, tmp_path):
     assert "failed" in proc.stdout and "nowhere: no such file or folder" in proc.stdout
     assert "NothingEmbeddedError: none of the 2 inputs" in proc.stderr
     assert not (demo / "x.npz").exists()
+
+
+def test_volumes_embed_with_the_slices_given(model):
+    """Eq. 2's own slices give embed_volumes' embeddings; zero slices the volume alone; other
+    slices the joint pass on them, as a direct call of the model computes it."""
+    volumes = np.random.default_rng(5).random((3, 8, 32, 32)).astype(np.float32)
+    chosen, _ = model.select_slices(volumes)
+    np.testing.assert_allclose(
+        model.embed_volumes(volumes, slice_indices=chosen), model.embed_volumes(volumes), atol=1e-6
+    )
+    params = model.params
+
+    def direct(slices):
+        out = model.model.apply({"params": params}, volumes, slices, method=UniMedI.encode_vision)
+        emb = model.model.apply({"params": params}, out.tokens[:, 0], method=UniMedI.project_vision)
+        return np.asarray(emb)
+
+    alone = model.embed_volumes(volumes, slice_indices=np.zeros((3, 0), np.int32))
+    np.testing.assert_allclose(alone, direct(None), atol=1e-6)
+    other = np.array([[0, 7], [1, 2], [5, 6]])
+    np.testing.assert_allclose(
+        model.embed_volumes(volumes, slice_indices=other),
+        direct(volumes[np.arange(3)[:, None], other]),
+        atol=1e-6,
+    )

@@ -50,7 +50,7 @@ def _as_older_version(config: dict) -> dict:
         *sections, name = dotted.split(".")
         node = config
         for section in sections:
-            node = node[section]
+            node = node.get(section, {})  # gone with an older field (eval_settings)
         node.pop(name, None)  # a preset has no `preprocessing`: runs record it at their start
     return config
 

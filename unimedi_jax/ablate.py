@@ -2,15 +2,18 @@
 
     python -m unimedi_jax.ablate --out=runs/ablation [--budget_steps=N] [--seeds=0,1]
         [--rows=separate,vl,vl_sd,unimedi,random_masking] [--config=configs/pretrain.py:demo]
+        [--reevaluate]
 
 Trains every row (config overrides of the preset; ``unimedi_jax/experiments/ablation.py``,
 ``ROWS``: the paper's five unless ``--rows`` names others: the X-ray masking rows
 ``xray_unmasked``, ``xray_mask_quarter``, ``xray_random_masking``, or the small-lesion rows
-``small_lesions_vl_sd``, ``small_lesions_unimedi``) for every seed at one budget, in
-``--out/runs/<row>/seed<S>``, evaluates each on the held-out phantoms and writes
+``small_lesions_vl_sd``, ``small_lesions_unimedi``, ``small_lesions_oracle``) for every seed at
+one budget, in ``--out/runs/<row>/seed<S>``, evaluates each on the held-out phantoms and writes
 ``--out/ablation.md`` (mean ± spread over seeds), ``ablation.json`` and the side-by-side
 t-SNEs. Finished runs are skipped and interrupted ones resume, so the same command continues an
-ablation. ``--config.X=Y`` overrides the preset for every row.
+ablation; ``--reevaluate`` evaluates the finished runs again with today's evaluators (after
+one was added) without training them again. ``--config.X=Y`` overrides the preset for every
+row.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every row (comma-separ
 _ROWS = flags.DEFINE_list(
     "rows", list(PAPER_ROWS), f"Rows to run, of: {', '.join(ROWS)} (default: the paper's)."
 )
+_REEVALUATE = flags.DEFINE_bool(
+    "reevaluate", False, "Evaluate finished runs again with today's evaluators (no training)."
+)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The preset the rows change.")
 flags.mark_flags_as_required(["out"])
 
@@ -43,7 +49,7 @@ def main(argv: list[str]) -> None:
         seeds = [int(s) for s in _SEEDS.value]
     except ValueError as err:
         raise app.UsageError(f"--seeds takes integers, e.g. --seeds=0,1 ({err})") from err
-    run_ablation(_CONFIG.value, _OUT.value, _ROWS.value, seeds, _BUDGET.value)
+    run_ablation(_CONFIG.value, _OUT.value, _ROWS.value, seeds, _BUDGET.value, _REEVALUATE.value)
     logging.info("wrote %s/ablation.md and ablation.json", _OUT.value)
     print(f"wrote {shown_path(_OUT.value)}/ablation.md")
 

@@ -13,6 +13,7 @@ NAMES = (
     "cross_modal",
     "modality_distance",
     "slice_hit_rate",
+    "slice_choice",
     "linear_probe",
 )
 

@@ -57,6 +57,7 @@ ADDED_FIELDS: tuple[tuple[str, Any], ...] = (
     ("masking.volume_mode", ""),
     ("loss.pcl_modalities", ("image", "volume")),
     ("data.phantom_lesions", "lobar"),  # the phantoms had lobar-scale lung lesions
+    ("eval_settings.slice_choice", {"every_steps": -1, "split": "", "limit": -1}),
 )
 
 

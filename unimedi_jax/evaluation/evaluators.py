@@ -1,4 +1,5 @@
-"""Evaluators on held-out data: retrieval, zero-shot, cross-modal mAP, slice hit rate, probe.
+"""Evaluators on held-out data: retrieval, zero-shot, cross-modal mAP, slice hit rate and
+choice, probe.
 
 Named units configured from the config (as big_vision's ``evaluators/common.py``): ``evals``
 names the ones to run (``EVALUATORS`` maps names to them) and each reads its own schedule (every
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -35,6 +38,7 @@ from unimedi_jax.evaluation import (
     zero_shot_prompts,
 )
 from unimedi_jax.evaluation.linear_probe import run_probe
+from unimedi_jax.method import selection
 from unimedi_jax.train.loop import is_due
 
 
@@ -105,22 +109,27 @@ def retrieval(model, data: EvalSet) -> dict[str, float]:
     return out
 
 
+def _zero_shot_auroc(model, source: str, labels: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+    """Per-finding AUROC (and their mean) of embeddings ``emb`` by the positive-vs-negative
+    prompt ``pairs`` of ``source``'s prompt file."""
+    prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path(source))
+    names = list(prompts.pairs)
+    columns = zero_shot_prompts.label_columns(
+        names, zero_shot_prompts.label_names(source), prompts.path
+    )
+    positive = model.embed_texts([prompts.pairs[n][0] for n in names])
+    negative = model.embed_texts([prompts.pairs[n][1] for n in names])
+    scores = metrics.zero_shot_scores(emb, positive, negative)
+    return zero_shot_metrics.per_label_auroc(labels[:, columns], scores, names)
+
+
 def zero_shot(model, data: EvalSet) -> dict[str, float]:
     """Per-finding AUROC of positive-vs-negative prompts, per modality: the ``pairs`` of each
     evaluated source's prompt file (``configs/prompts/<source>.json``); each finding on the
     records that state it (uncertain and blank labels left out)."""
     out = {}
     for key, m in data.modalities.items():
-        source = data.sources[key]
-        prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path(source))
-        names = list(prompts.pairs)
-        columns = zero_shot_prompts.label_columns(
-            names, zero_shot_prompts.label_names(source), prompts.path
-        )
-        positive = model.embed_texts([prompts.pairs[n][0] for n in names])
-        negative = model.embed_texts([prompts.pairs[n][1] for n in names])
-        scores = metrics.zero_shot_scores(m.image_emb, positive, negative)
-        found = zero_shot_metrics.per_label_auroc(m.labels[:, columns], scores, names)
+        found = _zero_shot_auroc(model, data.sources[key], m.labels, m.image_emb)
         out.update({f"zero_shot_{key}/{name}": value for name, value in found.items()})
     return out
 
@@ -176,6 +185,34 @@ def slice_hit_rate(model, data: EvalSet) -> dict[str, float]:
     return out
 
 
+SLICE_CHOICES = ("none", "random", "oracle")
+
+
+def slice_choice(model, data: EvalSet) -> dict[str, float]:
+    """CT zero-shot (as ``zero_shot``) with the slices of the joint pass chosen otherwise than
+    by Eq. 2: none (the volume alone), at random, or inside the ground-truth lesions (the
+    phantoms), as ``slice_choice/<choice>/...``. Beside ``zero_shot_volume/...`` this says
+    whether the slices carry what the model knows and whether better slices would help."""
+    volume = data.modalities.get("volume")
+    if volume is None or volume.lesion_slices is None:
+        return {}
+    count, depth = volume.lesion_slices.shape
+    k = model.config.selection.k
+    rng = jax.random.key(0)
+    lesion = jnp.asarray(volume.lesion_slices, bool)
+    indices = {
+        "none": np.zeros((count, 0), np.int32),
+        "random": np.asarray(selection.random_slices(rng, count, depth, k)),
+        "oracle": np.asarray(selection.oracle_slices(rng, lesion, k)),
+    }
+    out = {}
+    for choice in SLICE_CHOICES:
+        emb = model.embed_volumes(volume.arrays, slice_indices=indices[choice])
+        found = _zero_shot_auroc(model, data.sources["volume"], volume.labels, emb)
+        out.update({f"slice_choice/{choice}/{name}": value for name, value in found.items()})
+    return out
+
+
 def linear_probe(model, data: EvalSet) -> dict[str, float]:
     """Linear probe on frozen [CLS] features of each evaluated source's own labels at 1, 10 and
     100% of its training split (the paper's protocol, sized for a run): up to
@@ -205,6 +242,7 @@ EVALUATORS: dict[str, Callable[[trained_model.UniMedIInference, EvalSet], dict[s
     "cross_modal": cross_modal,
     "modality_distance": modality_distance,
     "slice_hit_rate": slice_hit_rate,
+    "slice_choice": slice_choice,
     "linear_probe": linear_probe,
 }
 

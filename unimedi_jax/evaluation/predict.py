@@ -48,6 +48,13 @@ def _embed_vision(model: UniMedI, params, x, k: int):
     return model.apply({"params": params}, features, method=UniMedI.project_vision)
 
 
+def _embed_with_slices(model: UniMedI, params, volumes, indices):
+    """Shared-space embeddings of volumes with the given slices ``indices`` [B, k]."""
+    slices = selection.gather_slices(volumes, indices)
+    out = model.apply({"params": params}, volumes, slices, method=UniMedI.encode_vision)
+    return model.apply({"params": params}, out.tokens[:, 0], method=UniMedI.project_vision)
+
+
 def _embed_text(model: UniMedI, params, ids, mask):
     return model.apply({"params": params}, ids, mask, method=UniMedI.embed_text)
 
@@ -56,6 +63,7 @@ class _Jitted(NamedTuple):
     select: Callable
     cls_features: Callable
     embed_vision: Callable
+    embed_with_slices: Callable
     embed_text: Callable
 
 
@@ -71,6 +79,7 @@ def _jitted(model: UniMedI, mesh: jax.sharding.Mesh) -> _Jitted:
         jit(_select, "k"),
         jit(_cls_features, "k"),
         jit(_embed_vision, "k"),
+        jit(_embed_with_slices, ()),
         jit(_embed_text, ()),
     )
 
@@ -114,6 +123,16 @@ class Predictor:
         """L2-normalised shared-space embeddings [N, E] of X-rays, or of volumes with their
         ``k`` selected slices in the joint pass."""
         return self._batched(lambda b: self._fns.embed_vision(params, b, k=k), x)
+
+    def embed_volumes_with_slices(
+        self, params: dict, volumes: np.ndarray, indices: np.ndarray
+    ) -> np.ndarray:
+        """Embeddings [N, E] of volumes in the joint pass with the slices ``indices`` [N, k]
+        chosen by the caller (another selector than Eq. 2's)."""
+        indices = np.asarray(indices, np.int32)
+        return self._batched(
+            lambda v, i: self._fns.embed_with_slices(params, v, i), volumes, indices
+        )
 
     def slice_indices_and_scores(
         self, params: dict, volumes: np.ndarray, k: int

@@ -150,9 +150,21 @@ class UniMedIInference:
         """L2-normalised shared-space embeddings [N, E] of X-rays."""
         return self.predictor.embed_vision(self.params_for(weights), as_float(images))
 
-    def embed_volumes(self, volumes: np.ndarray, weights: str | None = None) -> np.ndarray:
-        """Embeddings of volumes with attentive slice selection and the joint pass, as trained."""
+    def embed_volumes(
+        self,
+        volumes: np.ndarray,
+        weights: str | None = None,
+        slice_indices: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Embeddings of volumes with attentive slice selection and the joint pass, as trained;
+        ``slice_indices`` [N, k]: with these slices instead (k = 0: the volume alone)."""
         params, k = self.params_for(weights), self.config.selection.k
+        if slice_indices is not None and np.shape(slice_indices)[1] == 0:
+            return self.predictor.embed_vision(params, as_float(volumes), 0)
+        if slice_indices is not None:
+            return self.predictor.embed_volumes_with_slices(
+                params, as_float(volumes), slice_indices
+            )
         return self.predictor.embed_vision(params, as_float(volumes), k)
 
     def select_slices(

@@ -146,11 +146,14 @@ def run_config(
     return config
 
 
-def evaluate_run(workdir: Path) -> dict[str, float]:
-    """Runs the run's configured evaluators except the shared-space ones on its latest checkpoint
-    and stores its held-out embeddings for them (``RUN_EMBEDDINGS``)."""
+def evaluate_run(workdir: Path, evals: Sequence[str] | None = None) -> dict[str, float]:
+    """Runs the run's configured evaluators (``evals``: these instead) except the shared-space
+    ones on its latest checkpoint and stores its held-out embeddings for them
+    (``RUN_EMBEDDINGS``)."""
     model = trained_model.load(workdir)
     config = model.config
+    if evals is not None:
+        config.evals = tuple(evals)
     chosen = [e for e in evaluators.from_config(config) if e.name not in SHARED_SPACE]
     results = evaluators.run_evaluators(model, config, chosen)
     data = evaluators.build_eval_set(model, config, config.eval_split, config.eval_limit)
@@ -171,9 +174,13 @@ def evaluate_run(workdir: Path) -> dict[str, float]:
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
-    """The run's figures: read back when it is done, else trained (resuming its checkpoints) and
-    evaluated. A finished run of another budget is refused rather than mixed in."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: Path, reevaluate: bool = False
+) -> dict[str, float]:
+    """The run's figures: read back when it is done (``reevaluate``: computed again by the
+    evaluators ``config`` names, e.g. ones added since), else trained (resuming its
+    checkpoints) and evaluated. A finished run of another budget is refused rather than mixed
+    in."""
     record = workdir / RUN_RESULTS
     if record.is_file():
         done = json.loads(record.read_text())
@@ -183,11 +190,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict
                 f"{config.total_steps} asked for (--budget_steps): give another --out, or the "
                 "budget it was run with"
             )
-        logging.info("%s: done, skipped", workdir)
-        return done["figures"]
-    logging.info("%s: training %d steps", workdir, config.total_steps)
-    by_kind.run(config, workdir)
-    found = evaluate_run(workdir)
+        if not reevaluate:
+            logging.info("%s: done, skipped", workdir)
+            return done["figures"]
+        logging.info("%s: done, evaluated again", workdir)
+        found = evaluate_run(workdir, config.evals)
+    else:
+        logging.info("%s: training %d steps", workdir, config.total_steps)
+        by_kind.run(config, workdir)
+        found = evaluate_run(workdir)
     with written_atomically(record, is_dir=False) as partial:
         partial.write_text(json.dumps({"total_steps": config.total_steps, "figures": found}))
     return found
@@ -242,10 +253,16 @@ def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str
 
 
 def run_row(
-    out: Path, name: str, base: ml_collections.ConfigDict, seeds: Sequence[int], budget: int
+    out: Path,
+    name: str,
+    base: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    budget: int,
+    reevaluate: bool = False,
 ) -> dict[str, Any]:
-    """Trains and evaluates every part and seed of row ``name``; its per-seed figures with the
-    shared-space ones, their mean and spread."""
+    """Trains and evaluates every part and seed of row ``name`` (``reevaluate``: finished runs
+    too, as ``train_and_evaluate``); its per-seed figures with the shared-space ones, their
+    mean and spread."""
     row = ROWS[name]
     per_seed = {}
     for seed in seeds:
@@ -254,7 +271,7 @@ def run_row(
             workdir = run_dir(out, name, part, seed)
             config = run_config(base, overrides, seed, budget)
             prepare_demo_data(config, out)  # phantoms built once per setting, into out/data*
-            figures_of_part = train_and_evaluate(config, workdir)
+            figures_of_part = train_and_evaluate(config, workdir, reevaluate)
             clash = set(found) & set(figures_of_part)
             assert not clash, f"parts of row {name} report the same figures {sorted(clash)}"
             found.update(figures_of_part)
@@ -296,6 +313,17 @@ _FIXED_COLUMNS = {
         ("slice hits: nodule", "slice_selection/hit_rate/nodule"),
         ("consolidation", "slice_selection/hit_rate/consolidation"),
         ("ground glass", "slice_selection/hit_rate/ground_glass_opacity"),
+    ],
+    # The slice_choice evaluator: CT zero-shot with the joint pass's slices chosen otherwise.
+    "slice_choice": [
+        ("mean: Eq. 2 slices", "zero_shot_volume/mean_auroc"),
+        ("no slices", "slice_choice/none/mean_auroc"),
+        ("random", "slice_choice/random/mean_auroc"),
+        ("oracle", "slice_choice/oracle/mean_auroc"),
+        ("nodule: Eq. 2 slices", "zero_shot_volume/auroc/nodule"),
+        ("no slices", "slice_choice/none/auroc/nodule"),
+        ("random", "slice_choice/random/auroc/nodule"),
+        ("oracle", "slice_choice/oracle/auroc/nodule"),
     ],
 }
 _MODALITY_NAME = {"image": "X-ray", "volume": "CT"}
@@ -359,6 +387,9 @@ def render(report: Mapping[str, Any]) -> str:
     if small_rows:
         title = "Beyond the paper: slices that matter (small lesions; per finding)"
         lines += _table(title, small_rows, _FIXED_COLUMNS["small_lesions"])
+        if any(n.startswith("slice_choice/") for row in small_rows.values() for n in row["mean"]):
+            title = "Small lesions: CT zero-shot by the slices the model is shown (evaluation)"
+            lines += _table(title, small_rows, _FIXED_COLUMNS["slice_choice"])
     for file, caption in (report.get("tsne") or {}).items():
         lines += [f"![{caption}]({file})", ""]
     return "\n".join(lines)
@@ -395,8 +426,10 @@ def run_ablation(
     rows: Sequence[str] = tuple(ROWS),
     seeds: Sequence[int] = (0, 1),
     budget_steps: int = 0,
+    reevaluate: bool = False,
 ) -> dict[str, Any]:
-    """Trains, evaluates and tabulates ``rows`` for ``seeds``; writes out/ablation.json,
+    """Trains, evaluates and tabulates ``rows`` for ``seeds`` (``reevaluate``: finished runs
+    evaluated again by today's evaluators, not trained again); writes out/ablation.json,
     out/ablation.md and the t-SNE figure, and returns the report."""
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
@@ -413,7 +446,7 @@ def run_ablation(
         "budget_steps": budget,
         "seeds": list(seeds),
         "eval_split": base.eval_split,
-        "rows": {name: run_row(out, name, base, seeds, budget) for name in rows},
+        "rows": {name: run_row(out, name, base, seeds, budget, reevaluate) for name in rows},
     }
     report["tsne"] = draw_tsne(out, rows, seeds[0])
     (out / "ablation.json").write_text(json.dumps(report, indent=2))
