@@ -266,10 +266,12 @@ def test_small_lesion_rows_get_their_table_with_the_findings_one_by_one():
     assert "by the slices the model is shown" not in text  # no slice_choice figures
     for seed, found in per_seed.items():
         found["slice_choice/oracle/auroc/nodule"] = 0.9 - seed / 10
+        found["linear_probe_volume/auroc@0.01"] = 0.7
     row = {"label": "r", "note": "", **ablation.summarize(per_seed)}
     text = ablation.render({**report, "rows": {"small_lesions_oracle": row}, "tsne": None})
-    table = text.split("by the slices the model is shown")[1]
-    assert "| row | nodule: Eq. 2 slices | oracle |" in table
+    first, table = text.split("by the slices the model is shown")
+    assert "probe CT auroc 1%" in first
+    assert "| row | nodule: Eq. 2 slices | oracle |" in table  # no probe columns
     assert "| r | 0.650 ± 0.071 | 0.850 ± 0.071 |" in table
 
 

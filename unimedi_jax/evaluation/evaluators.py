@@ -176,8 +176,9 @@ def slice_hit_rate(model, data: EvalSet) -> dict[str, float]:
     positive = np.nan_to_num(np.asarray(volume.labels, np.float64)) == 1.0
     if positive.shape[1] != len(names):
         return out
+    single = positive.sum(axis=1) == 1
     for column, name in enumerate(names):
-        alone = positive[:, column] & (positive.sum(axis=1) == 1)
+        alone = positive[:, column] & single
         if alone.any():
             hit, chance = metrics.slice_hit_rate(selected[alone], volume.lesion_slices[alone])
             out[f"slice_selection/hit_rate/{name}"] = hit

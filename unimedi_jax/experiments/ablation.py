@@ -348,9 +348,11 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
     return f"{mean:.3f}" if math.isnan(spread) else f"{mean:.3f} ± {spread:.3f}"
 
 
-def _table(title: str, rows: Mapping[str, Mapping[str, Any]], columns) -> list[str]:
+def _table(
+    title: str, rows: Mapping[str, Mapping[str, Any]], columns, probes: bool = True
+) -> list[str]:
     names = {n for row in rows.values() for n in row["mean"]}
-    columns = [c for c in columns if c[1] in names] + _probe_columns(names)
+    columns = [c for c in columns if c[1] in names] + (_probe_columns(names) if probes else [])
     lines = [f"### {title}", "", "| row | " + " | ".join(h for h, _ in columns) + " |"]
     lines.append("|---" * (len(columns) + 1) + "|")
     for row in rows.values():
@@ -389,7 +391,7 @@ def render(report: Mapping[str, Any]) -> str:
         lines += _table(title, small_rows, _FIXED_COLUMNS["small_lesions"])
         if any(n.startswith("slice_choice/") for row in small_rows.values() for n in row["mean"]):
             title = "Small lesions: CT zero-shot by the slices the model is shown (evaluation)"
-            lines += _table(title, small_rows, _FIXED_COLUMNS["slice_choice"])
+            lines += _table(title, small_rows, _FIXED_COLUMNS["slice_choice"], probes=False)
     for file, caption in (report.get("tsne") or {}).items():
         lines += [f"![{caption}]({file})", ""]
     return "\n".join(lines)
