@@ -316,8 +316,7 @@ class TrainStream:
     included); once a source's failures pass config.data.max_failure_fraction of its reads
     (judged after 100 reads), `next` raises TooManyFailuresError. `get_state()` is the next
     step (plus the counts); restoring it on a fresh stream, with any number of workers or
-    processes, continues
-    with the very batches the saved stream would have produced.
+    processes, continues with the very batches the saved stream would have produced.
     """
 
     def __init__(self, config, tokenizer, process_index: int = 0, process_count: int = 1):

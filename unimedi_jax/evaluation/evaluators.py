@@ -109,9 +109,9 @@ def retrieval(model, data: EvalSet) -> dict[str, float]:
     return out
 
 
-def _zero_shot_auroc(model, source: str, labels: np.ndarray, emb: np.ndarray) -> dict[str, float]:
-    """Per-finding AUROC (and their mean) of embeddings ``emb`` by the positive-vs-negative
-    prompt ``pairs`` of ``source``'s prompt file."""
+def _zero_shot_scorer(model, source: str) -> Callable[[np.ndarray, np.ndarray], dict]:
+    """(labels, embeddings) -> per-finding AUROC (and their mean) by the positive-vs-negative
+    prompt ``pairs`` of ``source``'s prompt file, its prompts embedded once."""
     prompts = zero_shot_prompts.load_prompts(zero_shot_prompts.prompts_path(source))
     names = list(prompts.pairs)
     columns = zero_shot_prompts.label_columns(
@@ -119,8 +119,12 @@ def _zero_shot_auroc(model, source: str, labels: np.ndarray, emb: np.ndarray) ->
     )
     positive = model.embed_texts([prompts.pairs[n][0] for n in names])
     negative = model.embed_texts([prompts.pairs[n][1] for n in names])
-    scores = metrics.zero_shot_scores(emb, positive, negative)
-    return zero_shot_metrics.per_label_auroc(labels[:, columns], scores, names)
+
+    def score(labels: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+        scores = metrics.zero_shot_scores(emb, positive, negative)
+        return zero_shot_metrics.per_label_auroc(labels[:, columns], scores, names)
+
+    return score
 
 
 def zero_shot(model, data: EvalSet) -> dict[str, float]:
@@ -129,7 +133,7 @@ def zero_shot(model, data: EvalSet) -> dict[str, float]:
     records that state it (uncertain and blank labels left out)."""
     out = {}
     for key, m in data.modalities.items():
-        found = _zero_shot_auroc(model, data.sources[key], m.labels, m.image_emb)
+        found = _zero_shot_scorer(model, data.sources[key])(m.labels, m.image_emb)
         out.update({f"zero_shot_{key}/{name}": value for name, value in found.items()})
     return out
 
@@ -206,10 +210,11 @@ def slice_choice(model, data: EvalSet) -> dict[str, float]:
         "random": np.asarray(selection.random_slices(rng, count, depth, k)),
         "oracle": np.asarray(selection.oracle_slices(rng, lesion, k)),
     }
+    score = _zero_shot_scorer(model, data.sources["volume"])
     out = {}
     for choice in SLICE_CHOICES:
         emb = model.embed_volumes(volume.arrays, slice_indices=indices[choice])
-        found = _zero_shot_auroc(model, data.sources["volume"], volume.labels, emb)
+        found = score(volume.labels, emb)
         out.update({f"slice_choice/{choice}/{name}": value for name, value in found.items()})
     return out
 

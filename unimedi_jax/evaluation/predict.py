@@ -33,13 +33,18 @@ def _select(model: UniMedI, params, volumes, k: int):
     return selection.top_k_slices(scores, k), scores
 
 
+def _cls(model: UniMedI, params, x, slices):
+    """Final-norm [CLS] of images, volumes or volumes with the given slices [B, k, H, W]."""
+    return model.apply({"params": params}, x, slices, method=UniMedI.encode_vision).tokens[:, 0]
+
+
 def _cls_features(model: UniMedI, params, x, k: int):
     """Final-norm [CLS] of images, volumes (k=0) or volumes with their k selected slices."""
     slices = None
     if k:
         indices, _ = _select(model, params, x, k)
         slices = selection.gather_slices(x, indices)
-    return model.apply({"params": params}, x, slices, method=UniMedI.encode_vision).tokens[:, 0]
+    return _cls(model, params, x, slices)
 
 
 def _embed_vision(model: UniMedI, params, x, k: int):
@@ -50,9 +55,8 @@ def _embed_vision(model: UniMedI, params, x, k: int):
 
 def _embed_with_slices(model: UniMedI, params, volumes, indices):
     """Shared-space embeddings of volumes with the given slices ``indices`` [B, k]."""
-    slices = selection.gather_slices(volumes, indices)
-    out = model.apply({"params": params}, volumes, slices, method=UniMedI.encode_vision)
-    return model.apply({"params": params}, out.tokens[:, 0], method=UniMedI.project_vision)
+    features = _cls(model, params, volumes, selection.gather_slices(volumes, indices))
+    return model.apply({"params": params}, features, method=UniMedI.project_vision)
 
 
 def _embed_text(model: UniMedI, params, ids, mask):
